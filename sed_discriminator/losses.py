@@ -1,0 +1,176 @@
+"""Adversarial losses for GAN super-resolution, as functions and as modules.
+
+Kinds (``kind=``):
+
+- ``"vanilla"``: binary cross-entropy with logits (the paper's choice).
+- ``"lsgan"``: least squares, targets 1 (real) and 0 (fake).
+- ``"hinge"``: hinge loss for D, ``-mean(fake)`` for G.
+- ``"ragan"``: relativistic average GAN of ESRGAN: each logit is compared with the mean
+  logit of the other batch (mean over every element), with BCE.
+
+Every loss is a mean over all elements; D losses add the real and fake terms (for ``ragan``
+they are averaged, as in ESRGAN). ``weight`` multiplies the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import math_attention
+
+__all__ = [
+    "LOSS_KINDS",
+    "generator_loss",
+    "discriminator_loss",
+    "GeneratorLoss",
+    "DiscriminatorLoss",
+    "r1_penalty",
+]
+
+LOSS_KINDS = ("vanilla", "lsgan", "hinge", "ragan")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"Unknown GAN loss kind {kind!r}; choose one of {LOSS_KINDS}.")
+
+
+def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def _needs_real(kind: str, real_logits: torch.Tensor | None) -> torch.Tensor:
+    if real_logits is None:
+        raise ValueError(f"The {kind!r} generator loss needs real_logits, the discriminator's output on real images.")
+    return real_logits
+
+
+def generator_loss(
+    fake_logits: torch.Tensor, real_logits: torch.Tensor | None = None, kind: str = "vanilla", weight: float = 1.0
+) -> torch.Tensor:
+    """Adversarial loss of the generator.
+
+    Args:
+        fake_logits: D's logits on generated images (with gradient to the generator).
+        real_logits: D's logits on real images; needed by ``"ragan"`` only (detached here).
+        kind: one of :data:`LOSS_KINDS`.
+        weight: factor on the loss (0.01 in the paper's recipe).
+
+    Returns:
+        A scalar tensor.
+
+    Example:
+        >>> generator_loss(torch.zeros(2, 1, 30, 30)).item() == torch.log(torch.tensor(2.0)).item()
+        True
+    """
+    _check_kind(kind)
+    if kind == "vanilla":
+        loss = _bce(fake_logits, 1.0)
+    elif kind == "lsgan":
+        loss = (fake_logits - 1).pow(2).mean()
+    elif kind == "hinge":
+        loss = -fake_logits.mean()
+    else:
+        real = _needs_real(kind, real_logits).detach()
+        loss = 0.5 * (_bce(real - fake_logits.mean(), 0.0) + _bce(fake_logits - real.mean(), 1.0))
+    return loss * weight
+
+
+def discriminator_loss(
+    real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "vanilla", weight: float = 1.0
+) -> torch.Tensor:
+    """Adversarial loss of the discriminator.
+
+    Args:
+        real_logits: D's logits on real images.
+        fake_logits: D's logits on generated images (detach the generator's output first).
+        kind: one of :data:`LOSS_KINDS`.
+        weight: factor on the loss.
+
+    Returns:
+        A scalar tensor: the real term plus the fake term (their mean for ``"ragan"``).
+    """
+    _check_kind(kind)
+    if kind == "vanilla":
+        loss = _bce(real_logits, 1.0) + _bce(fake_logits, 0.0)
+    elif kind == "lsgan":
+        loss = (real_logits - 1).pow(2).mean() + fake_logits.pow(2).mean()
+    elif kind == "hinge":
+        loss = F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    else:
+        loss = 0.5 * (
+            _bce(real_logits - fake_logits.detach().mean(), 1.0) + _bce(fake_logits - real_logits.detach().mean(), 0.0)
+        )
+    return loss * weight
+
+
+class GeneratorLoss(nn.Module):
+    """Module form of :func:`generator_loss`.
+
+    Args:
+        kind: one of :data:`LOSS_KINDS`.
+        weight: factor on the loss.
+
+    Shape:
+        - fake_logits, real_logits: any shape, the same for both
+        - output: scalar
+    """
+
+    def __init__(self, kind: str = "vanilla", weight: float = 1.0) -> None:
+        super().__init__()
+        _check_kind(kind)
+        self.kind = kind
+        self.weight = weight
+
+    def forward(self, fake_logits: torch.Tensor, real_logits: torch.Tensor | None = None) -> torch.Tensor:
+        return generator_loss(fake_logits, real_logits, self.kind, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, weight={self.weight}"
+
+
+class DiscriminatorLoss(nn.Module):
+    """Module form of :func:`discriminator_loss`.
+
+    Args:
+        kind: one of :data:`LOSS_KINDS`.
+        weight: factor on the loss.
+    """
+
+    def __init__(self, kind: str = "vanilla", weight: float = 1.0) -> None:
+        super().__init__()
+        _check_kind(kind)
+        self.kind = kind
+        self.weight = weight
+
+    def forward(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+        return discriminator_loss(real_logits, fake_logits, self.kind, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, weight={self.weight}"
+
+
+def r1_penalty(discriminator: Callable[..., torch.Tensor], real: torch.Tensor, *args: object) -> torch.Tensor:
+    """R1 gradient penalty: mean over the batch of ``||d D(real) / d real||^2``.
+
+    The forward runs inside :func:`~sed_discriminator.math_attention`, because fused attention
+    kernels have no double backward; the result is differentiable w.r.t. D's parameters.
+    Multiply by ``gamma / 2`` yourself.
+
+    Args:
+        discriminator: called as ``discriminator(real, *args)``, e.g. an SeD and its semantic map.
+        real: real images (B, C, H, W); a detached copy that requires grad is used.
+        *args: further arguments of the discriminator (the semantic map for SeD).
+
+    Returns:
+        A scalar tensor.
+    """
+    real = real.detach().requires_grad_(True)
+    with math_attention():
+        logits = discriminator(real, *args)
+    (grad,) = torch.autograd.grad(logits.sum(), real, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()

@@ -1,0 +1,167 @@
+"""SeFB, the semantic-aware fusion block of SeD (Li et al., CVPR 2024, arXiv 2402.19387).
+
+Semantic tokens are the queries, image-feature tokens are the keys and values. The fused
+tokens are projected back to the semantic width, rearranged from channels into space by the
+block's upscale factor and refined by ``conv_out``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention, TransformerBlock
+
+__all__ = ["SeFB", "channels_to_space", "semantic_grid_size"]
+
+GROUP_NORM_GROUPS = 32
+
+
+def channels_to_space(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Move channel sub-indices into space in the reference's ``(c, uw, uh)`` order.
+
+    ``out[b, c, h*u + uh, w*u + uw] = x[b, c*u*u + uw*u + uh, h, w]``. This is NOT
+    :func:`torch.nn.functional.pixel_shuffle`, whose channel order is ``(c, uh, uw)``.
+
+    Args:
+        x: tensor of shape (B, C*u*u, h, w).
+        factor: the upscale factor u.
+
+    Returns:
+        Tensor of shape (B, C, h*u, w*u).
+    """
+    b, c, h, w = x.shape
+    if c % (factor * factor):
+        raise ValueError(f"channels_to_space needs channels divisible by {factor}^2, got {c}.")
+    c_out = c // (factor * factor)
+    x = x.view(b, c_out, factor, factor, h, w)  # (b, c, uw, uh, h, w)
+    return x.permute(0, 1, 4, 3, 5, 2).reshape(b, c_out, h * factor, w * factor)
+
+
+def semantic_grid_size(feature_size: tuple[int, int], upscale: int, shrink: int = 0) -> tuple[int, int]:
+    """Semantic grid a SeFB needs so that its output covers a feature map of ``feature_size``.
+
+    After channels-to-space the map is ``grid * upscale`` pixels; ``conv_out`` then removes
+    ``shrink`` pixels (1 for the 4x4 ``conv_out``). The grid is the smallest that covers the
+    feature map; the excess at the bottom/right edge is cropped.
+
+    Args:
+        feature_size: (H', W') of the image features.
+        upscale: the block's upscale factor u.
+        shrink: pixels removed by ``conv_out``.
+
+    Returns:
+        (gh, gw) = (ceil((H' + shrink) / u), ceil((W' + shrink) / u)).
+    """
+    return tuple(math.ceil((s + shrink) / upscale) for s in feature_size)  # type: ignore[return-value]
+
+
+def _resample(semantic: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(semantic.shape[-2:]) == tuple(size):
+        return semantic
+    return F.interpolate(semantic, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+class SeFB(nn.Module):
+    """Semantic-aware fusion block.
+
+    Data flow (reference numerics): ``s -> GroupNorm(32) -> proj_in`` gives semantic tokens,
+    ``f -> proj_context`` gives image tokens; a residual-free transformer block runs
+    self-attention on the semantic tokens, cross-attention to the image tokens and a gated
+    GELU feed-forward; ``proj_out`` restores ``semantic_channels``, :func:`channels_to_space`
+    upsamples by ``upscale`` and ``conv_out`` refines.
+
+    A semantic map whose grid does not match :func:`semantic_grid_size` is resampled
+    bilinearly (antialiased) to it first, and the output is cropped to the feature size. For
+    the paper's setting (sides that are multiples of 16, semantics of the same image) neither
+    step happens.
+
+    Args:
+        feature_channels: channels Cf of the image features.
+        upscale: factor u between the feature grid and the semantic grid.
+        semantic_channels: channels Cs of the semantic map (1024 for CLIP RN50 layer3).
+        heads: attention heads.
+        head_dim: width of each head.
+        conv_out_kernel: 3 (keeps the size) or 4 (shrinks by one pixel, the patch D's last level).
+
+    Shape:
+        - semantic: (B, Cs, hs, ws), any grid size
+        - features: (B, Cf, H', W')
+        - output: (B, Cs / u^2, H', W')
+
+    Example:
+        >>> block = SeFB(feature_channels=128, upscale=4)
+        >>> block(torch.rand(2, 1024, 16, 16), torch.rand(2, 128, 64, 64)).shape
+        torch.Size([2, 64, 64, 64])
+    """
+
+    def __init__(
+        self,
+        feature_channels: int,
+        upscale: int,
+        semantic_channels: int = 1024,
+        heads: int = 1,
+        head_dim: int = 64,
+        conv_out_kernel: int = 3,
+    ) -> None:
+        super().__init__()
+        if semantic_channels % GROUP_NORM_GROUPS:
+            raise ValueError(
+                f"semantic_channels must be a multiple of {GROUP_NORM_GROUPS} (GroupNorm groups), "
+                f"got {semantic_channels}."
+            )
+        if semantic_channels % (upscale * upscale):
+            raise ValueError(
+                f"semantic_channels={semantic_channels} is not divisible by upscale^2={upscale * upscale}; "
+                "choose semantic_channels as a multiple of it."
+            )
+        if conv_out_kernel not in (3, 4):
+            raise ValueError(f"conv_out_kernel must be 3 or 4, got {conv_out_kernel}.")
+        inner = heads * head_dim
+        out_channels = semantic_channels // (upscale * upscale)
+        self.upscale = upscale
+        self.shrink = conv_out_kernel - 3
+        self.semantic_channels = semantic_channels
+        self.out_channels = out_channels
+        self.norm = nn.GroupNorm(GROUP_NORM_GROUPS, semantic_channels, eps=1e-6, affine=True)
+        self.proj_in = nn.Conv2d(semantic_channels, inner, 1)
+        self.proj_context = nn.Conv2d(feature_channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim)])
+        self.proj_out = nn.Conv2d(inner, semantic_channels, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+        self.conv_out = nn.Conv2d(out_channels, out_channels, conv_out_kernel, 1, 1)
+
+    def set_fused_attn(self, enable: bool) -> None:
+        """Choose the fused (``True``) or math (``False``) attention path for this block."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fused_attn = bool(enable)
+
+    def forward(
+        self, semantic: torch.Tensor, features: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Fuse semantics into image features.
+
+        Args:
+            semantic: semantic map (B, Cs, hs, ws).
+            features: image features (B, Cf, H', W').
+            return_attention: also return the cross-attention probabilities
+                (B, heads, gh*gw, H'*W'), computed on the math path.
+        """
+        height, width = features.shape[-2:]
+        grid = semantic_grid_size((height, width), self.upscale, self.shrink)
+        s = _resample(semantic, grid)
+        b = s.shape[0]
+        q = self.proj_in(self.norm(s)).flatten(2).transpose(1, 2)
+        context = self.proj_context(features).flatten(2).transpose(1, 2)
+        block_out = self.transformer_blocks[0](q, context, return_attention=return_attention)
+        t, attn = block_out if return_attention else (block_out, None)
+        t = t.transpose(1, 2).reshape(b, -1, grid[0], grid[1])
+        out = self.conv_out(channels_to_space(self.proj_out(t), self.upscale))
+        if out.shape[-2:] != (height, width):
+            out = out[..., :height, :width]
+        return (out, attn) if return_attention else out

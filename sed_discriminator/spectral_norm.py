@@ -1,0 +1,116 @@
+"""Spectral normalisation with the reference's numerics, and the legacy-key remapper.
+
+The parametrization stores its state under the same names as
+:func:`torch.nn.utils.parametrizations.spectral_norm`
+(``<conv>.parametrizations.weight.original``, ``...weight.0._u``, ``...weight.0._v``), but
+
+- runs the power iteration in the order of the legacy ``torch.nn.utils.spectral_norm`` hook
+  that the authors trained with (``v`` from ``u``, then ``u`` from ``v``), so training steps
+  match theirs, not only eval outputs;
+- keeps ``u``, ``v`` and ``sigma`` in float32 with autocast disabled, since a power iteration
+  in fp16 can underflow to NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = ["SpectralNorm", "spectral_norm", "remap_legacy_spectral_norm_keys"]
+
+_LEGACY_SUFFIXES = {
+    "weight_orig": "parametrizations.weight.original",
+    "weight_u": "parametrizations.weight.0._u",
+    "weight_v": "parametrizations.weight.0._v",
+}
+
+
+class SpectralNorm(nn.Module):
+    """Parametrization ``W -> W / sigma(W)`` with one power iteration per training forward.
+
+    Args:
+        weight: the weight it will normalise (used to size ``u`` and ``v``).
+        n_power_iterations: power iterations per training forward.
+        eps: epsilon of the vector normalisation.
+    """
+
+    def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, eps: float = 1e-12) -> None:
+        super().__init__()
+        if weight.ndim < 2:
+            raise ValueError(f"SpectralNorm needs a weight with at least 2 dimensions, got shape {tuple(weight.shape)}.")
+        self.n_power_iterations = n_power_iterations
+        self.eps = eps
+        h, w = weight.shape[0], weight[0].numel()
+        u = weight.new_empty(h, dtype=torch.float32).normal_()
+        v = weight.new_empty(w, dtype=torch.float32).normal_()
+        self.register_buffer("_u", F.normalize(u, dim=0, eps=eps))
+        self.register_buffer("_v", F.normalize(v, dim=0, eps=eps))
+        self._power_method(weight.detach().flatten(1).float(), 15)
+
+    @torch.no_grad()
+    def _power_method(self, weight_mat: torch.Tensor, iterations: int) -> None:
+        # In-place updates keep DataParallel replicas in sync; the legacy order is v first, then u.
+        for _ in range(iterations):
+            F.normalize(torch.mv(weight_mat.t(), self._u), dim=0, eps=self.eps, out=self._v)
+            F.normalize(torch.mv(weight_mat, self._v), dim=0, eps=self.eps, out=self._u)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        # .half()/.bfloat16() must not drag the power-iteration state below float32.
+        for name in ("_u", "_v"):
+            buf = getattr(self, name)
+            if buf.is_floating_point() and buf.dtype not in (torch.float32, torch.float64):
+                setattr(self, name, buf.float())
+        return self
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            weight_mat = weight.flatten(1).to(self._u.dtype)
+            if self.training:
+                self._power_method(weight_mat, self.n_power_iterations)
+            # Clones let two forwards (real, fake) share one backward despite the in-place updates.
+            u = self._u.clone(memory_format=torch.contiguous_format)
+            v = self._v.clone(memory_format=torch.contiguous_format)
+            sigma = torch.dot(u, torch.mv(weight_mat, v))
+            return (weight_mat.view_as(weight) / sigma).to(weight.dtype)
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+
+def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1) -> nn.Module:
+    """Register :class:`SpectralNorm` on ``module.<name>`` and return the module.
+
+    Example:
+        >>> conv = spectral_norm(nn.Conv2d(8, 8, 3))
+        >>> sorted(conv.state_dict())[:2]
+        ['bias', 'parametrizations.weight.original']
+    """
+    parametrize.register_parametrization(module, name, SpectralNorm(getattr(module, name), n_power_iterations))
+    return module
+
+
+def remap_legacy_spectral_norm_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename legacy spectral-norm keys (``weight_orig``, ``weight_u``, ``weight_v``) to parametrization keys.
+
+    Keys that are already in the new form, and all other keys, pass through unchanged.
+
+    Args:
+        state_dict: a state dict saved with ``torch.nn.utils.spectral_norm``.
+
+    Returns:
+        A new dict with ``<m>.weight_orig -> <m>.parametrizations.weight.original``,
+        ``<m>.weight_u -> <m>.parametrizations.weight.0._u`` and
+        ``<m>.weight_v -> <m>.parametrizations.weight.0._v``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        if leaf in _LEGACY_SUFFIXES:
+            key = f"{prefix}.{_LEGACY_SUFFIXES[leaf]}" if prefix else _LEGACY_SUFFIXES[leaf]
+        out[key] = value
+    return out

@@ -1,0 +1,38 @@
+"""Shared fixtures: device/dtype selection (CPU by default), seeding and tiny model sizes.
+
+Pick another device with ``pytest --device cuda`` or ``SED_TEST_DEVICE=cuda``; tests whose
+device is unavailable are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default=os.environ.get("SED_TEST_DEVICE", "cpu"), help="cpu or cuda")
+
+
+@pytest.fixture
+def device(request: pytest.FixtureRequest) -> torch.device:
+    name = request.config.getoption("--device")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    return torch.device(name)
+
+
+@pytest.fixture(params=[torch.float32, torch.float64], ids=["fp32", "fp64"])
+def dtype(request: pytest.FixtureRequest) -> torch.dtype:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+# Small widths keep unit tests fast on 2 CPU cores; the paper's sizes are tested separately.
+TINY = dict(width=8, semantic_channels=64, head_dim=8)
