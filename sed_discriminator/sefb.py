@@ -160,7 +160,7 @@ class SeFB(nn.Module):
         context = self.proj_context(features).flatten(2).transpose(1, 2)
         block_out = self.transformer_blocks[0](q, context, return_attention=return_attention)
         t, attn = block_out if return_attention else (block_out, None)
-        t = t.transpose(1, 2).reshape(b, -1, grid[0], grid[1])
+        t = t.transpose(1, 2).reshape(b, t.shape[-1], grid[0], grid[1])
         out = self.conv_out(channels_to_space(self.proj_out(t), self.upscale))
         if out.shape[-2:] != (height, width):
             out = out[..., :height, :width]
