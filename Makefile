@@ -20,5 +20,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not ddp"
 
+# A few minutes on CPU: ESRGAN + SeD on the photos scikit-image ships; outputs in runs/demo.
+demo: $(STAMP)
+	$(PY) examples/retrofit_esrgan.py --preset demo
+
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

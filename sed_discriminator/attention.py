@@ -28,7 +28,9 @@ def math_attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> tor
         Probabilities of shape (B, heads, Nq, Nk), in the dtype of ``q``.
     """
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-    return scores.float().softmax(dim=-1).to(q.dtype)
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()  # upcast reduced precision only: float64 must stay float64
+    return scores.softmax(dim=-1).to(q.dtype)
 
 
 class Attention(nn.Module):

@@ -7,6 +7,7 @@ and fed at their own size. More trunks are added by registering an :class:`Extra
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 import zipfile
@@ -144,7 +145,7 @@ register_extractor(
         name="clip_rn50",
         channels=1024,
         stride=16,
-        build=lambda: CLIPResNetTrunk((3, 4, 6)),
+        build=functools.partial(CLIPResNetTrunk, (3, 4, 6)),
         open_clip_model="RN50",
         description="OpenAI CLIP RN50 image tower through layer3 (the paper's extractor).",
     )
@@ -154,7 +155,7 @@ register_extractor(
         name="clip_rn101",
         channels=1024,
         stride=16,
-        build=lambda: CLIPResNetTrunk((3, 4, 23)),
+        build=functools.partial(CLIPResNetTrunk, (3, 4, 23)),
         open_clip_model="RN101",
         description="OpenAI CLIP RN101 image tower through layer3 (same width as RN50, deeper layer3).",
     )

@@ -59,6 +59,18 @@ def semantic_grid_size(feature_size: tuple[int, int], upscale: int, shrink: int 
     return tuple(math.ceil((s + shrink) / upscale) for s in feature_size)  # type: ignore[return-value]
 
 
+def _to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C) tokens, row-major over (H, W), without a copy in either layout.
+
+    A channels_last map is already laid out token by token, so its tokens are a plain
+    reshape; a contiguous map gives a transposed view (what the reference's rearrange gives).
+    """
+    b, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    return x.flatten(2).transpose(1, 2)
+
+
 def _resample(semantic: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(semantic.shape[-2:]) == tuple(size):
         return semantic
@@ -156,8 +168,8 @@ class SeFB(nn.Module):
         grid = semantic_grid_size((height, width), self.upscale, self.shrink)
         s = _resample(semantic, grid)
         b = s.shape[0]
-        q = self.proj_in(self.norm(s)).flatten(2).transpose(1, 2)
-        context = self.proj_context(features).flatten(2).transpose(1, 2)
+        q = _to_tokens(self.proj_in(self.norm(s)))
+        context = _to_tokens(self.proj_context(features))
         block_out = self.transformer_blocks[0](q, context, return_attention=return_attention)
         t, attn = block_out if return_attention else (block_out, None)
         t = t.transpose(1, 2).reshape(b, t.shape[-1], grid[0], grid[1])

@@ -1,0 +1,759 @@
+#!/usr/bin/env python
+"""Retrofit ESRGAN with SeD: train RRDBNet against a semantic-aware discriminator (the paper's recipe).
+
+    # a few minutes on a laptop CPU, no data or network needed (bundled photos, random weights if offline)
+    python examples/retrofit_esrgan.py --preset demo
+
+    # one GPU, starting from PSNR-trained ESRGAN weights, as in the paper
+    python examples/retrofit_esrgan.py --hr-dir DF2K/HR --generator-weights RRDB_PSNR_x4.pth \\
+        --discriminator sed-patch --amp bf16 --out runs/rrdb_sed_patch
+
+    # several GPUs (the batch size is per process), then resume after an interruption
+    torchrun --nproc_per_node=4 examples/retrofit_esrgan.py --hr-dir DF2K/HR ... --out runs/x
+    torchrun --nproc_per_node=4 examples/retrofit_esrgan.py --hr-dir DF2K/HR ... --out runs/x --resume
+
+The generator is ESRGAN's RRDBNet (spandrel's implementation, so existing ESRGAN / Real-ESRGAN
+/ KAIR RRDBNet weights load with --generator-weights). ``--discriminator`` picks SeD (patch or
+pixel) or the baselines without semantics; see docs/training.md for the full guide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from sr_kit import checkpoint as ckpt  # noqa: E402
+from sr_kit import data as sr_data  # noqa: E402
+from sr_kit import dist as sr_dist  # noqa: E402
+from sr_kit.metrics import psnr_y  # noqa: E402
+from sr_kit.models import (  # noqa: E402
+    DISCRIMINATORS,
+    EMA,
+    VGGPerceptualLoss,
+    WeightsUnavailable,
+    banner,
+    build_discriminator,
+    build_generator,
+    frozen,
+    generator_from_state_dict,
+    load_extractor,
+    load_generator_weights,
+    load_vgg19_features,
+    unwrap,
+)
+from sr_kit.plots import plot_losses, save_sample_grid  # noqa: E402
+
+from sed_discriminator import discriminator_loss, generator_loss  # noqa: E402
+
+LOG_COLUMNS = (
+    "step", "phase", "lr_g", "l_pix", "l_percep", "l_gan", "l_g_total", "l_d", "d_real", "d_fake",
+    "val_psnr", "sec_per_step", "img_per_sec",
+)  # fmt: skip
+
+# The demo preset: small networks, 96 px patches, the photos scikit-image ships; a few minutes on 2 CPU cores.
+DEMO_PRESET: dict[str, Any] = dict(
+    out="runs/demo",
+    discriminator="sed-patch",
+    patch_size=96,
+    batch_size=4,
+    num_feat=32,
+    num_blocks=2,
+    d_width=32,
+    lr=2e-4,
+    total_steps=340,
+    psnr_steps=200,
+    milestones=[300],
+    log_every=5,
+    sample_every=40,
+    checkpoint_every=100,
+    workers=1,
+    cache_images=True,
+    allow_random_weights=True,
+    overwrite=True,
+    num_samples=2,
+    sample_size=160,
+)
+
+# Settings that define the networks: a resumed run must use the checkpoint's.
+_ARCH_KEYS = ("discriminator", "d_width", "scale", "extractor")
+# Settings that define the data order: changing them on resume changes what the run sees.
+_ORDER_KEYS = ("seed", "batch_size", "patch_size", "downsample")
+
+
+class UsageError(RuntimeError):
+    """A problem with the command line or the run folder (printed without a traceback)."""
+
+
+# ------------------------------------------------------------------------------------ arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train ESRGAN's RRDBNet with SeD (or a baseline discriminator), following the SeD paper's recipe.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", choices=["demo"], help="demo: a few minutes on CPU on bundled photos (see README)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--hr-dir", help="folder of HR training images (DIV2K/DF2K style)")
+    g.add_argument("--lr-dir", help="folder of matching LR images; without it LR is made on the fly")
+    g.add_argument("--val-dir", help="images for the sample grid and validation PSNR (default: the first training images)")
+    g.add_argument("--scale", type=int, default=4, help="SR factor")
+    g.add_argument("--patch-size", type=int, default=256, help="HR training patch (LR patch = this / scale)")
+    g.add_argument("--batch-size", type=int, default=8, help="batch per process (per GPU)")
+    g.add_argument("--workers", type=int, default=4, help="data-loading worker processes per process")
+    g.add_argument("--downsample", choices=sr_data.DOWNSAMPLERS, default="matlab",
+                   help="bicubic used to make LR on the fly: MATLAB imresize's (the benchmarks') or torch's antialiased one")
+    g.add_argument("--no-augment", action="store_true", help="no random flips / rotations")
+    g.add_argument("--cache-images", action="store_true", help="keep decoded images in memory (small datasets)")
+    g.add_argument("--strict-data", action="store_true", help="stop on unreadable or too-small images instead of skipping them")
+
+    g = p.add_argument_group("networks")
+    g.add_argument("--generator-weights", help="start G from these weights (PSNR-trained ESRGAN, Real-ESRGAN, KAIR RRDBNet...)")
+    g.add_argument("--num-feat", type=int, default=64, help="RRDBNet width (when not loading weights)")
+    g.add_argument("--num-blocks", type=int, default=23, help="RRDBNet blocks (when not loading weights)")
+    g.add_argument("--discriminator", choices=list(DISCRIMINATORS), default="sed-patch",
+                   help="; ".join(f"{k}: {v}" for k, v in DISCRIMINATORS.items()))
+    g.add_argument("--d-width", type=int, default=64, help="discriminator base width")
+    g.add_argument("--extractor", default="clip_rn50", help="SeD's semantic extractor preset")
+    g.add_argument("--extractor-weights", default="openai", help="open_clip tag, local file, or 'random'")
+    g.add_argument("--vgg-weights", default="imagenet", help="'imagenet' (torchvision), a local vgg19 .pth, or 'random'")
+    g.add_argument("--allow-random-weights", action="store_true",
+                   help="if pretrained CLIP / VGG19 weights cannot be loaded, go on with RANDOM ones (smoke runs only)")
+
+    g = p.add_argument_group("losses (defaults: the paper's recipe)")
+    g.add_argument("--pixel-weight", type=float, default=1.0, help="L1 weight")
+    g.add_argument("--perceptual-weight", type=float, default=None,
+                   help="VGG19 perceptual weight; default 1.0 for the pixel (U-Net) discriminators, 0.1 otherwise; 0 disables it")
+    g.add_argument("--gan-loss", choices=["vanilla", "ragan", "lsgan", "hinge"], default="vanilla",
+                   help="vanilla: BCE (the paper); ragan: ESRGAN's relativistic average")
+    g.add_argument("--gan-weight", type=float, default=0.01, help="weight of G's adversarial loss")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of G")
+    g.add_argument("--lr-d", type=float, default=None, help="Adam learning rate of D (default: --lr)")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.99), help="Adam betas")
+    g.add_argument("--total-steps", type=int, default=300_000, help="training iterations")
+    g.add_argument("--milestones", type=int, nargs="*", default=[100_000, 200_000], help="steps where the lr is multiplied by --gamma")
+    g.add_argument("--gamma", type=float, default=0.5, help="lr factor at each milestone")
+    g.add_argument("--psnr-steps", type=int, default=0,
+                   help="first train G with L1 alone for this many steps (ESRGAN's PSNR stage, when you have no PSNR weights)")
+    g.add_argument("--ema", type=float, default=0.0, help="EMA decay of G's weights (e.g. 0.999); 0 disables it")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/esrgan_sed", help="run folder: checkpoints/, samples/, log.csv, loss_curves.png")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="continue from the newest valid checkpoint of --out (or from PATH)")
+    g.add_argument("--overwrite", action="store_true", help="delete the checkpoints, samples and log already in --out")
+    g.add_argument("--run-steps", type=int, default=None,
+                   help="stop (with a checkpoint) after this many steps of this invocation, e.g. to fit a job time limit")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision (bf16 on Ampere or newer)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster convs on tensor cores)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the generator")
+    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--log-every", type=int, default=100, help="steps between log.csv rows")
+    g.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids and loss plots (0: only at the end)")
+    g.add_argument("--checkpoint-every", type=int, default=5000, help="steps between checkpoints (one is always written at the end)")
+    g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
+    g.add_argument("--num-samples", type=int, default=4, help="images in the sample grid")
+    g.add_argument("--sample-size", type=int, default=192, help="HR size of each sample (centre crop)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.preset == "demo":
+        parser.set_defaults(**DEMO_PRESET)
+    args = parser.parse_args(argv)
+    if args.perceptual_weight is None:
+        args.perceptual_weight = 1.0 if args.discriminator.endswith("pixel") else 0.1
+    if args.lr_d is None:
+        args.lr_d = args.lr
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.preset is None and not args.hr_dir:
+        raise UsageError("Pass --hr-dir FOLDER with your HR training images (or --preset demo for a demo run).")
+    if args.patch_size % args.scale:
+        raise UsageError(f"--patch-size {args.patch_size} must be a multiple of --scale {args.scale}.")
+    if args.discriminator != "vgg" and args.patch_size < 32:
+        raise UsageError(f"--patch-size must be at least 32 for the {args.discriminator!r} discriminator.")
+    if args.psnr_steps > args.total_steps:
+        raise UsageError("--psnr-steps cannot exceed --total-steps.")
+    for name in ("batch_size", "total_steps", "log_every", "checkpoint_every", "keep_last"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
+    if args.run_steps is not None and args.run_steps < 1:
+        raise UsageError("--run-steps must be at least 1.")
+
+
+# ---------------------------------------------------------------------------------- the trainer
+
+
+class StopFlag:
+    """Set by SIGINT / SIGTERM: the run saves a checkpoint at the end of the current step and exits."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+        print(f"\nReceived {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting "
+              "(Ctrl-C again to stop now).", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+class Trainer:
+    """Everything of one run: networks, optimisers, data stream, logging and checkpoints."""
+
+    def __init__(self, args: argparse.Namespace, info: sr_dist.DistInfo) -> None:
+        self.args = args
+        self.info = info
+        self.device = info.device
+        self.out = Path(args.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.random_weights: list[str] = []
+        self.step = 0
+        self.resumed_from: Path | None = None
+
+        resume_state = self._prepare_run_folder()
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+
+        self.dataset, self.val_paths = self._build_data()
+        self.g = self._build_generator(resume_state)
+        self.d, self.extractor = self._build_discriminator()
+        self.perceptual = self._build_perceptual()
+        self._to_device()
+
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=args.lr, betas=tuple(args.betas))
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=args.lr_d, betas=tuple(args.betas))
+        self.sched_g = torch.optim.lr_scheduler.MultiStepLR(self.opt_g, args.milestones, args.gamma)
+        self.sched_d = torch.optim.lr_scheduler.MultiStepLR(self.opt_d, args.milestones, args.gamma)
+        fp16 = args.amp == "fp16"
+        self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.ema = EMA(self.g, args.ema) if args.ema > 0 else None
+
+        torch.manual_seed(args.seed + 1000 * info.rank)
+        if resume_state is not None:
+            self._load_state(resume_state)
+        self.g_train, self.d_train = self._wrap()
+        self.stream = sr_data.SampleStream(
+            len(self.dataset), args.seed, info.rank, info.world_size, start=self.step * args.batch_size
+        )
+        self.loader = sr_data.make_loader(
+            self.dataset, self.stream, args.batch_size, args.workers, pin_memory=self.device.type == "cuda"
+        )
+        self.val_pairs = (
+            sr_data.center_crops(self.val_paths, args.sample_size, args.scale, args.num_samples, args.downsample)
+            if info.is_main
+            else []
+        )
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _prepare_run_folder(self) -> dict[str, Any] | None:
+        args, info = self.args, self.info
+        state = None
+        if args.resume is not None:
+            if args.resume == "auto":
+                path, state = ckpt.find_resumable(self.ckpt_dir)
+            else:
+                path, state = Path(args.resume), ckpt.load_checkpoint(args.resume)
+            self.resumed_from = path
+            self._check_resume_config(state["config"])
+            return state
+        existing = ckpt.list_checkpoints(self.ckpt_dir)
+        if existing and not args.overwrite:
+            raise UsageError(
+                f"{self.out} already holds checkpoints (newest: {existing[-1][1].name}). Pass --resume to continue "
+                "that run, --overwrite to start again from scratch, or choose another --out."
+            )
+        if info.is_main:
+            if args.overwrite:
+                for sub in ("checkpoints", "samples"):
+                    shutil.rmtree(self.out / sub, ignore_errors=True)
+                for name in ("log.csv", "loss_curves.png", "generator_final.pth"):
+                    (self.out / name).unlink(missing_ok=True)
+            self.out.mkdir(parents=True, exist_ok=True)
+        sr_dist.barrier(info)
+        return None
+
+    def _check_resume_config(self, saved: dict[str, Any]) -> None:
+        args = self.args
+        arch = [f"--{k.replace('_', '-')} {saved.get(k)!r} (checkpoint) vs {getattr(args, k)!r}"
+                for k in _ARCH_KEYS if k in saved and saved[k] != getattr(args, k)]
+        if arch:
+            raise UsageError("The checkpoint was trained with other networks; use its settings:\n  " + "\n  ".join(arch))
+        order = [k for k in _ORDER_KEYS if k in saved and saved[k] != getattr(args, k)]
+        if order and self.info.is_main:
+            warnings.warn(f"Resuming with changed {order}: the data order differs from an uninterrupted run.", stacklevel=2)
+
+    def _build_data(self) -> tuple[sr_data.SRTrainDataset, list[Path]]:
+        args = self.args
+        hr_paths = sr_data.list_images(args.hr_dir, "HR folder (--hr-dir)")
+        lr_paths = sr_data.pair_lr_files(hr_paths, args.lr_dir, args.scale) if args.lr_dir else None
+        with warnings.catch_warnings():
+            if not self.info.is_main:
+                warnings.simplefilter("ignore", UserWarning)
+            dataset = sr_data.SRTrainDataset(
+                hr_paths, args.patch_size, args.scale, seed=args.seed, lr_paths=lr_paths,
+                augment=not args.no_augment, cache=args.cache_images, downsample=args.downsample,
+                strict=args.strict_data,
+            )  # fmt: skip
+        if len(dataset) < self.info.world_size:
+            raise UsageError(f"{len(dataset)} usable image(s) for {self.info.world_size} processes; add images.")
+        val_paths = sr_data.list_images(args.val_dir, "validation folder (--val-dir)") if args.val_dir else dataset.hr_paths
+        return dataset, val_paths
+
+    def _build_generator(self, resume_state: dict[str, Any] | None) -> nn.Module:
+        args = self.args
+        if resume_state is not None:
+            return generator_from_state_dict(resume_state["generator"], str(self.resumed_from), args.scale)
+        if args.generator_weights:
+            try:
+                return load_generator_weights(args.generator_weights, args.scale)
+            except (FileNotFoundError, ValueError) as err:
+                raise UsageError(str(err)) from err
+        return build_generator(args.num_feat, args.num_blocks, args.scale)
+
+    def _build_discriminator(self) -> tuple[nn.Module, Any]:
+        args = self.args
+        extractor = None
+        if args.discriminator.startswith("sed-"):
+            extractor, is_random = load_extractor(args.extractor, args.extractor_weights, args.allow_random_weights)
+            if is_random:
+                self.random_weights.append(f"semantic extractor {args.extractor}")
+        return build_discriminator(args.discriminator, args.d_width, args.patch_size, extractor), extractor
+
+    def _build_perceptual(self) -> VGGPerceptualLoss | None:
+        args = self.args
+        if args.perceptual_weight <= 0:
+            return None
+        features, is_random = load_vgg19_features(args.vgg_weights, args.allow_random_weights)
+        if is_random:
+            self.random_weights.append("VGG19 (perceptual loss)")
+        return VGGPerceptualLoss(features)
+
+    def _to_device(self) -> None:
+        fmt = {"memory_format": torch.channels_last} if self.args.channels_last else {}
+        self.g.to(self.device, **fmt)
+        self.d.to(self.device, **fmt)  # also moves SeD's extractor
+        if self.perceptual is not None:
+            self.perceptual.to(self.device)
+        self.g.train()
+        self.d.train()
+
+    def _wrap(self) -> tuple[nn.Module, nn.Module]:
+        g, d = self.g, self.d
+        if self.info.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            g = nn.parallel.DistributedDataParallel(g, device_ids=ids)
+            # BatchNorm (VGG-style D) buffers must not be re-broadcast between the real and fake
+            # forwards of one backward; spectral-norm vectors stay equal on all ranks anyway.
+            d = nn.parallel.DistributedDataParallel(d, device_ids=ids, broadcast_buffers=False)
+        if self.args.compile:
+            g = torch.compile(g)  # D keeps eager mode: compile + DDP + spectral norm is unreliable
+        return g, d
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = sr_dist.gather_objects(ckpt.rng_state(), self.info)
+        config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.args).items()}
+        return {
+            "format": ckpt.FORMAT,
+            "step": self.step,
+            "config": config,
+            "generator": self.g.state_dict(),
+            "discriminator": self.d.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "sched_g": self.sched_g.state_dict(),
+            "sched_d": self.sched_d.state_dict(),
+            "scaler_g": self.scaler_g.state_dict(),
+            "scaler_d": self.scaler_d.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": rng,
+            "data": {
+                "seed": self.args.seed,
+                "samples_per_rank": self.step * self.args.batch_size,
+                "world_size": self.info.world_size,
+                "fingerprint": sr_data.fingerprint(self.dataset.hr_paths),
+            },
+            "random_weights": list(self.random_weights),
+            "torch": torch.__version__,
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.g.load_state_dict(state["generator"])
+        self.d.load_state_dict(state["discriminator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_d.load_state_dict(state["sched_d"])
+        # Milestones come from the command line, so a resumed run may change the schedule.
+        for sched in (self.sched_g, self.sched_d):
+            sched.milestones = type(sched.milestones)(self.args.milestones)
+            sched.gamma = self.args.gamma
+        self.scaler_g.load_state_dict(state["scaler_g"])
+        self.scaler_d.load_state_dict(state["scaler_d"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        elif self.info.is_main and state.get("ema") is not None:
+            warnings.warn("The checkpoint has an EMA of G but --ema is 0: the EMA is dropped.", stacklevel=2)
+        elif self.info.is_main and self.ema is not None:
+            warnings.warn("--ema is on but the checkpoint has no EMA: it starts from the current weights.", stacklevel=2)
+        self.step = int(state["step"])
+        data = state.get("data", {})
+        if self.info.is_main and data.get("fingerprint") not in (None, sr_data.fingerprint(self.dataset.hr_paths)):
+            warnings.warn("The training images differ from those of the checkpoint; the data order differs.", stacklevel=2)
+        rng = state["rng"]
+        if len(rng) == self.info.world_size:
+            ckpt.set_rng_state(rng[self.info.rank])
+        elif self.info.is_main:
+            warnings.warn(
+                f"The checkpoint was written by {len(rng)} process(es), this run has {self.info.world_size}: "
+                "the data order and RNG streams differ from an uninterrupted run.",
+                stacklevel=2,
+            )
+
+    def save_checkpoint(self) -> Path | None:
+        state = self.state_dict()  # a collective call: every rank takes part
+        path = None
+        if self.info.is_main:
+            path = ckpt.atomic_save(state, self.ckpt_dir / ckpt.checkpoint_name(self.step))
+            ckpt.prune_checkpoints(self.ckpt_dir, self.args.keep_last)
+        sr_dist.barrier(self.info)
+        return path
+
+    def export_generator(self) -> Path:
+        """G's weights alone (EMA too when enabled), loadable by spandrel / chaiNNer / BasicSR."""
+        state = {"params": self.g.state_dict()}
+        if self.ema is not None:
+            state["params_ema"] = self.ema.model.state_dict()
+        return ckpt.atomic_save(state, self.out / "generator_final.pth")
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train_step(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
+        args, device = self.args, self.device
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        lr = lr.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        hr = hr.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        gan_phase = self.step >= args.psnr_steps
+        d_raw = self.d
+        logs: dict[str, float] = {}
+
+        # Generator: L1 (+ perceptual + adversarial after the PSNR stage).
+        with _autocast(device, args.amp):
+            sr = self.g_train(lr)
+            l_pix = args.pixel_weight * F.l1_loss(sr.float(), hr.float())
+            l_total = l_pix
+            logs["l_pix"] = l_pix.item()
+            if gan_phase:
+                if self.perceptual is not None:
+                    l_percep = args.perceptual_weight * self.perceptual(sr, hr)
+                    l_total = l_total + l_percep
+                    logs["l_percep"] = l_percep.item()
+                if self.extractor is not None:
+                    d_raw.set_condition(hr)  # HR semantics for the three D calls of this step
+                # The G-side D call bypasses DDP: D's parameters get no gradient from it.
+                with frozen(d_raw):
+                    fake = d_raw(sr)
+                    real = d_raw(hr).detach() if args.gan_loss == "ragan" else None
+                l_gan = generator_loss(fake.float(), None if real is None else real.float(), args.gan_loss, args.gan_weight)
+                l_total = l_total + l_gan
+                logs["l_gan"] = l_gan.item()
+        self.opt_g.zero_grad(set_to_none=True)
+        self.scaler_g.scale(l_total).backward()
+        self.scaler_g.step(self.opt_g)
+        self.scaler_g.update()
+        logs["l_g_total"] = l_total.item()
+        if self.ema is not None:
+            self.ema.update(self.g)
+
+        # Discriminator: real vs (detached) fake.
+        if gan_phase:
+            with _autocast(device, args.amp):
+                real = self.d_train(hr)
+                fake = self.d_train(sr.detach())
+                l_d = discriminator_loss(real.float(), fake.float(), args.gan_loss)
+            self.opt_d.zero_grad(set_to_none=True)
+            self.scaler_d.scale(l_d).backward()
+            self.scaler_d.step(self.opt_d)
+            self.scaler_d.update()
+            logs["l_d"] = l_d.item()
+            logs["d_real"] = torch.sigmoid(real.detach().float()).mean().item()
+            logs["d_fake"] = torch.sigmoid(fake.detach().float()).mean().item()
+            if self.extractor is not None:
+                d_raw.clear_condition()
+        self.sched_g.step()
+        with warnings.catch_warnings():  # D's optimiser has not stepped yet during the PSNR stage
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"), category=UserWarning)
+            self.sched_d.step()
+        self.step += 1
+        return logs
+
+    @torch.no_grad()
+    def write_samples(self) -> float | None:
+        """Sample grid (samples/step_N.png and samples/latest.png) and mean validation PSNR; rank 0 only."""
+        if not self.val_pairs:
+            return None
+        model = self.ema.model if self.ema is not None else self.g
+        rows, scores = [], []
+        for lr, hr in self.val_pairs:
+            sr = model(lr[None].to(self.device)).float().clamp(0, 1)[0].cpu()
+            rows.append((lr, sr, hr))
+            scores.append(psnr_y(sr, hr, crop_border=self.args.scale))
+        folder = self.out / "samples"
+        folder.mkdir(exist_ok=True)
+        save_sample_grid(rows, folder / f"step_{self.step:08d}.png")
+        shutil.copyfile(folder / f"step_{self.step:08d}.png", folder / ".latest.tmp.png")
+        os.replace(folder / ".latest.tmp.png", folder / "latest.png")
+        return sum(scores) / len(scores)
+
+
+# --------------------------------------------------------------------------------------- logging
+
+
+class CsvLog:
+    """log.csv with fixed columns; on resume, rows after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if resume_step is not None and path.exists():
+            with open(path, newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
+            self._write(rows, "w")
+        elif not path.exists() or resume_step is None:
+            self._write([], "w")
+
+    def _write(self, rows: list[dict[str, Any]], mode: str) -> None:
+        new = mode == "w"
+        with open(self.path, mode, newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def append(self, row: dict[str, Any]) -> None:
+        formatted = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+        self._write([formatted], "a")
+
+
+def _fmt_time(seconds: float) -> str:
+    minutes, sec = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run (or resume) training; returns a summary (rank 0's view)."""
+    check_args(args)
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark)  # fmt: skip
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+    if args.preset == "demo" and not args.hr_dir:
+        args.hr_dir, demo_val = sr_data.export_demo_photos(Path(args.out) / "data")
+        args.hr_dir, args.val_dir = str(args.hr_dir), args.val_dir or str(demo_val)
+
+    info = sr_dist.init_distributed(args.device)
+    started = time.time()
+    try:
+        trainer = Trainer(args, info)
+        return _run(trainer, started)
+    finally:
+        sr_dist.shutdown(info)
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous[2]
+
+
+def _run(trainer: Trainer, started: float) -> dict[str, Any]:
+    args, info = trainer.args, trainer.info
+    main = info.is_main
+    if main:
+        _print_header(trainer)
+        (trainer.out / "config.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+    log = CsvLog(trainer.out / "log.csv", trainer.step if trainer.resumed_from else None) if main else None
+    start_step = trainer.step
+    stop_at = args.total_steps if args.run_steps is None else min(args.total_steps, start_step + args.run_steps)
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    last_logs: dict[str, float] = {}
+    tick, tick_step = time.time(), start_step
+    interrupted: int | None = None
+    last_saved = start_step if trainer.resumed_from else -1
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.total_steps, initial=start_step, disable=not main or args.no_progress,
+               unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)  # fmt: skip
+    with StopFlag() as stop:
+        batches = iter(trainer.loader)
+        while trainer.step < stop_at:
+            lr, hr = next(batches)
+            logs = trainer.train_step(lr, hr)
+            for key, value in logs.items():
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+            step = trainer.step
+            bar.update(1)
+            sample_now = args.sample_every > 0 and step % args.sample_every == 0
+            if step % args.log_every == 0 or sample_now or step == stop_at:
+                keys = sorted(sums)
+                means = sr_dist.mean_over_ranks(torch.tensor([sums[k] / counts[k] for k in keys], dtype=torch.float64), info)
+                last_logs = dict(zip(keys, means.tolist()))
+                elapsed = (time.time() - tick) / max(1, step - tick_step)
+                row: dict[str, Any] = {
+                    "step": step,
+                    "phase": "gan" if step > args.psnr_steps else "psnr",
+                    "lr_g": trainer.opt_g.param_groups[0]["lr"],
+                    **last_logs,
+                    "sec_per_step": elapsed,
+                    "img_per_sec": args.batch_size * info.world_size / elapsed,
+                }
+                if main:
+                    if sample_now:
+                        row["val_psnr"] = trainer.write_samples()
+                        log.append(row)
+                        plot_losses(trainer.out / "log.csv", trainer.out / "loss_curves.png")
+                    else:
+                        log.append(row)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in last_logs.items() if k in ("l_pix", "l_g_total", "l_d")}
+                                    | {"img/s": f"{row['img_per_sec']:.1f}"})  # fmt: skip
+                sums, counts, tick, tick_step = {}, {}, time.time(), step
+            if step % args.checkpoint_every == 0:
+                trainer.save_checkpoint()
+                last_saved = step
+            if sr_dist.any_rank(stop.signum is not None, info):
+                interrupted = stop.signum or signal.SIGTERM
+                break
+    bar.close()
+
+    final_ckpt = None
+    if trainer.step != last_saved:
+        final_ckpt = trainer.save_checkpoint()
+    elif main:
+        final_ckpt = trainer.ckpt_dir / ckpt.checkpoint_name(trainer.step)
+    summary: dict[str, Any] = {
+        "step": trainer.step,
+        "checkpoint": final_ckpt,
+        "interrupted": interrupted,
+        "losses": last_logs,
+        "seconds": time.time() - started,
+        "random_weights": trainer.random_weights,
+        "out": trainer.out,
+    }
+    if main:
+        finished = trainer.step >= args.total_steps
+        if finished:
+            summary["generator"] = trainer.export_generator()
+        if trainer.val_pairs and (not (trainer.out / "samples" / f"step_{trainer.step:08d}.png").exists()):
+            trainer.write_samples()
+        plot_losses(trainer.out / "log.csv", trainer.out / "loss_curves.png")
+        _print_summary(trainer, summary, finished)
+    return summary
+
+
+def _print_header(trainer: Trainer) -> None:
+    args, info = trainer.args, trainer.info
+    g_params = sum(p.numel() for p in trainer.g.parameters())
+    d_params = sum(p.numel() for p in trainer.d.parameters())
+    origin = f"resumed from {trainer.resumed_from} at step {trainer.step}" if trainer.resumed_from else "new run"
+    print(f"[retrofit_esrgan] {origin}; {info.world_size} process(es) on {trainer.device.type}", file=sys.stderr)
+    print(f"  data: {len(trainer.dataset)} HR image(s) from {args.hr_dir}, {args.patch_size} px patches, "
+          f"batch {args.batch_size}/process, LR {'from ' + args.lr_dir if args.lr_dir else args.downsample + ' bicubic x' + str(args.scale)}",
+          file=sys.stderr)  # fmt: skip
+    print(f"  G: RRDBNet {g_params / 1e6:.2f}M params | D: {args.discriminator} {d_params / 1e6:.2f}M params | "
+          f"losses: {args.pixel_weight} L1 + {args.perceptual_weight} VGG19 + {args.gan_weight} {args.gan_loss} GAN"
+          + (f" (L1 only for the first {args.psnr_steps} steps)" if args.psnr_steps else ""), file=sys.stderr)  # fmt: skip
+    print(f"  out: {trainer.out}", file=sys.stderr, flush=True)
+
+
+def _print_summary(trainer: Trainer, summary: dict[str, Any], finished: bool) -> None:
+    out = trainer.out
+    state = "finished" if finished else "stopped"
+    if summary["interrupted"]:
+        state = f"interrupted ({signal.Signals(summary['interrupted']).name})"
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in sorted(summary["losses"].items()))
+    lines = [
+        f"Training {state} at step {summary['step']}/{trainer.args.total_steps} after {_fmt_time(summary['seconds'])}.",
+        f"  last losses : {losses}",
+        f"  checkpoint  : {summary['checkpoint']}",
+        f"  samples     : {out / 'samples' / 'latest.png'}   (LR bicubic | SR | HR)",
+        f"  loss curves : {out / 'loss_curves.png'}",
+        f"  log         : {out / 'log.csv'}",
+    ]
+    if finished:
+        lines.append(f"  generator   : {summary['generator']}")
+    else:
+        lines.append(f"  continue    : add --resume to the same command (--out {out})")
+    print("\n".join(lines), flush=True)
+    if trainer.random_weights:
+        banner([f"This run used RANDOM weights for: {', '.join(trainer.random_weights)}.",
+                "Its samples and losses show that the pipeline runs, not what SeD achieves."], stream=sys.stdout)  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (0 done, 2 usage/data error, 128+N after signal N)."""
+    args = parse_args(argv)
+    try:
+        summary = train(args)
+    except (UsageError, sr_data.DataError, WeightsUnavailable, ckpt.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 128 + summary["interrupted"] if summary["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,538 @@
+"""Training data for x-scale super-resolution: folders, degradation, augmentation and a resumable order.
+
+Two sources:
+
+- a folder of HR images (DIV2K style): random HR crops, the LR crop made on the fly by
+  bicubic downsampling (:func:`bicubic_downsample`);
+- paired HR / LR folders: aligned random crops of both.
+
+Randomness never comes from worker processes. :class:`SampleStream` yields one key
+``(index, epoch, position)`` per sample, and the crop and the flips of that sample are drawn
+from a generator seeded with ``(seed, epoch, position)``. The data a run sees is therefore a
+function of the seed and the number of samples already consumed: the worker count does not
+change it, and a resumed run continues the stream exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+
+SampleKey = tuple[int, int, int]  # (dataset index, epoch, position in the epoch)
+
+
+class DataError(ValueError):
+    """A problem with the user's data that they can fix (message says how)."""
+
+
+# --------------------------------------------------------------------------------------- files
+
+
+def list_images(folder: str | os.PathLike, what: str = "image folder") -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted by path.
+
+    Raises:
+        DataError: the folder is missing, not a folder, or holds no image.
+    """
+    root = Path(folder)
+    if not root.exists():
+        raise DataError(f"The {what} {str(root)!r} does not exist. Check the path (it is relative to {os.getcwd()!r}).")
+    if not root.is_dir():
+        raise DataError(f"The {what} {str(root)!r} is a file, not a folder of images.")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        others = sorted(p.name for p in root.rglob("*") if p.is_file())[:5]
+        found = f" It holds {others} ..." if others else " It is empty."
+        raise DataError(
+            f"The {what} {str(root)!r} contains no image ({', '.join(IMAGE_EXTENSIONS)}).{found}"
+        )
+    return files
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file to an (H, W, 3) uint8 RGB array (grey and RGBA are converted).
+
+    Raises:
+        DataError: the file cannot be decoded; the message names it.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                arr = np.clip(arr / (65535.0 if arr.max() > 255 else 255.0) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+                return np.repeat(arr[..., None], 3, axis=2)
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except Exception as err:  # PIL raises many types for broken files
+        raise DataError(f"Cannot read image {str(path)!r}: {type(err).__name__}: {err}") from err
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) from the file header (fast: nothing is decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            img.verify()
+    except Exception as err:
+        raise DataError(f"Cannot read image {str(path)!r}: {type(err).__name__}: {err}") from err
+    return height, width
+
+
+def save_image(array: np.ndarray, path: str | os.PathLike) -> None:
+    """Write an (H, W, 3) uint8 array as an image file (format from the suffix)."""
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+
+
+def to_tensor(array: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
+
+
+def to_uint8(tensor: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8, rounded."""
+    return tensor.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def fingerprint(paths: Sequence[Path]) -> str:
+    """Short hash of the file names, stored in checkpoints to notice a changed dataset on resume."""
+    digest = hashlib.sha1("\n".join(p.name for p in paths).encode()).hexdigest()
+    return digest[:12]
+
+
+# --------------------------------------------------------------------------------- degradation
+
+
+DOWNSAMPLERS = ("torch", "matlab")
+
+
+def bicubic_downsample(hr: torch.Tensor, scale: int, quantize: bool = True, method: str = "torch") -> torch.Tensor:
+    """LR image by bicubic downsampling with an anti-aliasing (widened) kernel.
+
+    Both methods use Keys' cubic with a = -0.5 stretched by the scale factor, as MATLAB's
+    ``imresize`` does; they differ at the image border only (see ``docs/training.md``):
+
+    - ``"torch"``: ``F.interpolate(mode="bicubic", antialias=True)``, which truncates and
+      renormalises the kernel at the border; fast, runs on any device.
+    - ``"matlab"``: a re-implementation of ``imresize``'s weights with its symmetric border
+      padding, computed in float64 (the degradation of DIV2K's and the benchmarks' LR files).
+
+    Args:
+        hr: (3, H, W) or (B, 3, H, W) in [0, 1]; H and W are cropped to multiples of ``scale``.
+        scale: integer downscaling factor.
+        quantize: round to 8-bit levels, as LR images stored as PNG are.
+        method: ``"torch"`` or ``"matlab"``.
+
+    Returns:
+        The LR tensor, (…, H // scale, W // scale), in [0, 1], float32.
+    """
+    if method not in DOWNSAMPLERS:
+        raise ValueError(f"Unknown downsampling method {method!r}; choose one of {DOWNSAMPLERS}.")
+    batched = hr.ndim == 4
+    x = hr if batched else hr.unsqueeze(0)
+    h, w = x.shape[-2] // scale, x.shape[-1] // scale
+    x = x[..., : h * scale, : w * scale]
+    if method == "torch":
+        lr = F.interpolate(x.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+    else:
+        lr = matlab_imresize(x, (h, w))
+    lr = lr.clamp_(0, 1)
+    if quantize:
+        lr = lr.mul_(255).round_().div_(255)
+    return lr if batched else lr.squeeze(0)
+
+
+def _keys_cubic(x: torch.Tensor) -> torch.Tensor:
+    # Keys' cubic convolution kernel with a = -0.5 (MATLAB's "bicubic").
+    ax = x.abs()
+    near = 1.5 * ax**3 - 2.5 * ax**2 + 1
+    far = -0.5 * ax**3 + 2.5 * ax**2 - 4 * ax + 2
+    return torch.where(ax <= 1, near, torch.where(ax <= 2, far, torch.zeros_like(ax)))
+
+
+def matlab_resize_weights(in_len: int, out_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(out_len, in_len) float64 matrix of MATLAB's ``imresize(..., "bicubic")`` along one axis.
+
+    With ``s = out_len / in_len``, output pixel ``i`` (1-based) is centred at
+    ``u = i / s + (1 - 1 / s) / 2`` in input coordinates. Upsampling uses Keys' cubic over 4
+    input pixels; downsampling stretches it to ``cubic(s * x) * s`` over ``4 / s`` pixels
+    (anti-aliasing). Weights are normalised to sum to one and indices outside the image are
+    mirrored (symmetric padding).
+    """
+    s = out_len / in_len
+    i = torch.arange(1, out_len + 1, dtype=torch.float64)
+    centre = i / s + 0.5 * (1 - 1 / s)
+    width = 4.0 / s if s < 1 else 4.0
+    left = torch.floor(centre - width / 2)
+    taps = int(math.ceil(width)) + 2
+    index = left[:, None] + torch.arange(taps, dtype=torch.float64)[None, :]
+    distance = centre[:, None] - index
+    weights = s * _keys_cubic(s * distance) if s < 1 else _keys_cubic(distance)
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    mirror = torch.cat([torch.arange(in_len), torch.arange(in_len - 1, -1, -1)])
+    index = mirror[(index.long() - 1) % (2 * in_len)]
+    matrix = torch.zeros(out_len, in_len, dtype=torch.float64)
+    matrix.scatter_add_(1, index, weights)
+    return matrix.to(device)
+
+
+def matlab_imresize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize (…, H, W) images to ``size`` like MATLAB's ``imresize(x, size, "bicubic")`` (float64 math, float32 out)."""
+    rows = matlab_resize_weights(x.shape[-2], size[0], x.device)
+    cols = matlab_resize_weights(x.shape[-1], size[1], x.device)
+    return torch.einsum("ih,...hw,jw->...ij", rows, x.double(), cols).float()
+
+
+def augment(tensors: Sequence[torch.Tensor], rng: np.random.Generator) -> list[torch.Tensor]:
+    """The same random horizontal flip, vertical flip and transposition (90 degree rotations) on each tensor."""
+    hflip, vflip, transpose = rng.random(3) < 0.5
+    out = []
+    for t in tensors:
+        if hflip:
+            t = t.flip(-1)
+        if vflip:
+            t = t.flip(-2)
+        if transpose:
+            t = t.transpose(-1, -2)
+        out.append(t.contiguous())
+    return out
+
+
+# ------------------------------------------------------------------------------------ datasets
+
+
+@dataclass
+class ScanReport:
+    """Outcome of checking the files of a dataset before training."""
+
+    usable: list[int] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    too_small: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        lines = []
+        for title, names in (
+            ("unreadable", self.unreadable),
+            ("smaller than the training patch", self.too_small),
+            ("with an HR/LR size mismatch", self.mismatched),
+        ):
+            if names:
+                shown = "\n    ".join(names[:10])
+                more = f"\n    ... and {len(names) - 10} more" if len(names) > 10 else ""
+                lines.append(f"{len(names)} image(s) {title}:\n    {shown}{more}")
+        return lines
+
+
+class SRTrainDataset(Dataset):
+    """Random (LR, HR) training crops from an HR folder, or from paired HR / LR folders.
+
+    Indexed by the keys of :class:`SampleStream`; ``dataset[i]`` with a plain int gives the
+    sample of position ``i`` of epoch 0.
+
+    Args:
+        hr_paths: HR image files.
+        patch_size: HR crop size (a multiple of ``scale``).
+        scale: SR factor.
+        seed: seed of the crop / flip draws.
+        lr_paths: LR files paired with ``hr_paths`` (same order), or ``None`` to make LR on the fly.
+        augment: random flips and transpositions.
+        cache: keep decoded images in memory (for small datasets such as the demo's).
+        quantize_lr: round on-the-fly LR to 8-bit levels (as stored LR files are).
+        downsample: ``"torch"`` or ``"matlab"`` bicubic, see :func:`bicubic_downsample`.
+        strict: raise on unreadable / too-small images instead of skipping them with a warning.
+
+    Raises:
+        DataError: no usable image, or (``strict``) any unusable one; the message names the files.
+    """
+
+    def __init__(
+        self,
+        hr_paths: Sequence[Path],
+        patch_size: int,
+        scale: int,
+        seed: int = 0,
+        lr_paths: Sequence[Path] | None = None,
+        augment: bool = True,
+        cache: bool = False,
+        quantize_lr: bool = True,
+        downsample: str = "torch",
+        strict: bool = False,
+    ) -> None:
+        if patch_size % scale:
+            raise DataError(f"--patch-size {patch_size} must be a multiple of the scale {scale}.")
+        if lr_paths is not None and len(lr_paths) != len(hr_paths):
+            raise DataError(f"{len(hr_paths)} HR images but {len(lr_paths)} LR images.")
+        self.patch_size = patch_size
+        self.scale = scale
+        self.seed = seed
+        self.augment = augment
+        self.cache = cache
+        self.quantize_lr = quantize_lr
+        if downsample not in DOWNSAMPLERS:
+            raise DataError(f"Unknown downsampling method {downsample!r}; choose one of {DOWNSAMPLERS}.")
+        self.downsample = downsample
+        self._cache: dict[Path, np.ndarray] = {}
+        report = self._scan(list(hr_paths), None if lr_paths is None else list(lr_paths))
+        self.report = report
+        problems = report.problems()
+        if problems and (strict or not report.usable):
+            prefix = "No usable training image. " if not report.usable else ""
+            raise DataError(prefix + "Fix or remove these files (the patch is "
+                            f"{patch_size} px HR, {patch_size // scale} px LR):\n  " + "\n  ".join(problems))
+        if problems:
+            warnings.warn(
+                "Skipping unusable training images (pass --strict-data to stop instead):\n  " + "\n  ".join(problems),
+                UserWarning,
+                stacklevel=2,
+            )
+        self.hr_paths = [hr_paths[i] for i in report.usable]
+        self.lr_paths = None if lr_paths is None else [lr_paths[i] for i in report.usable]
+
+    def _scan(self, hr_paths: list[Path], lr_paths: list[Path] | None) -> ScanReport:
+        report = ScanReport()
+        lr_patch = self.patch_size // self.scale
+        for i, hr_path in enumerate(hr_paths):
+            try:
+                h, w = image_size(hr_path)
+                lr_size = image_size(lr_paths[i]) if lr_paths is not None else None
+            except DataError as err:
+                report.unreadable.append(str(err).removeprefix("Cannot read image "))
+                continue
+            if lr_size is not None:
+                lh, lw = lr_size
+                if not (lh * self.scale <= h < (lh + 1) * self.scale and lw * self.scale <= w < (lw + 1) * self.scale):
+                    report.mismatched.append(f"{hr_path} is {w}x{h}, {lr_paths[i]} is {lw}x{lh} (x{self.scale})")
+                    continue
+                if lh < lr_patch or lw < lr_patch:
+                    report.too_small.append(f"{lr_paths[i]} ({lw}x{lh} px, LR patch {lr_patch})")
+                    continue
+            elif h < self.patch_size or w < self.patch_size:
+                report.too_small.append(f"{hr_path} ({w}x{h} px)")
+                continue
+            report.usable.append(i)
+        return report
+
+    def __len__(self) -> int:
+        return len(self.hr_paths)
+
+    def _load(self, path: Path) -> np.ndarray:
+        if self.cache and path in self._cache:
+            return self._cache[path]
+        array = read_image(path)
+        if self.cache:
+            self._cache[path] = array
+        return array
+
+    def __getitem__(self, key: SampleKey | int) -> tuple[torch.Tensor, torch.Tensor]:
+        index, epoch, position = key if isinstance(key, tuple) else (key, 0, key)
+        rng = np.random.default_rng([self.seed, epoch, position])
+        hr = self._load(self.hr_paths[index])
+        if self.lr_paths is None:
+            lr_t, hr_t = self._crop_and_degrade(hr, rng)
+        else:
+            lr_t, hr_t = self._crop_pair(self._load(self.lr_paths[index]), hr, rng)
+        if self.augment:
+            lr_t, hr_t = augment((lr_t, hr_t), rng)
+        return lr_t, hr_t
+
+    def _crop_and_degrade(self, hr: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        # Crops start on multiples of the scale, and the crop is downsampled with a margin of
+        # two LR pixels (the bicubic support) or up to the image border: the LR crop then
+        # equals the same crop of the whole image's LR, with no artefact at the crop border.
+        s, p = self.scale, self.patch_size
+        height, width = (hr.shape[0] // s) * s, (hr.shape[1] // s) * s
+        top = s * int(rng.integers(0, (height - p) // s + 1))
+        left = s * int(rng.integers(0, (width - p) // s + 1))
+        margin = 2 * s
+        y0, x0 = max(0, top - margin), max(0, left - margin)
+        y1, x1 = min(height, top + p + margin), min(width, left + p + margin)
+        region = to_tensor(hr[y0:y1, x0:x1])
+        lr = bicubic_downsample(region, s, self.quantize_lr, self.downsample)
+        ly, lx = (top - y0) // s, (left - x0) // s
+        lr = lr[:, ly : ly + p // s, lx : lx + p // s]
+        hr_crop = region[:, top - y0 : top - y0 + p, left - x0 : left - x0 + p]
+        return lr.contiguous(), hr_crop.contiguous()
+
+    def _crop_pair(self, lr: np.ndarray, hr: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        s, lp = self.scale, self.patch_size // self.scale
+        top = int(rng.integers(0, lr.shape[0] - lp + 1))
+        left = int(rng.integers(0, lr.shape[1] - lp + 1))
+        lr_crop = to_tensor(lr[top : top + lp, left : left + lp])
+        hr_crop = to_tensor(hr[top * s : (top + lp) * s, left * s : (left + lp) * s])
+        return lr_crop, hr_crop
+
+
+def pair_lr_files(hr_paths: Sequence[Path], lr_dir: str | os.PathLike, scale: int) -> list[Path]:
+    """LR file of each HR file: same stem, or the stem plus ``x{scale}`` (DIV2K's ``0001x4.png``).
+
+    Raises:
+        DataError: an HR image has no LR partner (the message names the first few).
+    """
+    lr_files = list_images(lr_dir, "LR folder")
+    by_stem = {p.stem.lower(): p for p in lr_files}
+    pairs, missing = [], []
+    for hr in hr_paths:
+        stem = hr.stem.lower()
+        match = by_stem.get(stem) or by_stem.get(f"{stem}x{scale}") or by_stem.get(f"{stem}_x{scale}")
+        if match is None:
+            missing.append(hr.name)
+        pairs.append(match)
+    if missing:
+        raise DataError(
+            f"{len(missing)} HR image(s) have no LR partner in {str(lr_dir)!r} (looked for the same stem, "
+            f"'<stem>x{scale}' and '<stem>_x{scale}'): {missing[:5]}"
+        )
+    return pairs
+
+
+# ------------------------------------------------------------------------------- sample order
+
+
+class SampleStream(Sampler[SampleKey]):
+    """Endless, seeded, resumable order of samples, sharded over distributed ranks.
+
+    Epoch ``e`` is a permutation of the dataset drawn from ``(seed, e)``, padded to a multiple
+    of ``world_size`` by repeating its head; rank ``r`` takes every ``world_size``-th sample
+    from position ``r``. Each rank's stream is a pure function of (seed, rank, world size):
+    start it at ``start`` samples to resume.
+
+    Args:
+        num_items: dataset length.
+        seed: seed of the permutations.
+        rank: this process's rank.
+        world_size: number of processes.
+        start: samples of this rank's stream to skip (``step * batch_size`` on resume).
+        shuffle: permute each epoch (otherwise dataset order).
+    """
+
+    def __init__(
+        self, num_items: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0, shuffle: bool = True
+    ) -> None:
+        if num_items < 1:
+            raise DataError("The dataset is empty.")
+        self.num_items = num_items
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start = start
+        self.shuffle = shuffle
+        self.per_rank = math.ceil(num_items / world_size)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.num_items)
+        else:
+            order = np.arange(self.num_items)
+        total = self.per_rank * self.world_size
+        if total > self.num_items:
+            order = np.concatenate([order, order[: total - self.num_items]])
+        return order
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        epoch, offset = divmod(self.start, self.per_rank)
+        while True:
+            order = self._epoch_order(epoch)
+            for local in range(offset, self.per_rank):
+                position = local * self.world_size + self.rank
+                yield int(order[position]), epoch, position
+            epoch, offset = epoch + 1, 0
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker set-up: one intra-op thread, and seeded numpy / random for any user code."""
+    import random
+
+    torch.set_num_threads(1)
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(
+    dataset: Dataset, stream: SampleStream, batch_size: int, workers: int, pin_memory: bool = False
+) -> DataLoader:
+    """An endless DataLoader over ``stream`` (batches are consecutive samples of the stream)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=stream,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        worker_init_fn=seed_worker if workers else None,
+        persistent_workers=False,
+        prefetch_factor=2 if workers else None,
+        drop_last=True,
+    )
+
+
+# ------------------------------------------------------------------------------- demo photos
+
+# Colour photos bundled with scikit-image (no download needed); chelsea is held out for samples.
+DEMO_TRAIN = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle")
+DEMO_VAL = ("chelsea",)
+
+
+def _skimage_photo(name: str) -> np.ndarray:
+    from skimage import data
+
+    if name == "motorcycle":
+        image = data.stereo_motorcycle()[0]
+    else:
+        image = getattr(data, name)()
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image[..., :3]).astype(np.uint8)
+
+
+def export_demo_photos(root: str | os.PathLike) -> tuple[Path, Path]:
+    """Write the scikit-image photos as PNG into ``root/train`` and ``root/val``; returns both folders.
+
+    Files already there are kept, so a second run reuses them.
+    """
+    root = Path(root)
+    folders = []
+    for sub, names in (("train", DEMO_TRAIN), ("val", DEMO_VAL)):
+        folder = root / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            target = folder / f"{name}.png"
+            if not target.exists():
+                tmp = folder / f".{name}.tmp-{os.getpid()}.png"
+                save_image(_skimage_photo(name), tmp)
+                os.replace(tmp, target)
+        folders.append(folder)
+    return folders[0], folders[1]
+
+
+def center_crops(
+    paths: Sequence[Path], size: int, scale: int, count: int, downsample: str = "torch"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed (LR, HR) pairs for the sample grid: the centre ``size`` px crop of the first ``count`` images."""
+    size = (size // scale) * scale
+    pairs = []
+    for path in list(paths)[:count]:
+        image = read_image(path)
+        h, w = image.shape[:2]
+        side = min(size, (h // scale) * scale, (w // scale) * scale)
+        top, left = (h - side) // 2, (w - side) // 2
+        hr = to_tensor(image[top : top + side, left : left + side])
+        pairs.append((bicubic_downsample(hr, scale, method=downsample), hr))
+    return pairs

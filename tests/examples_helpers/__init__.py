@@ -1,0 +1,61 @@
+"""Shared pieces of the tests of examples/: import path, tiny images and tiny training runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+
+# Seconds-sized networks and patches; random CLIP / VGG weights (tests never download).
+TINY_ARGS = [
+    "--patch-size", "32", "--batch-size", "2", "--num-feat", "8", "--num-blocks", "1", "--d-width", "8",
+    "--workers", "0", "--extractor-weights", "random", "--vgg-weights", "random", "--perceptual-weight", "0",
+    "--sample-size", "32", "--num-samples", "1", "--sample-every", "0", "--log-every", "1",
+    "--checkpoint-every", "100", "--no-progress", "--cache-images", "--total-steps", "2",
+]  # fmt: skip
+
+
+def photo_crops(count: int = 4, size: int = 48) -> list[np.ndarray]:
+    """``count`` different (size, size, 3) uint8 crops of scikit-image's astronaut photo."""
+    from skimage import data
+
+    image = data.astronaut()
+    step = (image.shape[0] - size) // max(1, count)
+    return [np.ascontiguousarray(image[i * step : i * step + size, i * step : i * step + size]) for i in range(count)]
+
+
+def write_images(folder: Path, images: list[np.ndarray], suffix: str = ".png", names: list[str] | None = None) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"{names[i] if names else f'img{i:02d}'}{suffix}"
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    return paths
+
+
+def hr_folder(tmp_path: Path, count: int = 4, size: int = 48) -> Path:
+    folder = tmp_path / "hr"
+    write_images(folder, photo_crops(count, size))
+    return folder
+
+
+def train(tmp_path: Path, out: str, *extra: str, hr: Path | None = None) -> int:
+    """Run retrofit_esrgan.main in this process with the tiny settings; returns its exit status."""
+    import retrofit_esrgan
+
+    hr = hr or hr_folder_cached(tmp_path)
+    return retrofit_esrgan.main(["--hr-dir", str(hr), "--out", str(tmp_path / out), *TINY_ARGS, *extra])
+
+
+def hr_folder_cached(tmp_path: Path) -> Path:
+    folder = tmp_path / "hr"
+    return folder if folder.exists() else hr_folder(tmp_path)

@@ -1,0 +1,161 @@
+"""Adversarial losses (function == module, known values per kind) and the R1 penalty."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reference_sed as R
+import sed_discriminator as sd
+from conftest import TINY
+from sed_discriminator.losses import LOSS_KINDS
+
+LOG2 = math.log(2.0)
+
+
+def test_kinds() -> None:
+    assert LOSS_KINDS == ("vanilla", "lsgan", "hinge", "ragan")
+
+
+@pytest.mark.parametrize(
+    "kind, g_value, d_value",
+    [("vanilla", LOG2, 2 * LOG2), ("lsgan", 1.0, 1.0), ("hinge", 0.0, 2.0), ("ragan", LOG2, LOG2)],
+)
+def test_zero_logits(kind: str, g_value: float, d_value: float) -> None:
+    zeros = torch.zeros(2, 1, 30, 30)
+    assert sd.generator_loss(zeros, zeros, kind).item() == pytest.approx(g_value, abs=1e-6)
+    assert sd.discriminator_loss(zeros, zeros, kind).item() == pytest.approx(d_value, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "lsgan", "hinge"])
+def test_perfect_discriminator(kind: str) -> None:
+    target_real = {"vanilla": 50.0, "lsgan": 1.0, "hinge": 1.0}[kind]
+    target_fake = {"vanilla": -50.0, "lsgan": 0.0, "hinge": -1.0}[kind]
+    real, fake = torch.full((4, 1, 8, 8), target_real), torch.full((4, 1, 8, 8), target_fake)
+    assert sd.discriminator_loss(real, fake, kind).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_formulas_on_random_logits() -> None:
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(3, 1, 6, 6, generator=g) * 2, torch.randn(3, 1, 6, 6, generator=g) * 2
+    sp = F.softplus  # BCE-with-logits(x, 1) = softplus(-x), (x, 0) = softplus(x)
+    expected = {
+        "vanilla": (sp(-fake).mean(), sp(-real).mean() + sp(fake).mean()),
+        "lsgan": ((fake - 1).pow(2).mean(), (real - 1).pow(2).mean() + fake.pow(2).mean()),
+        "hinge": (-fake.mean(), F.relu(1 - real).mean() + F.relu(1 + fake).mean()),
+        "ragan": (
+            0.5 * (sp(real - fake.mean()).mean() + sp(-(fake - real.mean())).mean()),
+            0.5 * (sp(-(real - fake.mean())).mean() + sp(fake - real.mean()).mean()),
+        ),
+    }
+    for kind, (g_loss, d_loss) in expected.items():
+        torch.testing.assert_close(sd.generator_loss(fake, real, kind), g_loss)
+        torch.testing.assert_close(sd.discriminator_loss(real, fake, kind), d_loss)
+        torch.testing.assert_close(sd.generator_loss(fake, real, kind, weight=0.01), 0.01 * g_loss)
+        torch.testing.assert_close(sd.discriminator_loss(real, fake, kind, weight=3.0), 3.0 * d_loss)
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_module_equals_function(kind: str) -> None:
+    real, fake = torch.randn(2, 1, 5, 5), torch.randn(2, 1, 5, 5)
+    g_mod, d_mod = sd.GeneratorLoss(kind, weight=0.5), sd.DiscriminatorLoss(kind, weight=2.0)
+    torch.testing.assert_close(g_mod(fake, real), sd.generator_loss(fake, real, kind, 0.5), atol=0, rtol=0)
+    torch.testing.assert_close(d_mod(real, fake), sd.discriminator_loss(real, fake, kind, 2.0), atol=0, rtol=0)
+    assert f"kind='{kind}'" in repr(g_mod) and "weight=2.0" in repr(d_mod)
+
+
+def test_ragan_needs_real_logits() -> None:
+    with pytest.raises(ValueError, match=r"The 'ragan' generator loss needs real_logits, the discriminator's output on real images"):
+        sd.generator_loss(torch.zeros(2, 1, 4, 4), kind="ragan")
+    with pytest.raises(ValueError, match="needs real_logits"):
+        sd.GeneratorLoss("ragan")(torch.zeros(2, 1, 4, 4))
+
+
+def test_unknown_kind() -> None:
+    message = r"Unknown GAN loss kind 'wgan'; choose one of \('vanilla', 'lsgan', 'hinge', 'ragan'\)"
+    for call in (
+        lambda: sd.generator_loss(torch.zeros(1), kind="wgan"),
+        lambda: sd.discriminator_loss(torch.zeros(1), torch.zeros(1), kind="wgan"),
+        lambda: sd.GeneratorLoss("wgan"),
+        lambda: sd.DiscriminatorLoss("wgan"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_ragan_generator_loss_detaches_real() -> None:
+    real = torch.randn(2, 1, 4, 4, requires_grad=True)
+    fake = torch.randn(2, 1, 4, 4, requires_grad=True)
+    sd.generator_loss(fake, real, "ragan").backward()
+    assert real.grad is None and fake.grad is not None
+
+
+# -- R1 ----------------------------------------------------------------------------------------
+
+
+def _model(variant: str = "patch") -> sd.SeD:
+    """A tiny SeD with non-trivial weights whose spectral norms have caught up with them."""
+    model = R.perturb_(sd.SeD(variant, **TINY), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for _ in range(15):  # one power iteration per training forward
+            model(torch.rand(1, 3, 32, 32), torch.randn(1, TINY["semantic_channels"], 2, 2))
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", ["patch", "pixel"])
+def test_r1_penalty_with_fused_attention_matches_math_path(variant: str) -> None:
+    fused = _model(variant).set_fused_attn(True)
+    math_model = copy.deepcopy(fused).set_fused_attn(False)
+    x, s = torch.rand(2, 3, 64, 64), torch.randn(2, TINY["semantic_channels"], 4, 4)
+    penalties, grads = [], []
+    for model in (fused, math_model):
+        penalty = sd.r1_penalty(model, x, s)
+        penalty.backward()  # double backward through D
+        penalties.append(penalty.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert penalties[0].item() > 0
+    torch.testing.assert_close(penalties[0], penalties[1], atol=1e-6, rtol=1e-5)
+    # Only the last conv's bias cannot influence d D / d x; every other parameter gets a gradient.
+    last_bias = "conv_last.bias" if variant == "patch" else "conv9.bias"
+    assert [n for n, g in grads[0].items() if g is None] == [last_bias]
+    assert [n for n, g in grads[1].items() if g is None] == [last_bias]
+    for name, a in grads[0].items():
+        if a is not None:
+            b = grads[1][name]
+            # float32 sums of large second-order terms in a different order: relative to the tensor's scale
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max(), name
+    assert x.grad is None  # a detached copy of the real batch is differentiated
+
+
+def test_r1_penalty_formula() -> None:
+    model = _model().set_fused_attn(False)
+    x, s = torch.rand(2, 3, 64, 64), torch.randn(2, TINY["semantic_channels"], 4, 4)
+    x_ = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(model(x_, s).sum(), x_)
+    expected = grad.pow(2).flatten(1).sum(1).mean()
+    torch.testing.assert_close(sd.r1_penalty(model, x, s), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_plain_double_backward_through_fused_cpu_kernel_raises() -> None:
+    """Documents why r1_penalty switches to the math backend: the fused CPU SDPA kernel has no
+    double backward, so a hand-written R1 on the fused path fails at the second backward."""
+    model = _model().set_fused_attn(True)
+    x = torch.rand(2, 3, 64, 64, requires_grad=True)
+    out = model(x, torch.randn(2, TINY["semantic_channels"], 4, 4))
+    (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"derivative for .*scaled_dot_product.* is not implemented"):
+        grad.pow(2).sum().backward()
+
+
+def test_math_attention_context_enables_double_backward() -> None:
+    model = _model().set_fused_attn(True)
+    x = torch.rand(1, 3, 64, 64, requires_grad=True)
+    with sd.math_attention():
+        out = model(x, torch.randn(1, TINY["semantic_channels"], 4, 4))
+    (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    grad.pow(2).sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n != "conv_last.bias")

@@ -1,0 +1,304 @@
+"""Performance features keep the reference behaviour (CPU).
+
+- R1 / double backward works with the fused attention path switched on (the penalty's
+  forward falls back to the math backend, which has a double backward).
+- In-place activations, channels_last models and the token layout of SeFB give the same
+  numbers as the default path.
+- ``SeDAdversary(batch_real_fake=True)`` equals the two reference calls in eval mode, and in
+  training mode is exactly "one power iteration, then both batches with the same weights".
+- The HR semantics are computed once per step.
+- The benchmark scripts start, plan and measure (tiny sizes; no timing is asserted).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sed_discriminator as sd
+from sed_discriminator import SeD, SeDAdversary, SemanticExtractor
+from sed_discriminator.attention import Attention
+from sed_discriminator.extractor import CLIPResNetTrunk, ExtractorPreset, register_extractor
+from sed_discriminator.sefb import _to_tokens
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+
+TINY = dict(width=8, semantic_channels=64, head_dim=8)
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench_sed.py"
+
+
+def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Seeded noise on every parameter, so no weight keeps a trivial (zero / unit) value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            std = 1.0 / math.sqrt(p[0].numel()) if p.ndim >= 2 else 0.1
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return model
+
+
+def tiny_sed(variant: str, fused: bool = True) -> SeD:
+    torch.manual_seed(0)
+    return perturbed(SeD(variant, **TINY)).set_fused_attn(fused)
+
+
+def inputs(batch: int = 2, size: int = 64, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    side = size // 16
+    return torch.rand(batch, 3, size, size, generator=g), torch.randn(batch, 64, side, side, generator=g)
+
+
+@pytest.fixture(scope="module")
+def tiny_extractor() -> SemanticExtractor:
+    register_extractor(
+        ExtractorPreset(name="_perf_tiny", channels=64, stride=16, build=lambda: CLIPResNetTrunk((1, 1, 1), width=4)),
+        overwrite=True,
+    )
+    return SemanticExtractor("_perf_tiny", pretrained=None)
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
+    bound = rel * max(1.0, expected.abs().max().item())
+    diff = (actual - expected).abs().max().item()
+    assert diff <= bound, f"max abs diff {diff:.3g} > {bound:.3g}"
+
+
+# -- R1 / double backward with the fused path on -------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["patch", "pixel"])
+def test_r1_penalty_with_fused_path_equals_math_path(variant: str) -> None:
+    fused = tiny_sed(variant, fused=True).train()
+    plain = copy.deepcopy(fused).set_fused_attn(False)
+    assert all(m.fused_attn for m in fused.modules() if isinstance(m, Attention))
+    x, s = inputs()
+    results = []
+    for model in (fused, plain):
+        penalty = sd.r1_penalty(model, x, s)
+        penalty.backward()
+        assert torch.isfinite(penalty)
+        results.append((penalty.detach(), [p.grad.clone() for p in model.parameters()]))
+    (p1, g1), (p2, g2) = results
+    assert_close_scaled(p1, p2, 1e-5)
+    for a, b in zip(g1, g2):
+        assert_close_scaled(a, b, 1e-4)
+    # The fused switch is untouched by the penalty's math fallback.
+    assert all(m.fused_attn for m in fused.modules() if isinstance(m, Attention))
+
+
+def test_adversary_r1_penalty_with_fused_path(tiny_extractor: SemanticExtractor) -> None:
+    adversary = SeDAdversary(tiny_sed("patch", fused=True), tiny_extractor)
+    hr, _ = inputs()
+    penalty = adversary.r1_penalty(hr)
+    penalty.backward()
+    grads = [p.grad for p in adversary.discriminator.parameters()]
+    assert torch.isfinite(penalty) and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_gradgradcheck_through_inplace_activations() -> None:
+    """Double backward through the in-place LReLUs and the fused modules (math backend), float64."""
+    model = tiny_sed("pixel", fused=True).double().eval()
+    x, s = inputs(batch=1, size=32)
+    x, s = x.double().requires_grad_(True), s.double()
+
+    def f(inp: torch.Tensor) -> torch.Tensor:
+        with sd.math_attention():
+            return model(inp, s)
+
+    assert torch.autograd.gradgradcheck(f, (x,), fast_mode=True)
+
+
+# -- same numbers as the default path --------------------------------------------------------------
+
+
+def test_tokens_are_free_views_in_both_layouts() -> None:
+    x = torch.randn(2, 6, 3, 5)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    expected = x.flatten(2).transpose(1, 2)
+    for t in (_to_tokens(x), _to_tokens(cl)):
+        assert torch.equal(t, expected)
+    assert _to_tokens(cl).is_contiguous() and _to_tokens(cl).data_ptr() == cl.data_ptr()
+
+
+@pytest.mark.parametrize("variant", ["patch", "pixel"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "math"])
+def test_channels_last_model_matches_default(variant: str, fused: bool) -> None:
+    base = tiny_sed(variant, fused).eval()
+    cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
+    x, s = inputs()
+    outs = []
+    for model, image in ((base, x), (cl, x.contiguous(memory_format=torch.channels_last))):
+        image = image.clone().requires_grad_(True)
+        out = model(image, s)
+        out.square().mean().backward()
+        outs.append((out.detach(), image.grad, [p.grad for p in model.parameters()]))
+    (o1, gx1, gp1), (o2, gx2, gp2) = outs
+    assert_close_scaled(o2, o1, 1e-5)
+    assert_close_scaled(gx2, gx1, 1e-5)
+    for a, b in zip(gp2, gp1):
+        assert_close_scaled(a, b, 1e-4)
+    assert sorted(cl.state_dict()) == sorted(base.state_dict())
+
+
+def test_forward_leaves_inputs_untouched() -> None:
+    """The in-place activations only ever touch fresh convolution outputs."""
+    model = tiny_sed("pixel").train()
+    x, s = inputs()
+    x0, s0 = x.clone(), s.clone()
+    model(x, s).mean().backward()
+    assert torch.equal(x, x0) and torch.equal(s, s0)
+
+
+# -- batched real + fake -------------------------------------------------------------------------
+
+
+def _adversaries(extractor: SemanticExtractor, variant: str):
+    d = tiny_sed(variant)
+    return SeDAdversary(d, extractor), SeDAdversary(copy.deepcopy(d), extractor, batch_real_fake=True)
+
+
+@pytest.mark.parametrize("variant", ["patch", "pixel"])
+@pytest.mark.parametrize("loss", ["vanilla", "ragan"])
+def test_batched_real_fake_equals_two_calls_in_eval_mode(tiny_extractor, variant: str, loss: str) -> None:
+    two, one = _adversaries(tiny_extractor, variant)
+    two.loss = one.loss = loss
+    two.eval(), one.eval()
+    hr, _ = inputs(seed=2)
+    sr, _ = inputs(seed=3)
+    results = []
+    for adversary in (two, one):
+        value = adversary.discriminator_loss(sr, hr)
+        value.backward()
+        results.append((value.detach(), [p.grad for p in adversary.discriminator.parameters()]))
+    (l1, g1), (l2, g2) = results
+    assert_close_scaled(l2, l1, 1e-6)
+    for a, b in zip(g2, g1):
+        assert_close_scaled(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("variant", ["patch", "pixel"])
+def test_batched_real_fake_in_training_is_one_power_iteration(tiny_extractor, variant: str) -> None:
+    """Training mode: the batched call = one SN power iteration, then real and fake with those weights.
+
+    The reference's two calls make two iterations (the fake call sees weights one iteration on).
+    """
+    two, one = _adversaries(tiny_extractor, variant)
+    twin = copy.deepcopy(one.discriminator)
+    hr, _ = inputs(seed=2)
+    sr, _ = inputs(seed=3)
+    semantic = tiny_extractor(hr)
+    batched = one.train().discriminator_loss(sr, hr)
+
+    twin.train()
+    with torch.no_grad():
+        twin(hr[:1], semantic[:1])  # exactly one power iteration
+    twin.eval()
+    expected = sd.discriminator_loss(twin(hr, semantic), twin(sr, semantic))
+    assert_close_scaled(batched.detach(), expected.detach(), 1e-6)
+
+    reference = two.train().discriminator_loss(sr, hr)
+    u_two = [b for n, b in two.discriminator.named_buffers() if n.endswith("_u")]
+    u_one = [b for n, b in one.discriminator.named_buffers() if n.endswith("_u")]
+    assert torch.isfinite(reference)
+    assert any(not torch.equal(a, b) for a, b in zip(u_two, u_one)), "two calls must run two power iterations"
+
+
+def test_batched_real_fake_default_is_off(tiny_extractor) -> None:
+    adversary = SeDAdversary(tiny_sed("patch"), tiny_extractor)
+    assert adversary.batch_real_fake is False
+    calls = []
+    adversary.discriminator.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    hr, _ = inputs(seed=2)
+    sr, _ = inputs(seed=3)
+    adversary.discriminator_loss(sr, hr)
+    assert calls == [2, 2]
+    adversary.batch_real_fake = True
+    calls.clear()
+    adversary.discriminator_loss(sr, hr)
+    assert calls == [4]
+
+
+def test_semantics_computed_once_per_step(tiny_extractor) -> None:
+    adversary = SeDAdversary(tiny_sed("patch"), tiny_extractor)
+    calls = []
+    handle = tiny_extractor.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        hr, _ = inputs(seed=2)
+        sr, _ = inputs(seed=3)
+        adversary.generator_loss(sr, hr)
+        adversary.discriminator_loss(sr, hr)
+        adversary.r1_penalty(hr)
+        assert len(calls) == 1
+        adversary.discriminator_loss(sr, hr.clone())  # a new HR batch: computed again
+        assert len(calls) == 2
+    finally:
+        handle.remove()
+
+
+def test_extractor_output_has_no_graph(tiny_extractor) -> None:
+    x, _ = inputs()
+    out = tiny_extractor(x.requires_grad_(True))
+    assert not out.requires_grad and out.grad_fn is None
+
+
+# -- benchmark scripts ---------------------------------------------------------------------------
+
+
+def _bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_benchmark_help_and_dry_run() -> None:
+    proc = _bench("--help")
+    assert proc.returncode == 0 and "--quick" in proc.stdout
+    proc = _bench("--dry-run", "--quick")
+    assert proc.returncode == 0, proc.stderr
+    assert "(baseline)" in proc.stdout and "configurations" in proc.stdout
+    proc = _bench("--dry-run", "--device", "cuda", "--suites", "gpu", "--batch", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert "step pixel 1024 b8" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def harness():
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import _harness
+
+        yield _harness
+    finally:
+        sys.path.remove(str(BENCH.parent))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(kind="disc", variant="pixel", size=32),
+        dict(kind="disc", variant="patch", size=32, path="math", dtype="bf16", layout="cl"),
+        dict(kind="sefb", variant="pixel", level="att1", size=64),
+        dict(kind="step", variant="patch", size=32, semantics="per_call", extractor_mode="inference"),
+        dict(kind="step", variant="pixel", size=32, batched=True),
+        dict(kind="extractor", size=32, layout="cl"),
+    ],
+    ids=["disc", "disc-math-bf16-cl", "sefb", "step-per-call", "step-batched", "extractor"],
+)
+def test_benchmark_harness_measures_tiny_configs(harness, cfg: dict) -> None:
+    result = harness.measure({**cfg, "tiny": True, "batch": 2, "warmup": 1, "repeats": 1})
+    assert len(result["times"]) == 1 and result["time"] > 0 and isinstance(result["peak"], (int, float))
+    assert set(result) >= {"times", "cpu_times", "time", "cpu_time", "first", "peak", "peak_abs", "peak_method"}
+
+
+def test_gpu_check_script_is_valid_bash() -> None:
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert script.exists()
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0

@@ -1,0 +1,165 @@
+"""SeFB, the semantic-aware fusion block: smoke, shapes, errors, reference parity, fused == math, gradcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reference_sed as R
+from sed_discriminator import SeFB
+from sed_discriminator.sefb import semantic_grid_size
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+
+CS = 64  # semantic channels of the tiny blocks
+
+
+def tiny_block(fused: bool = True, heads: int = 1, head_dim: int = 8, upscale: int = 2, kernel: int = 3, cf: int = 12):
+    block = SeFB(cf, upscale, semantic_channels=CS, heads=heads, head_dim=head_dim, conv_out_kernel=kernel)
+    block.set_fused_attn(fused)
+    return block
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    return R.perturb_(module, torch.Generator().manual_seed(seed))
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5, msg: str = "") -> None:
+    """max |actual - expected| <= rel * max(1, max |expected|): float32 sums of large gradients."""
+    bound = rel * max(1.0, expected.abs().max().item())
+    diff = (actual - expected).abs().max().item()
+    assert diff <= bound, f"{msg}: max abs diff {diff:.3g} > {bound:.3g}"
+
+
+def test_smoke_shape_and_output_channels() -> None:
+    block = tiny_block(upscale=2)
+    out = block(torch.randn(2, CS, 4, 4), torch.randn(2, 12, 8, 8))
+    assert out.shape == (2, CS // 4, 8, 8)
+    assert block.out_channels == CS // 4
+
+
+def test_last_level_4x4_conv_out_lands_on_31() -> None:
+    """Spec: the patch D's last SeFB maps a 16x16 grid with u=2 to 32x32 and its 4x4 conv_out to 31x31."""
+    block = tiny_block(upscale=2, kernel=4)
+    assert block.conv_out.kernel_size == (4, 4)
+    out = block(torch.randn(1, CS, 16, 16), torch.randn(1, 12, 31, 31))
+    assert out.shape == (1, CS // 4, 31, 31)
+    assert semantic_grid_size((31, 31), 2, shrink=1) == (16, 16)
+
+
+def test_zero_initialised_proj_out_gives_conv_out_bias() -> None:
+    """proj_out starts at zero (spec), so a fresh block outputs conv_out's bias everywhere."""
+    block = tiny_block()
+    assert torch.count_nonzero(block.proj_out.weight) == 0 and torch.count_nonzero(block.proj_out.bias) == 0
+    out = block(torch.randn(2, CS, 4, 4), torch.randn(2, 12, 8, 8))
+    expected = block.conv_out.bias.view(1, -1, 1, 1).expand_as(out)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "math"])
+@pytest.mark.parametrize("heads, head_dim", [(1, 8), (2, 8), (1, 40)])
+@pytest.mark.parametrize("upscale, kernel", [(2, 3), (4, 3), (2, 4)])
+def test_matches_reference_block(upscale: int, kernel: int, heads: int, head_dim: int, fused: bool) -> None:
+    ref = randomize_(R.RefSeFB(12, upscale, CS, heads, head_dim, last=kernel == 4))
+    block = tiny_block(fused, heads, head_dim, upscale, kernel)
+    block.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, CS, 3, 5, generator=g)
+    f = torch.randn(2, 12, 3 * upscale - (kernel - 3), 5 * upscale - (kernel - 3), generator=g)
+    torch.testing.assert_close(block(s, f), ref(s, f), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("heads, head_dim", [(1, 32), (2, 40), (1, 64)])
+def test_fused_equals_math_outputs_and_grads(heads: int, head_dim: int) -> None:
+    block = randomize_(tiny_block(True, heads, head_dim))
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(2, CS, 4, 4, generator=g)
+    # Non-contiguous features: a transposed view.
+    f = torch.randn(2, 12, 8, 8, generator=g).transpose(-1, -2)
+    assert not f.is_contiguous()
+    results = []
+    for fused in (True, False):
+        block.set_fused_attn(fused)
+        block.zero_grad()
+        s_, f_ = s.clone().requires_grad_(), f.detach().clone().requires_grad_()
+        out = block(s_, f_)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), s_.grad, f_.grad, {n: p.grad.clone() for n, p in block.named_parameters()}))
+    (o1, gs1, gf1, gp1), (o2, gs2, gf2, gp2) = results
+    torch.testing.assert_close(o1, o2, atol=1e-5, rtol=1e-5)
+    assert_close_scaled(gs1, gs2, msg="semantic grad")
+    assert_close_scaled(gf1, gf2, msg="feature grad")
+    for name in gp1:
+        assert_close_scaled(gp1[name], gp2[name], msg=name)
+
+
+def test_return_attention_sums_to_one_and_keeps_output() -> None:
+    block = randomize_(tiny_block(True, heads=2))
+    s, f = torch.randn(3, CS, 4, 3), torch.randn(3, 12, 8, 6)
+    out, attn = block(s, f, return_attention=True)
+    assert attn.shape == (3, 2, 4 * 3, 8 * 6)
+    assert (attn >= 0).all()
+    torch.testing.assert_close(attn.sum(-1), torch.ones(3, 2, 12), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, block(s, f), atol=1e-5, rtol=1e-5)
+
+
+def test_semantic_grid_is_resampled_bilinear_antialiased() -> None:
+    block = randomize_(tiny_block(upscale=2))
+    f = torch.randn(2, 12, 8, 8)
+    big = torch.randn(2, CS, 11, 7)
+    needed = semantic_grid_size((8, 8), 2)
+    assert needed == (4, 4)
+    resampled = F.interpolate(big, size=needed, mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(block(big, f), block(resampled, f), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("feature_size", [(7, 7), (9, 5), (1, 1)])
+def test_odd_feature_sizes_are_covered_then_cropped(feature_size: tuple[int, int]) -> None:
+    block = randomize_(tiny_block(upscale=2))
+    out = block(torch.randn(1, CS, 2, 2), torch.randn(1, 12, *feature_size))
+    assert out.shape == (1, CS // 4, *feature_size)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "size, upscale, shrink, expected", [((64, 64), 4, 0, (16, 16)), ((31, 31), 2, 1, (16, 16)), ((25, 13), 2, 0, (13, 7))]
+)
+def test_semantic_grid_size(size, upscale, shrink, expected) -> None:
+    assert semantic_grid_size(size, upscale, shrink) == expected
+
+
+def test_exceptions() -> None:
+    with pytest.raises(ValueError, match="must be a multiple of 32"):
+        SeFB(8, 2, semantic_channels=48)
+    with pytest.raises(ValueError, match=r"not divisible by upscale\^2=64"):
+        SeFB(8, 8, semantic_channels=32)
+    with pytest.raises(ValueError, match="conv_out_kernel must be 3 or 4, got 5"):
+        SeFB(8, 2, semantic_channels=64, conv_out_kernel=5)
+
+
+def test_set_fused_attn_reaches_both_attentions() -> None:
+    block = tiny_block(True)
+    block.set_fused_attn(False)
+    attns = [block.transformer_blocks[0].attn1, block.transformer_blocks[0].attn2]
+    assert [a.fused_attn for a in attns] == [False, False]
+    block.set_fused_attn(True)
+    assert [a.fused_attn for a in attns] == [True, True]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "math"])
+def test_gradcheck_float64(fused: bool) -> None:
+    block = randomize_(SeFB(4, 2, semantic_channels=32, heads=1, head_dim=4)).double()
+    block.set_fused_attn(fused)
+    s = torch.randn(1, 32, 2, 2, dtype=torch.float64, requires_grad=True)
+    f = torch.randn(1, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(block, (s, f), fast_mode=True)
+
+
+def test_gradgradcheck_math_path_float64() -> None:
+    """Double backward (needed by R1) works on the math path."""
+    block = randomize_(SeFB(4, 2, semantic_channels=32, heads=1, head_dim=4)).double()
+    block.set_fused_attn(False)
+    s = torch.randn(1, 32, 2, 2, dtype=torch.float64)
+    f = torch.randn(1, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda f: block(s, f), (f,), fast_mode=True)

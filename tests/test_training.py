@@ -1,0 +1,259 @@
+"""SeDAdversary and ConditionedSeD: semantics caching, G/D steps, the frozen extractor, serialisation."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import sed_discriminator as sd
+
+SIZES = dict(width=8, head_dim=8)  # semantic_channels follows the extractor (1024 for clip_rn50)
+
+
+@pytest.fixture(scope="module")
+def extractor() -> sd.SemanticExtractor:
+    with pytest.warns(UserWarning, match="RANDOM"):
+        return sd.SemanticExtractor("clip_rn50", pretrained=None)
+
+
+@pytest.fixture
+def counted(extractor):
+    """The shared extractor, with a call counter."""
+    calls = []
+    handle = extractor.register_forward_hook(lambda m, args, out: calls.append(args[0]))
+    yield extractor, calls
+    handle.remove()
+
+
+def batch(seed: int = 0, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(2, 3, size, size, generator=g), torch.rand(2, 3, size, size, generator=g)
+
+
+def adversary(extractor, variant: str = "patch", **kwargs) -> sd.SeDAdversary:
+    return sd.SeDAdversary(sd.SeD(variant, semantic_channels=extractor.channels, **SIZES), extractor, **kwargs)
+
+
+def bn_stats(ext: sd.SemanticExtractor) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in ext.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+# -- SeDAdversary ------------------------------------------------------------------------------
+
+
+def test_semantics_computed_once_per_hr_tensor(counted) -> None:
+    ext, calls = counted
+    adv = adversary(ext)
+    sr, hr = batch()
+    adv.generator_loss(sr, hr)
+    adv.discriminator_loss(sr, hr)
+    adv(sr, hr)
+    assert len(calls) == 1 and calls[0] is hr
+    hr2 = hr.clone()
+    adv.discriminator_loss(sr, hr2)
+    assert len(calls) == 2
+    hr2.mul_(0.5)  # modified in place: recomputed
+    adv.discriminator_loss(sr, hr2)
+    assert len(calls) == 3
+    torch.testing.assert_close(adv.semantics(hr2), ext(hr2))
+
+
+@pytest.mark.parametrize("variant", ["patch", "pixel"])
+def test_generator_step_leaves_d_without_gradients(extractor, variant: str) -> None:
+    adv = adversary(extractor, variant, weight=0.01)
+    d_params = list(adv.discriminator.parameters())
+    generator = nn.Conv2d(3, 3, 3, padding=1)
+    lr, hr = batch()
+    sr = generator(lr)
+    loss = adv.generator_loss(sr, hr)
+    loss.backward()
+    assert all(p.grad is None for p in d_params)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in generator.parameters())
+    assert all(p.requires_grad for p in d_params)  # restored after the call
+    semantic = adv.semantics(hr)
+    expected = 0.01 * nn.functional.softplus(-adv.discriminator(sr.detach(), semantic)).mean()
+    torch.testing.assert_close(loss.detach(), expected.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_generator_step_restores_requires_grad_after_an_error(extractor) -> None:
+    adv = adversary(extractor)
+    sr, hr = batch()
+    with pytest.raises(ValueError, match="needs images of at least 32x32"):
+        adv.generator_loss(sr[..., :16, :16], hr)
+    assert all(p.requires_grad for p in adv.discriminator.parameters())
+
+
+@pytest.mark.parametrize("variant", ["patch", "pixel"])
+def test_discriminator_step_gives_every_d_parameter_a_gradient(extractor, variant: str) -> None:
+    adv = adversary(extractor, variant)
+    generator = nn.Conv2d(3, 3, 3, padding=1)
+    lr, hr = batch()
+    sr = generator(lr)
+    loss = adv.discriminator_loss(sr, hr)
+    loss.backward()
+    missing = [n for n, p in adv.discriminator.named_parameters() if p.grad is None]
+    assert not missing
+    assert all(p.grad is None for p in generator.parameters())  # fake is detached
+    assert all(p.grad is None for p in extractor.parameters())
+    assert loss.item() > 0 and torch.isfinite(loss)
+
+
+def test_ragan_generator_loss_and_forward_pair(extractor) -> None:
+    adv = adversary(extractor, loss="ragan")
+    sr, hr = batch()
+    sr.requires_grad_()
+    g_loss, d_loss = adv(sr, hr)
+    g_loss.backward()
+    assert sr.grad is not None and all(p.grad is None for p in adv.discriminator.parameters())
+    assert d_loss.ndim == 0 and torch.isfinite(d_loss)
+
+
+def test_adversary_r1_penalty(extractor) -> None:
+    adv = adversary(extractor)
+    _, hr = batch()
+    penalty = adv.r1_penalty(hr)
+    penalty.backward()
+    assert penalty.item() >= 0 and adv.discriminator.conv1.parametrizations.weight.original.grad is not None
+
+
+def test_extractor_outside_module_tree(extractor) -> None:
+    adv = adversary(extractor)
+    d_keys = set(adv.discriminator.state_dict())
+    assert {k.removeprefix("discriminator.") for k in adv.state_dict()} == d_keys
+    ext_ids = {id(p) for p in extractor.parameters()}
+    assert not ext_ids & {id(p) for p in adv.parameters()}
+    assert "extractor" not in dict(adv.named_children())
+    assert adv.extractor is extractor
+
+
+def test_train_step_keeps_extractor_frozen(extractor) -> None:
+    adv = adversary(extractor).train()
+    assert not any(m.training for m in extractor.modules())
+    before = bn_stats(extractor)
+    weights = {k: v.clone() for k, v in extractor.state_dict().items()}
+    opt = torch.optim.Adam(adv.parameters(), lr=1e-2)
+    sr, hr = batch()
+    for _ in range(2):
+        opt.zero_grad()
+        adv.discriminator_loss(sr, torch.rand_like(hr)).backward()
+        opt.step()
+    assert all(torch.equal(v, bn_stats(extractor)[k]) for k, v in before.items())
+    assert all(torch.equal(v, extractor.state_dict()[k]) for k, v in weights.items())
+
+
+def test_adversary_constructor_errors(extractor) -> None:
+    with pytest.raises(ValueError, match=r"Unknown GAN loss kind 'wgan'"):
+        sd.SeDAdversary(sd.SeD("patch", **SIZES), extractor, loss="wgan")
+    with pytest.raises(TypeError, match="extractor must be a SemanticExtractor or a preset name, got int"):
+        sd.SeDAdversary(sd.SeD("patch", **SIZES), 3)
+
+
+def test_adversary_builds_sed_from_variant_name(extractor) -> None:
+    adv = sd.SeDAdversary("pixel", extractor)
+    assert isinstance(adv.discriminator, sd.SeD) and adv.discriminator.variant == "pixel"
+    assert adv.discriminator.semantic_channels == extractor.channels
+
+
+# -- ConditionedSeD ----------------------------------------------------------------------------
+
+
+def conditioned(extractor, variant: str = "patch", **kwargs) -> sd.ConditionedSeD:
+    return sd.ConditionedSeD(variant, extractor, **SIZES, **kwargs)
+
+
+def test_conditioned_requires_a_condition(extractor) -> None:
+    net_d = conditioned(extractor)
+    with pytest.raises(RuntimeError, match=r"ConditionedSeD has no condition: call net_d\.set_condition\(gt\) with the HR batch"):
+        net_d(torch.rand(2, 3, 32, 32))
+    net_d.set_condition(torch.rand(2, 3, 32, 32))
+    net_d(torch.rand(2, 3, 32, 32))
+    net_d.clear_condition()
+    with pytest.raises(RuntimeError, match="has no condition"):
+        net_d(torch.rand(2, 3, 32, 32))
+
+
+def test_conditioned_equals_sed_with_hr_semantics(counted) -> None:
+    ext, calls = counted
+    net_d = conditioned(ext).eval()
+    sr, hr = batch()
+    net_d.set_condition(hr)
+    out_fake, out_real = net_d(sr), net_d(hr)
+    assert len(calls) == 1
+    semantic = ext(hr)
+    torch.testing.assert_close(out_fake, sd.SeD.forward(net_d, sr, semantic))
+    torch.testing.assert_close(out_real, sd.SeD.forward(net_d, hr, semantic))
+    other = torch.randn_like(semantic)
+    torch.testing.assert_close(net_d(sr, other), sd.SeD.forward(net_d, sr, other))  # explicit semantic wins
+
+
+def test_conditioned_semantic_source_input(extractor) -> None:
+    net_d = conditioned(extractor, semantic_source="input").eval()
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(net_d(x), sd.SeD.forward(net_d, x, extractor(x)))
+    with pytest.raises(ValueError, match="semantic_source must be 'condition' or 'input', got 'hr'"):
+        conditioned(extractor, semantic_source="hr")
+
+
+@pytest.mark.parametrize("variant", ["patch", "pixel"])
+def test_conditioned_state_dict_equals_sed(extractor, variant: str) -> None:
+    net_d = conditioned(extractor, variant)
+    plain = sd.SeD(variant, semantic_channels=1024, **SIZES)
+    assert list(net_d.state_dict()) == list(plain.state_dict())
+    assert sum(p.numel() for p in net_d.parameters()) == sum(p.numel() for p in plain.parameters())
+    sd.load_official_weights(net_d, plain.state_dict())
+    plain.load_state_dict(net_d.state_dict(), strict=True)
+
+
+def test_conditioned_train_step_and_frozen_extractor(extractor) -> None:
+    net_d = conditioned(extractor).train()
+    assert not extractor.training
+    before = bn_stats(extractor)
+    opt = torch.optim.Adam(net_d.parameters(), lr=1e-2)
+    sr, hr = batch()
+    net_d.set_condition(hr)
+    loss = nn.functional.softplus(-net_d(hr)).mean() + nn.functional.softplus(net_d(sr)).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in net_d.parameters())
+    opt.step()
+    assert all(torch.equal(v, bn_stats(extractor)[k]) for k, v in before.items())
+
+
+def test_to_dtype_moves_the_extractor_along(extractor) -> None:
+    net_d = conditioned(copy.deepcopy(extractor)).to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in net_d.extractor.parameters())
+    assert net_d.extractor.mean.dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in net_d.parameters())
+    u = net_d.conv1.parametrizations.weight[0]._u
+    assert u.dtype == torch.float64
+    x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    net_d.set_condition(x)
+    assert net_d(x).dtype == torch.float64
+
+    adv = sd.SeDAdversary(sd.SeD("patch", semantic_channels=1024, **SIZES), copy.deepcopy(extractor)).to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in adv.extractor.parameters())
+
+
+def test_conditioned_deepcopy_and_pickle(extractor) -> None:
+    net_d = conditioned(extractor)
+    sr, hr = batch()
+    net_d.set_condition(hr)
+    net_d(sr).mean().backward()
+    net_d.eval()
+    for clone in (copy.deepcopy(net_d), pickle.loads(pickle.dumps(net_d))):
+        assert type(clone) is sd.ConditionedSeD and clone.semantic_source == "condition"
+        assert list(clone.state_dict()) == list(net_d.state_dict())
+        assert all(torch.equal(a, b) for a, b in zip(clone.state_dict().values(), net_d.state_dict().values()))
+        torch.testing.assert_close(clone(sr), net_d(sr), atol=0, rtol=0)  # the condition travels too
+        clone.set_condition(sr)
+        torch.testing.assert_close(clone(sr), sd.SeD.forward(net_d, sr, extractor(sr)), atol=0, rtol=0)
+
+
+def test_adversary_deepcopy(extractor) -> None:
+    adv = adversary(extractor)
+    clone = copy.deepcopy(adv)
+    sr, hr = batch()
+    torch.testing.assert_close(clone.discriminator_loss(sr, hr), adv.discriminator_loss(sr, hr))
