@@ -345,7 +345,12 @@ def measure(cfg: dict) -> dict:
         peak_abs = max_rss_bytes()
         peak = peak_abs - base
         method = "ru_maxrss - rss after build"
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = None
     return {
+        "load": load,
         "times": times,
         "cpu_times": cpu_times,
         "time": statistics.median(times) if times else math.nan,

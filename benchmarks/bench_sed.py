@@ -183,6 +183,7 @@ def _merge(results: list[dict]) -> dict:
         peak_abs=statistics.median(r["peak_abs"] for r in good),
         first=min((r["first"] for r in good if r.get("first") is not None), default=None),
         rounds=len(good),
+        load=max((r["load"] for r in good if r.get("load") is not None), default=None),
     )
     return merged
 
@@ -241,7 +242,8 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def table(rows: list[dict], device: str) -> str:
     """Markdown table of the measured rows."""
-    head = "| group | configuration | time (s) | x baseline | CPU time (s) | peak memory (MB) | x baseline | n |"
+    head = ("| group | configuration | time (s) | x baseline | CPU time (s) | peak memory (MB) | x baseline "
+            "| n | first iter. (s) | load |")
     if device == "cuda":
         head = "| group | configuration | time (ms) | img/s | x baseline throughput | peak above build (GB) | peak total (GB) | x baseline memory | n |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -263,7 +265,8 @@ def table(rows: list[dict], device: str) -> str:
         else:
             lines.append(
                 f"| {r['group']} | {name} | {res['time']:.3f} | {_fmt(r['time_ratio'], '.2f')} | "
-                f"{res['cpu_time']:.2f} | {res['peak'] / 2**20:.0f} | {_fmt(r['mem_ratio'], '.2f')} | {n} |"
+                f"{res['cpu_time']:.2f} | {res['peak'] / 2**20:.0f} | {_fmt(r['mem_ratio'], '.2f')} | {n} | "
+                f"{_fmt(res.get('first'), '.1f')} | {_fmt(res.get('load'), '.1f')} |"
             )
     return "\n".join(lines)
 
@@ -347,6 +350,7 @@ def plots(rows: list[dict], out_dir: str, machine: dict) -> list[str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib is not installed: no plots", file=sys.stderr)
         return []
@@ -390,6 +394,13 @@ def plots(rows: list[dict], out_dir: str, machine: dict) -> list[str]:
                     ax.plot(sizes, [m0 * (s / sizes[0]) ** 2 for s in sizes], "k:", lw=1, label="grows with area (fused, from smallest)")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            sides = sorted({r["cfg"]["size"] for r in rows if r["cfg"]["kind"] == "disc"})
+            ax.set_xticks(sides, [str(v) for v in sides])
+            ax.set_xlim(sides[0] / 1.3, sides[-1] * 1.3)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            lo, hi = ax.get_ylim()
+            few = hi / lo < 20  # less than ~a decade: label the minor ticks too
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}" if few else ""))
             ax.set_xlabel("patch side (px)")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{variant} SeD, batch {rows[0]['cfg'].get('batch', 1)}, forward + backward")
@@ -431,6 +442,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results/<device>[-quick])")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write PNG plots")
     p.add_argument("--dry-run", action="store_true", help="print the configurations and exit")
+    p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
+                   help="do not measure: rebuild tables and plots from earlier results.json files (merged)")
     args = p.parse_args(argv)
     if args.suites is None:
         args.suites = ["gpu"] if args.device.startswith("cuda") else list(ALL_SUITES)
@@ -444,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         H.worker_main(sys.argv[2])
         return 0
     args = parse_args(argv)
+    if args.from_json:
+        return report_from_json(args)
     rows = plan(args)
     if args.dry_run:
         for r in rows:
@@ -479,6 +494,31 @@ def main(argv: list[str] | None = None) -> int:
         fh.write(text + "\n")
     written = plots(rows, out_dir, machine) if args.plots and args.device == "cpu" and "disc" in args.suites else []
     print(f"\nwrote {out_dir}/results.json, results.md" + "".join(f", {os.path.basename(w)}" for w in written))
+    return 0
+
+
+def report_from_json(args: argparse.Namespace) -> int:
+    """Tables and plots from saved results (several files are concatenated, in order)."""
+    rows, machine, wall = [], {}, 0.0
+    for path in args.from_json:
+        with open(path) as fh:
+            data = json.load(fh)
+        machine = machine or data["machine"]
+        wall += data.get("wall_s", 0.0)
+        rows += data["rows"]
+    summarise(rows)
+    device = "cuda" if any(r["cfg"].get("device") == "cuda" for r in rows) else "cpu"
+    text = "\n".join([f"Machine: {json.dumps(machine)}", f"Measurement wall time: {wall / 60:.1f} min.", "",
+                      table(rows, device), "", "Targets of the performance issue:",
+                      targets(rows) if device == "cpu" else gpu_targets(rows)])
+    print(text)
+    out_dir = args.out or os.path.dirname(os.path.abspath(args.from_json[0]))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.md"), "w") as fh:
+        fh.write(text + "\n")
+    if args.plots and device == "cpu":
+        for path in plots(rows, out_dir, machine):
+            print("wrote", path)
     return 0
 
 

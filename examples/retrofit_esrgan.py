@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import math
 import os
@@ -97,6 +98,14 @@ DEMO_PRESET: dict[str, Any] = dict(
 _ARCH_KEYS = ("discriminator", "d_width", "scale", "extractor")
 # Settings that define the data order: changing them on resume changes what the run sees.
 _ORDER_KEYS = ("seed", "batch_size", "patch_size", "downsample")
+
+
+# DDP's switch for re-broadcasting buffers at every forward (renamed in torch 2.14).
+_NO_BUFFER_SYNC = (
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    else "broadcast_buffers"
+)
 
 
 class UsageError(RuntimeError):
@@ -393,7 +402,7 @@ class Trainer:
             g = nn.parallel.DistributedDataParallel(g, device_ids=ids)
             # BatchNorm (VGG-style D) buffers must not be re-broadcast between the real and fake
             # forwards of one backward; spectral-norm vectors stay equal on all ranks anyway.
-            d = nn.parallel.DistributedDataParallel(d, device_ids=ids, broadcast_buffers=False)
+            d = nn.parallel.DistributedDataParallel(d, device_ids=ids, **{_NO_BUFFER_SYNC: False})
         if self.args.compile:
             g = torch.compile(g)  # D keeps eager mode: compile + DDP + spectral norm is unreliable
         return g, d
@@ -424,7 +433,7 @@ class Trainer:
                 "fingerprint": sr_data.fingerprint(self.dataset.hr_paths),
             },
             "random_weights": list(self.random_weights),
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -564,24 +573,21 @@ class CsvLog:
 
     def __init__(self, path: Path, resume_step: int | None) -> None:
         self.path = path
+        rows = []
         if resume_step is not None and path.exists():
             with open(path, newline="") as handle:
                 rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
-            self._write(rows, "w")
-        elif not path.exists() or resume_step is None:
-            self._write([], "w")
-
-    def _write(self, rows: list[dict[str, Any]], mode: str) -> None:
-        new = mode == "w"
-        with open(self.path, mode, newline="") as handle:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
+            writer.writeheader()
             writer.writerows(rows)
+        os.replace(tmp, path)
 
     def append(self, row: dict[str, Any]) -> None:
-        formatted = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
-        self._write([formatted], "a")
+        with open(self.path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def _fmt_time(seconds: float) -> str:
@@ -592,6 +598,9 @@ def _fmt_time(seconds: float) -> str:
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run (or resume) training; returns a summary (rank 0's view)."""
     check_args(args)
+    if args.preset == "demo" and not args.hr_dir:
+        train_dir, val_dir = sr_data.export_demo_photos(Path(args.out) / "data")
+        args.hr_dir, args.val_dir = str(train_dir), args.val_dir or str(val_dir)
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.backends.cudnn.benchmark)  # fmt: skip
     if args.deterministic:
@@ -600,17 +609,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
-    if args.preset == "demo" and not args.hr_dir:
-        args.hr_dir, demo_val = sr_data.export_demo_photos(Path(args.out) / "data")
-        args.hr_dir, args.val_dir = str(args.hr_dir), args.val_dir or str(demo_val)
-
-    info = sr_dist.init_distributed(args.device)
     started = time.time()
+    info = None
     try:
-        trainer = Trainer(args, info)
-        return _run(trainer, started)
+        info = sr_dist.init_distributed(args.device)
+        return _run(Trainer(args, info), started)
     finally:
-        sr_dist.shutdown(info)
+        if info is not None:
+            sr_dist.shutdown(info)
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.benchmark = previous[2]
 

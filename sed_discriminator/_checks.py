@@ -80,7 +80,7 @@ def check_semantic(semantic: torch.Tensor, *, owner: str, channels: int, batch: 
 
 def _check_values(x: torch.Tensor, *, owner: str, what: str, low: float | None = None, high: float | None = None) -> None:
     if not torch.isfinite(x).all():
-        raise ValueError(f"{owner} got a {what} with NaN or Inf values; check the upstream computation.")
+        raise ValueError(f"{owner} got NaN or Inf values in its {what}; check the upstream computation.")
     if low is None or high is None:
         return
     lo, hi = x.min().item(), x.max().item()

@@ -133,9 +133,10 @@ def test_sed_set_fused_attn_toggles_every_attention() -> None:
 
 
 @pytest.mark.parametrize("variant", ["patch", "pixel"])
-def test_sed_fused_equals_math(variant: str) -> None:
-    base = randomize_(sd.SeD(variant, **TINY))
-    x, s = torch.rand(2, 3, 64, 64), torch.randn(2, TINY["semantic_channels"], 4, 4)
+def test_sed_fused_equals_math(variant: str, device: torch.device) -> None:
+    base = randomize_(sd.SeD(variant, **TINY)).to(device)
+    x = torch.rand(2, 3, 64, 64, device=device)
+    s = torch.randn(2, TINY["semantic_channels"], 4, 4, device=device)
     results = []
     for fused in (True, False):
         model = copy.deepcopy(base).set_fused_attn(fused)  # a training forward moves u/v: start both alike
@@ -194,7 +195,12 @@ def _run_env(env_updates: dict[str, str], out_file: Path) -> subprocess.Complete
     env = {k: v for k, v in os.environ.items() if k not in ("SED_FUSED_ATTN", "SED_VALUE_CHECKS")}
     env.update(env_updates)
     return subprocess.run(
-        [sys.executable, "-c", _ENV_SCRIPT, str(out_file)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", _ENV_SCRIPT, str(out_file)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -42,11 +42,11 @@ def value_checks():
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("size", [(32, 32), (64, 64), (96, 96), (200, 120), (256, 256)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_cardinality(variant: str, size: tuple[int, int], batch: int) -> None:
-    model = tiny(variant)
+def test_cardinality(variant: str, size: tuple[int, int], batch: int, device: torch.device) -> None:
+    model = tiny(variant).to(device)
     h, w = size
-    semantic = torch.randn(batch, CS, math.ceil(h / 16), math.ceil(w / 16))
-    out = model(torch.rand(batch, 3, h, w), semantic)
+    semantic = torch.randn(batch, CS, math.ceil(h / 16), math.ceil(w / 16), device=device)
+    out = model(torch.rand(batch, 3, h, w, device=device), semantic)
     expected = (batch, 1, patch_side(h), patch_side(w)) if variant == "patch" else (batch, 1, h, w)
     assert out.shape == expected
     assert torch.isfinite(out).all()
@@ -89,9 +89,9 @@ def test_noncontiguous_input(variant: str) -> None:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_every_parameter_gets_a_gradient(variant: str) -> None:
-    model = tiny(variant).train()
-    out = model(torch.rand(2, 3, 48, 80), torch.randn(2, CS, 3, 5))
+def test_every_parameter_gets_a_gradient(variant: str, device: torch.device) -> None:
+    model = tiny(variant).train().to(device)
+    out = model(torch.rand(2, 3, 48, 80, device=device), torch.randn(2, CS, 3, 5, device=device))
     out.mean().backward()
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.grad is None]
@@ -107,17 +107,49 @@ def test_every_parameter_gets_a_gradient(variant: str) -> None:
 @pytest.mark.parametrize(
     "x_shape, x_dtype, s_shape, message",
     [
-        ((3, 64, 64), torch.float32, (1, CS, 4, 4), r"expects an image batch of shape \(B, 3, H, W\), got a 3-D tensor of shape \(3, 64, 64\)\. Add the batch dimension with x\.unsqueeze\(0\)"),
+        (
+            (3, 64, 64),
+            torch.float32,
+            (1, CS, 4, 4),
+            r"expects an image batch of shape \(B, 3, H, W\), got a 3-D tensor of shape \(3, 64, 64\)\. Add the batch "
+            r"dimension with x\.unsqueeze\(0\)",
+        ),
         ((1, 1, 3, 64, 64), torch.float32, (1, CS, 4, 4), r"got a 5-D tensor of shape \(1, 1, 3, 64, 64\)"),
-        ((2, 1, 64, 64), torch.float32, (2, CS, 4, 4), r"SeD expects 3 channels, got 1 \(shape \(2, 1, 64, 64\)\)\. Repeat a grayscale image"),
+        (
+            (2, 1, 64, 64),
+            torch.float32,
+            (2, CS, 4, 4),
+            r"SeD expects 3 channels, got 1 \(shape \(2, 1, 64, 64\)\)\. Repeat a grayscale image",
+        ),
         ((2, 4, 64, 64), torch.float32, (2, CS, 4, 4), r"SeD expects 3 channels, got 4"),
-        ((2, 3, 64, 64), torch.uint8, (2, CS, 4, 4), r"floating-point image with values in \[0, 1\], got dtype torch\.uint8\. Convert it with x\.float\(\) / 255"),
+        (
+            (2, 3, 64, 64),
+            torch.uint8,
+            (2, CS, 4, 4),
+            r"floating-point image with values in \[0, 1\], got dtype torch\.uint8\. Convert it with x\.float\(\) / "
+            r"255",
+        ),
         ((2, 3, 64, 64), torch.int64, (2, CS, 4, 4), r"got dtype torch\.int64"),
-        ((2, 3, 64, 64), torch.float32, (3, CS, 4, 4), r"got an image batch of 2 but a semantic batch of 3\. Compute the semantics from the HR batch"),
+        (
+            (2, 3, 64, 64),
+            torch.float32,
+            (3, CS, 4, 4),
+            r"got an image batch of 2 but a semantic batch of 3\. Compute the semantics from the HR batch",
+        ),
         ((2, 3, 16, 64), torch.float32, (2, CS, 1, 4), r"needs images of at least 32x32 pixels, got 16x64"),
         ((2, 3, 64, 31), torch.float32, (2, CS, 4, 2), r"needs images of at least 32x32 pixels, got 64x31"),
-        ((2, 3, 64, 64), torch.float32, (2, 32, 4, 4), r"built with semantic_channels=64 but the semantic map has 32 channels \(shape \(2, 32, 4, 4\)\)"),
-        ((2, 3, 64, 64), torch.float32, (2, CS, 16), r"expects a semantic map of shape \(B, 64, h, w\), got a 3-D tensor"),
+        (
+            (2, 3, 64, 64),
+            torch.float32,
+            (2, 32, 4, 4),
+            r"built with semantic_channels=64 but the semantic map has 32 channels \(shape \(2, 32, 4, 4\)\)",
+        ),
+        (
+            (2, 3, 64, 64),
+            torch.float32,
+            (2, CS, 16),
+            r"expects a semantic map of shape \(B, 64, h, w\), got a 3-D tensor",
+        ),
     ],
 )
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -132,7 +164,10 @@ def test_exception_types_for_non_tensors() -> None:
     model = tiny("patch")
     with pytest.raises(TypeError, match="expects a torch.Tensor image batch, got ndarray"):
         model(torch.rand(1, 3, 64, 64).numpy(), torch.randn(1, CS, 4, 4))
-    with pytest.raises(TypeError, match=r"semantic map as a torch.Tensor, got NoneType\. Compute it with SemanticExtractor"):
+    with pytest.raises(
+        TypeError,
+        match=r"semantic map as a torch.Tensor, got NoneType\. Compute it with SemanticExtractor",
+    ):
         model(torch.rand(1, 3, 64, 64))
     with pytest.raises(ValueError, match="floating-point semantic map, got dtype torch.int64"):
         model(torch.rand(1, 3, 64, 64), torch.zeros(1, CS, 4, 4, dtype=torch.int64))
@@ -151,10 +186,10 @@ def test_value_checks_nan(value_checks) -> None:
     model = tiny("patch")
     x, s = torch.rand(1, 3, 64, 64), torch.randn(1, CS, 4, 4)
     x[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="SeD got a image with NaN or Inf values"):
+    with pytest.raises(ValueError, match="SeD got NaN or Inf values in its image; check the upstream computation"):
         model(x, s)
     s[0, 0, 0, 0] = float("inf")
-    with pytest.raises(ValueError, match="SeD got a semantic map with NaN or Inf values"):
+    with pytest.raises(ValueError, match="SeD got NaN or Inf values in its semantic map"):
         model(torch.rand(1, 3, 64, 64), s)
 
 
@@ -203,7 +238,10 @@ def test_pixel_init_keeps_proj_out_zero() -> None:
     "variant, names",
     [
         ("patch", ["conv1", "conv11", "conv2", "conv21", "conv3", "conv31"]),
-        ("pixel", ["conv1", "conv2", "conv3", "conv31", "conv4", "conv21", "conv5", "conv11", "conv6", "conv7", "conv8"]),
+        (
+            "pixel",
+            ["conv1", "conv2", "conv3", "conv31", "conv4", "conv21", "conv5", "conv11", "conv6", "conv7", "conv8"],
+        ),
     ],
 )
 def test_spectral_norm_on_the_specs_convs_only(variant: str, names: list[str]) -> None:

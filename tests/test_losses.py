@@ -69,7 +69,10 @@ def test_module_equals_function(kind: str) -> None:
 
 
 def test_ragan_needs_real_logits() -> None:
-    with pytest.raises(ValueError, match=r"The 'ragan' generator loss needs real_logits, the discriminator's output on real images"):
+    with pytest.raises(
+        ValueError,
+        match=r"The 'ragan' generator loss needs real_logits, the discriminator's output on real images",
+    ):
         sd.generator_loss(torch.zeros(2, 1, 4, 4), kind="ragan")
     with pytest.raises(ValueError, match="needs real_logits"):
         sd.GeneratorLoss("ragan")(torch.zeros(2, 1, 4, 4))

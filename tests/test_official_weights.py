@@ -95,7 +95,10 @@ def test_wrong_variant_error(ckpt_variant: str, model_variant: str) -> None:
 
 def test_shape_mismatch_error() -> None:
     ckpt = authors_checkpoint(reference("patch"))
-    with pytest.raises(ValueError, match=r"Checkpoint tensor \S+ has shape \(\d+, .*\) but the model expects .*match width"):
+    with pytest.raises(
+        ValueError,
+        match=r"Checkpoint tensor \S+ has shape \(\d+, .*\) but the model expects .*match width",
+    ):
         sd.load_official_weights(sd.SeD("patch", **{**TINY, "width": 16}), ckpt)
 
 

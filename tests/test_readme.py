@@ -85,7 +85,8 @@ def test_block_parser() -> None:
     blocks = python_blocks(markdown)
     assert [(b.line, b.skip) for b in blocks] == [(2, False), (7, True), (15, False)]
     assert blocks[2].code == "b = a + 1\n"
-    assert with_local_weights('E("clip_rn50", pretrained="openai")', Path("/w/x.pt")) == "E(\"clip_rn50\", pretrained='/w/x.pt')"
+    replaced = with_local_weights('E("clip_rn50", pretrained="openai")', Path("/w/x.pt"))
+    assert replaced == "E(\"clip_rn50\", pretrained='/w/x.pt')"
     assert with_local_weights("E(pretrained='openai')", Path("/w/x.pt")) == "E(pretrained='/w/x.pt')"
     with pytest.raises(ValueError, match="never closed"):
         python_blocks("```python\nx = 1\n")

@@ -22,6 +22,15 @@ ATOL = 1e-5
 TINY_REF = dict(width=TINY["width"], semantic_channels=TINY["semantic_channels"], head_dim=TINY["head_dim"])
 
 
+@pytest.fixture
+def no_tf32():
+    """Full float32 on CUDA (TF32 convolutions alone exceed 1e-5); a no-op on CPU."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 def make_pair(variant: str, seed: int = 0, **sizes) -> tuple[nn.Module, sd.SeD]:
     """A perturbed, SN-settled reference and a library SeD carrying its weights."""
     torch.manual_seed(seed)
@@ -66,11 +75,11 @@ def test_parity_paper_sizes_256(variant: str, out_shape: tuple) -> None:
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "math"])
 @pytest.mark.parametrize("size", [64, 128])
 @pytest.mark.parametrize("variant", ["patch", "pixel"])
-def test_parity_tiny_eval(variant: str, size: int, fused: bool) -> None:
+def test_parity_tiny_eval(variant: str, size: int, fused: bool, device: torch.device, no_tf32) -> None:
     ref, lib = make_pair(variant, **TINY_REF)
-    ref.eval(), lib.eval()
+    ref.eval().to(device), lib.eval().to(device)
     lib.set_fused_attn(fused)
-    x, s = inputs(2, size, TINY["semantic_channels"])
+    x, s = (t.to(device) for t in inputs(2, size, TINY["semantic_channels"]))
     with torch.no_grad():
         expected, actual = ref(x, s), lib(x, s)
     assert actual.shape == expected.shape

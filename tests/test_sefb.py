@@ -123,7 +123,8 @@ def test_odd_feature_sizes_are_covered_then_cropped(feature_size: tuple[int, int
 
 
 @pytest.mark.parametrize(
-    "size, upscale, shrink, expected", [((64, 64), 4, 0, (16, 16)), ((31, 31), 2, 1, (16, 16)), ((25, 13), 2, 0, (13, 7))]
+    "size, upscale, shrink, expected",
+    [((64, 64), 4, 0, (16, 16)), ((31, 31), 2, 1, (16, 16)), ((25, 13), 2, 0, (13, 7))],
 )
 def test_semantic_grid_size(size, upscale, shrink, expected) -> None:
     assert semantic_grid_size(size, upscale, shrink) == expected

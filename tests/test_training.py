@@ -79,6 +79,16 @@ def test_generator_step_leaves_d_without_gradients(extractor, variant: str) -> N
     torch.testing.assert_close(loss.detach(), expected.detach(), atol=1e-6, rtol=1e-5)
 
 
+def test_generator_step_keeps_user_frozen_parameters_frozen(extractor) -> None:
+    adv = adversary(extractor)
+    frozen = adv.discriminator.conv_first.weight
+    frozen.requires_grad_(False)
+    sr, hr = batch()
+    adv.generator_loss(sr.requires_grad_(), hr).backward()
+    assert not frozen.requires_grad
+    assert all(p.requires_grad for p in adv.discriminator.parameters() if p is not frozen)
+
+
 def test_generator_step_restores_requires_grad_after_an_error(extractor) -> None:
     adv = adversary(extractor)
     sr, hr = batch()
@@ -167,7 +177,10 @@ def conditioned(extractor, variant: str = "patch", **kwargs) -> sd.ConditionedSe
 
 def test_conditioned_requires_a_condition(extractor) -> None:
     net_d = conditioned(extractor)
-    with pytest.raises(RuntimeError, match=r"ConditionedSeD has no condition: call net_d\.set_condition\(gt\) with the HR batch"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"ConditionedSeD has no condition: call net_d\.set_condition\(gt\) with the HR batch",
+    ):
         net_d(torch.rand(2, 3, 32, 32))
     net_d.set_condition(torch.rand(2, 3, 32, 32))
     net_d(torch.rand(2, 3, 32, 32))

@@ -95,7 +95,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}).") from err
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
+        first_line = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0])[:200]
+        raise CheckpointError(f"{path} cannot be read, it is truncated or damaged ({type(err).__name__}: {first_line}).") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a training checkpoint of this script (format {FORMAT}).")
     return state

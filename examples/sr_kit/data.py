@@ -310,12 +310,15 @@ class SRTrainDataset(Dataset):
         report = ScanReport()
         lr_patch = self.patch_size // self.scale
         for i, hr_path in enumerate(hr_paths):
-            try:
-                h, w = image_size(hr_path)
-                lr_size = image_size(lr_paths[i]) if lr_paths is not None else None
-            except DataError as err:
-                report.unreadable.append(str(err).removeprefix("Cannot read image "))
+            sizes = []
+            for path in (hr_path,) if lr_paths is None else (hr_path, lr_paths[i]):
+                try:
+                    sizes.append(image_size(path))
+                except DataError as err:
+                    report.unreadable.append(f"{path} ({type(err.__cause__).__name__})")
+            if len(sizes) < (1 if lr_paths is None else 2):
                 continue
+            (h, w), lr_size = sizes[0], (sizes[1] if lr_paths is not None else None)
             if lr_size is not None:
                 lh, lw = lr_size
                 if not (lh * self.scale <= h < (lh + 1) * self.scale and lw * self.scale <= w < (lw + 1) * self.scale):
@@ -469,9 +472,15 @@ def seed_worker(worker_id: int) -> None:
 def make_loader(
     dataset: Dataset, stream: SampleStream, batch_size: int, workers: int, pin_memory: bool = False
 ) -> DataLoader:
-    """An endless DataLoader over ``stream`` (batches are consecutive samples of the stream)."""
+    """An endless DataLoader over ``stream`` (batches are consecutive samples of the stream).
+
+    The loader draws its workers' base seed from its own generator, so starting it leaves the
+    global torch RNG untouched (a resumed run's RNG then matches an uninterrupted run's).
+    """
+    generator = torch.Generator().manual_seed(stream.seed * 1_000_003 + stream.start)
     return DataLoader(
         dataset,
+        generator=generator,
         batch_size=batch_size,
         sampler=stream,
         num_workers=workers,

@@ -290,7 +290,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def _vgg19_features() -> nn.Sequential:
     from torchvision.models.vgg import cfgs, make_layers
 
-    return make_layers(cfgs["E"], batch_norm=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random weights agree across runs, resumes and processes
+        return make_layers(cfgs["E"], batch_norm=False)
 
 
 def load_vgg19_features(weights: str = "imagenet", allow_random: bool = False) -> tuple[nn.Sequential, bool]:

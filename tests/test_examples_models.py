@@ -1,0 +1,88 @@
+"""examples/sr_kit/models.py: generator loading, the VGG-style discriminator, the perceptual loss, EMA, weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from examples_helpers import EXAMPLES  # noqa: F401  (puts examples/ on sys.path)
+from sr_kit import models as M
+
+
+def test_generator_weights_load_from_wrapped_files_and_check_the_scale(tmp_path):
+    g = M.build_generator(num_feat=8, num_blocks=1, scale=4)
+    torch.save({"params_ema": g.state_dict()}, tmp_path / "g.pth")  # BasicSR-style wrapper
+    loaded = M.load_generator_weights(tmp_path / "g.pth", scale=4)
+    x = torch.rand(1, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), g(x))
+    with pytest.raises(ValueError, match=r"x4 model but --scale is 2; pass --scale 4"):
+        M.load_generator_weights(tmp_path / "g.pth", scale=2)
+    with pytest.raises(FileNotFoundError, match="No generator weight file"):
+        M.load_generator_weights(tmp_path / "missing.pth")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a generator checkpoint spandrel recognises"):
+        M.load_generator_weights(tmp_path / "other.pth")
+
+
+def test_vgg_style_discriminator_shapes_and_errors():
+    d = M.VGGStyleDiscriminator(width=8, input_size=32)
+    assert d(torch.rand(3, 3, 32, 32)).shape == (3, 1)
+    with pytest.raises(ValueError, match="built for 32 px inputs"):
+        d(torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"4 \* 2\^k"):
+        M.VGGStyleDiscriminator(input_size=48)
+    assert len([m for m in M.VGGStyleDiscriminator(width=8, input_size=128).modules() if isinstance(m, torch.nn.Conv2d)]) == 10
+
+
+def test_perceptual_loss_taps_features_before_the_relu():
+    features, is_random = M.load_vgg19_features("random")
+    assert is_random
+    loss = M.VGGPerceptualLoss(features)
+    hr = torch.rand(2, 3, 32, 32)
+    assert loss(hr, hr).item() == 0.0
+    taps = loss._features(hr)
+    assert set(taps) == {2, 7, 16, 25, 34} and all((t < 0).any() for t in taps.values())  # not rectified in place
+    sr = torch.rand(2, 3, 32, 32, requires_grad=True)
+    loss(sr, hr).backward()
+    assert sr.grad is not None and all(p.grad is None for p in loss.parameters())
+    loss.train()
+    assert not loss.training
+
+
+def test_random_vgg_weights_are_the_same_every_time():
+    a, _ = M.load_vgg19_features("random")
+    torch.manual_seed(123)
+    b, _ = M.load_vgg19_features("random")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_unavailable_vgg_weights_raise_with_the_fix(tmp_path):
+    with pytest.raises(M.WeightsUnavailable, match=r"(?s)vgg19-dcbb9e9d\.pth.*--allow-random-weights"):
+        M.load_vgg19_features(str(tmp_path / "nope.pth"))
+
+
+def test_ema_tracks_the_weights():
+    model = torch.nn.Linear(2, 2)
+    ema = M.EMA(model, decay=0.5)
+    before = ema.model.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.model.weight, before + 0.5)
+    clone = M.EMA(model, decay=0.9)
+    clone.load_state_dict(ema.state_dict())
+    assert clone.decay == 0.5 and torch.equal(clone.model.weight, ema.model.weight)
+    with pytest.raises(ValueError, match="decay"):
+        M.EMA(model, decay=1.0)
+
+
+def test_discriminator_factory():
+    from sed_discriminator import ConditionedSeD, SeD
+
+    plain = M.build_discriminator("pixel", width=8, patch_size=32)
+    assert isinstance(plain, SeD) and not plain.semantic_fusion
+    assert plain(torch.rand(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+    with pytest.raises(ValueError, match="needs a semantic extractor"):
+        M.build_discriminator("sed-patch", width=8, patch_size=32)
+    with pytest.raises(ValueError, match="choose one of"):
+        M.build_discriminator("stylegan", width=8, patch_size=32)
+    assert issubclass(ConditionedSeD, SeD)
