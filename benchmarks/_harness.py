@@ -377,11 +377,14 @@ def measure_safely(cfg: dict) -> dict:
             torch.cuda.empty_cache()
 
 
-def run_isolated(cfg: dict, script: str, timeout: float | None = None) -> dict:
-    """Run one configuration in a fresh Python process (``script --worker <json>``)."""
+def run_isolated(cfg: dict, script: str, timeout: float | None = None, env: dict | None = None) -> dict:
+    """Run one configuration in a fresh Python process (``script --worker <json>``).
+
+    ``env`` adds environment variables for that process (e.g. ``OMP_WAIT_POLICY``).
+    """
     cmd = [sys.executable, script, WORKER_FLAG, json.dumps(cfg)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):

@@ -188,6 +188,17 @@ def _merge(results: list[dict]) -> dict:
     return merged
 
 
+def worker_env(args: argparse.Namespace) -> dict:
+    """Environment of the worker processes (CPU)."""
+    env = {}
+    if args.omp_passive:
+        # OpenMP threads sleep instead of spinning while they wait. On a machine shared with
+        # other jobs, spinning threads starve the one that holds the work, and barrier-heavy
+        # kernels (the CPU flash-attention backward) slow down by 10-50x. Same for all rows.
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return env
+
+
 def run(rows: list[dict], args: argparse.Namespace) -> None:
     """Measure every row; with ``--rounds R`` each group is run R times, alternating its order."""
     start = time.perf_counter()
@@ -206,7 +217,7 @@ def run(rows: list[dict], args: argparse.Namespace) -> None:
                     row["results"].append({"error": "skipped (time budget)"})
                     continue
                 t0 = time.perf_counter()
-                res = H.run_isolated(cfg, SCRIPT, timeout=args.timeout_s) if isolated else H.measure_safely(cfg)
+                res = H.run_isolated(cfg, SCRIPT, args.timeout_s, worker_env(args)) if isolated else H.measure_safely(cfg)
                 row["results"].append(res)
                 brief = res.get("error") or f"{res['time']:.3f} s, {res['peak'] / 2**20:.0f} MB"
                 print(
@@ -435,6 +446,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny widths (smoke runs, not figures)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per configuration")
     p.add_argument("--library", default=None, help="import sed_discriminator from this directory (before/after runs)")
+    p.add_argument("--omp-passive", action="store_true",
+                   help="run the CPU workers with OMP_WAIT_POLICY=PASSIVE (robust on a shared, busy machine)")
     p.add_argument("--rounds", type=int, default=1, help="run each group this many times, alternating its order")
     p.add_argument("--in-process", action="store_true", help="run every configuration in this process")
     p.add_argument("--budget-s", type=float, default=None, help="skip remaining configurations after this many seconds")
@@ -475,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     md = [
         f"Machine: {json.dumps(machine)}",
+        f"Worker environment: {json.dumps(worker_env(args)) if args.device == 'cpu' else 'n/a'}; "
+        f"torch threads: {args.threads or 'default'}.",
         f"Total wall time: {wall / 60:.1f} min. Medians over n repeats after warm-up; ratios against the "
         "first row (baseline) of each group, measured in this run.",
         "",

@@ -52,7 +52,9 @@ PAPER_TABLE1: dict[str, dict[str, tuple[float, float, float]]] = {
         "RRDB+U": (0.056, 29.49, 0.882), "RRDB+U+SeD": (0.047, 30.46, 0.897),
     },
 }  # fmt: skip
-_DATASET_HINTS = {"set5": "Set5", "set14": "Set14", "div2k": "DIV2K val", "urban100": "Urban100", "manga109": "Manga109"}
+_DATASET_HINTS = {
+    "set5": "Set5", "set14": "Set14", "div2k": "DIV2K val", "urban100": "Urban100", "manga109": "Manga109",
+}  # fmt: skip
 
 
 def guess_dataset(hr_dir: str) -> str | None:
@@ -88,11 +90,15 @@ def _quantize(img: torch.Tensor) -> torch.Tensor:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--hr-dir", required=True, help="HR (ground-truth) images")
-    p.add_argument("--lr-dir", help="LR inputs paired by name (e.g. Set5/LR_bicubic/X4); default: MATLAB-style bicubic of the HR")
-    p.add_argument("--model", action="append", default=[], help="a training checkpoint or generator weights (repeatable)")
-    p.add_argument("--sr-dir", action="append", default=[], help="already super-resolved images, paired by name (repeatable)")
+    p.add_argument("--lr-dir", help="LR inputs paired by name (e.g. Set5/LR_bicubic/X4); default: MATLAB bicubic of HR")
+    p.add_argument("--model", action="append", default=[],
+                   help="a training checkpoint or generator weights (repeatable)")
+    p.add_argument("--sr-dir", action="append", default=[],
+                   help="already super-resolved images with the HR file names (repeatable)")
     p.add_argument("--scale", type=int, default=4)
     p.add_argument("--dataset", choices=list(PAPER_TABLE1), help="paper rows to show (default: guessed from --hr-dir)")
     p.add_argument("--out", default="outputs/eval", help="folder for results.md, results.csv and per_image.csv")
@@ -148,7 +154,9 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, object]]:
                 sr = sr_data.to_tensor(sr_data.read_image(sr_dirs[method][index]))
             sr = _quantize(sr)
             if sr.shape != hr.shape:
-                raise sr_data.DataError(f"{method} gives {tuple(sr.shape)} for {hr_path.name}, expected {tuple(hr.shape)}.")
+                raise sr_data.DataError(
+                    f"{method} gives {tuple(sr.shape)} for {hr_path.name}, expected {tuple(hr.shape)}."
+                )
             row: dict[str, object] = {
                 "image": hr_path.name,
                 "method": method,
@@ -194,18 +202,20 @@ def _cell(value: object, digits: int) -> str:
 
 
 def _write_outputs(out: Path, summary, per_image, dataset, args, count: int) -> None:
+    lr_source = f"files of {args.lr_dir}" if args.lr_dir else "MATLAB-style bicubic of the HR images"
     lines = [
         f"# x{args.scale} results on {dataset or Path(args.hr_dir).name} ({count} images)",
         "",
         f"PSNR / SSIM on the Y channel with {args.scale} px cropped from each border; LPIPS (AlexNet) on RGB "
-        f"with the same crop. LR: {'files of ' + args.lr_dir if args.lr_dir else 'MATLAB-style bicubic of the HR images'}.",
+        f"with the same crop. LR: {lr_source}.",
         "",
         "| method | LPIPS ↓ | PSNR ↑ | SSIM ↑ | source |",
         "|---|---|---|---|---|",
     ]
     for row in summary:
         lines.append(
-            f"| {row['method']} | {_cell(row['lpips'], 3)} | {_cell(row['psnr_y'], 2)} | {_cell(row['ssim_y'], 3)} | {row['source']} |"
+            f"| {row['method']} | {_cell(row['lpips'], 3)} | {_cell(row['psnr_y'], 2)} | {_cell(row['ssim_y'], 3)} "
+            f"| {row['source']} |"
         )
     if dataset is None:
         lines += ["", "The paper's Table 1 has no rows for this folder; pass --dataset to pick one of "

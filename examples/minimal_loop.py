@@ -20,7 +20,9 @@ args = parser.parse_args()
 torch.manual_seed(0)
 
 photo = torch.from_numpy(data.astronaut()).permute(2, 0, 1).float() / 255  # (3, 512, 512) in [0, 1]
-generator = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(64, 3 * 16, 3, padding=1), nn.PixelShuffle(4))
+generator = nn.Sequential(  # a toy x4 generator; put ESRGAN's RRDBNet here
+    nn.Conv2d(3, 64, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(64, 3 * 16, 3, padding=1), nn.PixelShuffle(4)
+)
 # The adversary owns SeD and the frozen CLIP extractor; weight=0.01 is the paper's GAN weight.
 try:
     adversary = SeDAdversary("patch", pretrained=None if args.random_weights else "openai", loss="vanilla", weight=0.01)

@@ -23,7 +23,6 @@ import argparse
 import csv
 import inspect
 import json
-import math
 import os
 import re
 import shutil
@@ -59,7 +58,6 @@ from sr_kit.models import (  # noqa: E402
     load_extractor,
     load_generator_weights,
     load_vgg19_features,
-    unwrap,
 )
 from sr_kit.plots import plot_losses, save_sample_grid  # noqa: E402
 
@@ -79,10 +77,10 @@ DEMO_PRESET: dict[str, Any] = dict(
     num_feat=32,
     num_blocks=2,
     d_width=32,
-    lr=2e-4,
+    lr=4e-4,
     total_steps=340,
     psnr_steps=200,
-    milestones=[300],
+    milestones=[200],
     log_every=5,
     sample_every=40,
     checkpoint_every=100,
@@ -125,19 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--hr-dir", help="folder of HR training images (DIV2K/DF2K style)")
     g.add_argument("--lr-dir", help="folder of matching LR images; without it LR is made on the fly")
-    g.add_argument("--val-dir", help="images for the sample grid and validation PSNR (default: the first training images)")
+    g.add_argument("--val-dir", help="images for the sample grid and validation PSNR (default: the training images)")
     g.add_argument("--scale", type=int, default=4, help="SR factor")
     g.add_argument("--patch-size", type=int, default=256, help="HR training patch (LR patch = this / scale)")
     g.add_argument("--batch-size", type=int, default=8, help="batch per process (per GPU)")
     g.add_argument("--workers", type=int, default=4, help="data-loading worker processes per process")
     g.add_argument("--downsample", choices=sr_data.DOWNSAMPLERS, default="matlab",
-                   help="bicubic used to make LR on the fly: MATLAB imresize's (the benchmarks') or torch's antialiased one")
+                   help="bicubic that makes LR on the fly: MATLAB imresize's (the benchmarks') or torch's")
     g.add_argument("--no-augment", action="store_true", help="no random flips / rotations")
     g.add_argument("--cache-images", action="store_true", help="keep decoded images in memory (small datasets)")
-    g.add_argument("--strict-data", action="store_true", help="stop on unreadable or too-small images instead of skipping them")
+    g.add_argument("--strict-data", action="store_true",
+                   help="stop on unreadable or too-small images instead of skipping them")
 
     g = p.add_argument_group("networks")
-    g.add_argument("--generator-weights", help="start G from these weights (PSNR-trained ESRGAN, Real-ESRGAN, KAIR RRDBNet...)")
+    g.add_argument("--generator-weights",
+                   help="start G from these weights (PSNR-trained ESRGAN, Real-ESRGAN, KAIR RRDBNet, ...)")
     g.add_argument("--num-feat", type=int, default=64, help="RRDBNet width (when not loading weights)")
     g.add_argument("--num-blocks", type=int, default=23, help="RRDBNet blocks (when not loading weights)")
     g.add_argument("--discriminator", choices=list(DISCRIMINATORS), default="sed-patch",
@@ -145,14 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--d-width", type=int, default=64, help="discriminator base width")
     g.add_argument("--extractor", default="clip_rn50", help="SeD's semantic extractor preset")
     g.add_argument("--extractor-weights", default="openai", help="open_clip tag, local file, or 'random'")
-    g.add_argument("--vgg-weights", default="imagenet", help="'imagenet' (torchvision), a local vgg19 .pth, or 'random'")
+    g.add_argument("--vgg-weights", default="imagenet",
+                   help="'imagenet' (torchvision), a local vgg19 .pth, or 'random'")
     g.add_argument("--allow-random-weights", action="store_true",
-                   help="if pretrained CLIP / VGG19 weights cannot be loaded, go on with RANDOM ones (smoke runs only)")
+                   help="if pretrained CLIP / VGG19 weights cannot be loaded, use RANDOM ones (smoke runs only)")
 
     g = p.add_argument_group("losses (defaults: the paper's recipe)")
     g.add_argument("--pixel-weight", type=float, default=1.0, help="L1 weight")
     g.add_argument("--perceptual-weight", type=float, default=None,
-                   help="VGG19 perceptual weight; default 1.0 for the pixel (U-Net) discriminators, 0.1 otherwise; 0 disables it")
+                   help="VGG19 perceptual weight (default 1.0 for the pixel discriminators, 0.1 otherwise; 0: off)")
     g.add_argument("--gan-loss", choices=["vanilla", "ragan", "lsgan", "hinge"], default="vanilla",
                    help="vanilla: BCE (the paper); ragan: ESRGAN's relativistic average")
     g.add_argument("--gan-weight", type=float, default=0.01, help="weight of G's adversarial loss")
@@ -162,28 +163,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-d", type=float, default=None, help="Adam learning rate of D (default: --lr)")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.99), help="Adam betas")
     g.add_argument("--total-steps", type=int, default=300_000, help="training iterations")
-    g.add_argument("--milestones", type=int, nargs="*", default=[100_000, 200_000], help="steps where the lr is multiplied by --gamma")
+    g.add_argument("--milestones", type=int, nargs="*", default=[100_000, 200_000],
+                   help="steps where the lr is multiplied by --gamma")
     g.add_argument("--gamma", type=float, default=0.5, help="lr factor at each milestone")
     g.add_argument("--psnr-steps", type=int, default=0,
-                   help="first train G with L1 alone for this many steps (ESRGAN's PSNR stage, when you have no PSNR weights)")
+                   help="train G with L1 alone for the first N steps (ESRGAN's PSNR stage, without PSNR weights)")
     g.add_argument("--ema", type=float, default=0.0, help="EMA decay of G's weights (e.g. 0.999); 0 disables it")
 
     g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/esrgan_sed", help="run folder: checkpoints/, samples/, log.csv, loss_curves.png")
+    g.add_argument("--out", default="runs/esrgan_sed",
+                   help="run folder: checkpoints/, samples/, log.csv, loss_curves.png")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue from the newest valid checkpoint of --out (or from PATH)")
     g.add_argument("--overwrite", action="store_true", help="delete the checkpoints, samples and log already in --out")
     g.add_argument("--run-steps", type=int, default=None,
-                   help="stop (with a checkpoint) after this many steps of this invocation, e.g. to fit a job time limit")
+                   help="stop (with a checkpoint) after N steps of this invocation, e.g. to fit a job time limit")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision (bf16 on Ampere or newer)")
-    g.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster convs on tensor cores)")
+    g.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                   help="mixed precision (bf16 on Ampere or newer)")
+    g.add_argument("--channels-last", action="store_true",
+                   help="channels_last memory format (faster convolutions on tensor cores)")
     g.add_argument("--compile", action="store_true", help="torch.compile the generator")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--log-every", type=int, default=100, help="steps between log.csv rows")
-    g.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids and loss plots (0: only at the end)")
-    g.add_argument("--checkpoint-every", type=int, default=5000, help="steps between checkpoints (one is always written at the end)")
+    g.add_argument("--sample-every", type=int, default=1000,
+                   help="steps between sample grids and loss plots (0: only at the end)")
+    g.add_argument("--checkpoint-every", type=int, default=5000,
+                   help="steps between checkpoints (one is always written at the end)")
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
     g.add_argument("--num-samples", type=int, default=4, help="images in the sample grid")
     g.add_argument("--sample-size", type=int, default=192, help="HR size of each sample (centre crop)")
@@ -335,10 +342,12 @@ class Trainer:
         arch = [f"--{k.replace('_', '-')} {saved.get(k)!r} (checkpoint) vs {getattr(args, k)!r}"
                 for k in _ARCH_KEYS if k in saved and saved[k] != getattr(args, k)]
         if arch:
-            raise UsageError("The checkpoint was trained with other networks; use its settings:\n  " + "\n  ".join(arch))
+            raise UsageError("The checkpoint was trained with other networks; use its settings:\n  "
+                             + "\n  ".join(arch))
         order = [k for k in _ORDER_KEYS if k in saved and saved[k] != getattr(args, k)]
         if order and self.info.is_main:
-            warnings.warn(f"Resuming with changed {order}: the data order differs from an uninterrupted run.", stacklevel=2)
+            warnings.warn(f"Resuming with changed {order}: the data order differs from an uninterrupted run.",
+                          stacklevel=2)
 
     def _build_data(self) -> tuple[sr_data.SRTrainDataset, list[Path]]:
         args = self.args
@@ -354,7 +363,9 @@ class Trainer:
             )  # fmt: skip
         if len(dataset) < self.info.world_size:
             raise UsageError(f"{len(dataset)} usable image(s) for {self.info.world_size} processes; add images.")
-        val_paths = sr_data.list_images(args.val_dir, "validation folder (--val-dir)") if args.val_dir else dataset.hr_paths
+        val_paths = dataset.hr_paths
+        if args.val_dir:
+            val_paths = sr_data.list_images(args.val_dir, "validation folder (--val-dir)")
         return dataset, val_paths
 
     def _build_generator(self, resume_state: dict[str, Any] | None) -> nn.Module:
@@ -454,11 +465,13 @@ class Trainer:
         elif self.info.is_main and state.get("ema") is not None:
             warnings.warn("The checkpoint has an EMA of G but --ema is 0: the EMA is dropped.", stacklevel=2)
         elif self.info.is_main and self.ema is not None:
-            warnings.warn("--ema is on but the checkpoint has no EMA: it starts from the current weights.", stacklevel=2)
+            warnings.warn("--ema is on but the checkpoint has no EMA: it starts from the current weights.",
+                          stacklevel=2)
         self.step = int(state["step"])
         data = state.get("data", {})
         if self.info.is_main and data.get("fingerprint") not in (None, sr_data.fingerprint(self.dataset.hr_paths)):
-            warnings.warn("The training images differ from those of the checkpoint; the data order differs.", stacklevel=2)
+            warnings.warn("The training images differ from those of the checkpoint; the data order differs.",
+                          stacklevel=2)
         rng = state["rng"]
         if len(rng) == self.info.world_size:
             ckpt.set_rng_state(rng[self.info.rank])
@@ -513,7 +526,8 @@ class Trainer:
                 with frozen(d_raw):
                     fake = d_raw(sr)
                     real = d_raw(hr).detach() if args.gan_loss == "ragan" else None
-                l_gan = generator_loss(fake.float(), None if real is None else real.float(), args.gan_loss, args.gan_weight)
+                real = None if real is None else real.float()
+                l_gan = generator_loss(fake.float(), real, args.gan_loss, args.gan_weight)
                 l_total = l_total + l_gan
                 logs["l_gan"] = l_gan.item()
         self.opt_g.zero_grad(set_to_none=True)
@@ -541,7 +555,7 @@ class Trainer:
                 d_raw.clear_condition()
         self.sched_g.step()
         with warnings.catch_warnings():  # D's optimiser has not stepped yet during the PSNR stage
-            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"), category=UserWarning)
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"), UserWarning)
             self.sched_d.step()
         self.step += 1
         return logs
@@ -651,10 +665,14 @@ def _run(trainer: Trainer, started: float) -> dict[str, Any]:
                 counts[key] = counts.get(key, 0) + 1
             step = trainer.step
             bar.update(1)
-            sample_now = args.sample_every > 0 and step % args.sample_every == 0
-            if step % args.log_every == 0 or sample_now or step == stop_at:
+            if sr_dist.any_rank(stop.signum is not None, info):  # every rank stops after the same step
+                interrupted = stop.signum or signal.SIGTERM
+            last = step == stop_at or interrupted is not None
+            sample_now = (args.sample_every > 0 and step % args.sample_every == 0) or last
+            if step % args.log_every == 0 or sample_now:
                 keys = sorted(sums)
-                means = sr_dist.mean_over_ranks(torch.tensor([sums[k] / counts[k] for k in keys], dtype=torch.float64), info)
+                means = torch.tensor([sums[k] / counts[k] for k in keys], dtype=torch.float64)
+                means = sr_dist.mean_over_ranks(means, info)
                 last_logs = dict(zip(keys, means.tolist()))
                 elapsed = (time.time() - tick) / max(1, step - tick_step)
                 row: dict[str, Any] = {
@@ -678,8 +696,7 @@ def _run(trainer: Trainer, started: float) -> dict[str, Any]:
             if step % args.checkpoint_every == 0:
                 trainer.save_checkpoint()
                 last_saved = step
-            if sr_dist.any_rank(stop.signum is not None, info):
-                interrupted = stop.signum or signal.SIGTERM
+            if interrupted is not None:
                 break
     bar.close()
 
@@ -710,17 +727,21 @@ def _run(trainer: Trainer, started: float) -> dict[str, Any]:
 
 def _print_header(trainer: Trainer) -> None:
     args, info = trainer.args, trainer.info
-    g_params = sum(p.numel() for p in trainer.g.parameters())
-    d_params = sum(p.numel() for p in trainer.d.parameters())
+    g_params = sum(p.numel() for p in trainer.g.parameters()) / 1e6
+    d_params = sum(p.numel() for p in trainer.d.parameters()) / 1e6
     origin = f"resumed from {trainer.resumed_from} at step {trainer.step}" if trainer.resumed_from else "new run"
-    print(f"[retrofit_esrgan] {origin}; {info.world_size} process(es) on {trainer.device.type}", file=sys.stderr)
-    print(f"  data: {len(trainer.dataset)} HR image(s) from {args.hr_dir}, {args.patch_size} px patches, "
-          f"batch {args.batch_size}/process, LR {'from ' + args.lr_dir if args.lr_dir else args.downsample + ' bicubic x' + str(args.scale)}",
-          file=sys.stderr)  # fmt: skip
-    print(f"  G: RRDBNet {g_params / 1e6:.2f}M params | D: {args.discriminator} {d_params / 1e6:.2f}M params | "
-          f"losses: {args.pixel_weight} L1 + {args.perceptual_weight} VGG19 + {args.gan_weight} {args.gan_loss} GAN"
-          + (f" (L1 only for the first {args.psnr_steps} steps)" if args.psnr_steps else ""), file=sys.stderr)  # fmt: skip
-    print(f"  out: {trainer.out}", file=sys.stderr, flush=True)
+    lr_source = f"from {args.lr_dir}" if args.lr_dir else f"{args.downsample} bicubic x{args.scale}"
+    losses = f"{args.pixel_weight} L1 + {args.perceptual_weight} VGG19 + {args.gan_weight} {args.gan_loss} GAN"
+    if args.psnr_steps:
+        losses += f" (L1 only for the first {args.psnr_steps} steps)"
+    lines = [
+        f"[retrofit_esrgan] {origin}; {info.world_size} process(es) on {trainer.device.type}",
+        f"  data: {len(trainer.dataset)} HR image(s) from {args.hr_dir}, {args.patch_size} px patches, "
+        f"batch {args.batch_size}/process, LR {lr_source}",
+        f"  G: RRDBNet {g_params:.2f}M params | D: {args.discriminator} {d_params:.2f}M params | losses: {losses}",
+        f"  out: {trainer.out}",
+    ]
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def _print_summary(trainer: Trainer, summary: dict[str, Any], finished: bool) -> None:
@@ -738,13 +759,16 @@ def _print_summary(trainer: Trainer, summary: dict[str, Any], finished: bool) ->
         f"  log         : {out / 'log.csv'}",
     ]
     if finished:
+        hr_dir = trainer.args.val_dir or "Set5/HR"
         lines.append(f"  generator   : {summary['generator']}")
+        lines.append(f"  evaluate    : python examples/evaluate.py --model {summary['checkpoint']} --hr-dir {hr_dir}")
     else:
         lines.append(f"  continue    : add --resume to the same command (--out {out})")
     print("\n".join(lines), flush=True)
     if trainer.random_weights:
-        banner([f"This run used RANDOM weights for: {', '.join(trainer.random_weights)}.",
-                "Its samples and losses show that the pipeline runs, not what SeD achieves."], stream=sys.stdout)  # fmt: skip
+        used = ", ".join(trainer.random_weights)
+        notice = "Its samples and losses show that the pipeline runs, not what SeD achieves."
+        banner([f"This run used RANDOM weights for: {used}.", notice], stream=sys.stdout)
 
 
 # -------------------------------------------------------------------------------------------- main

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-import examples_helpers  # noqa: F401  (puts examples/ on sys.path)
+from examples_helpers import one_thread  # noqa: F401  (examples/ on sys.path; autouse fixture)
 import numpy as np
 import pytest
 import torch

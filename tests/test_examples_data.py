@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from examples_helpers import photo_crops, write_images
+from examples_helpers import one_thread, photo_crops, write_images  # noqa: F401  (autouse fixture)
 from sr_kit import data as D
 
 # ----------------------------------------------------------------------------------- folders
@@ -49,7 +49,8 @@ def test_unreadable_and_too_small_images_are_named_and_skipped(tmp_path):
     assert sorted(ds.hr_paths) == sorted(good)
     with pytest.raises(D.DataError, match="broken.png"):
         D.SRTrainDataset(paths, patch_size=32, scale=4, strict=True)
-    with pytest.raises(D.DataError, match=r"(?s)No usable training image.*broken\.png \(UnidentifiedImageError\).*tiny\.png \(16x16 px\)"):
+    expected = r"(?s)No usable training image.*broken\.png \(UnidentifiedImageError\).*tiny\.png \(16x16 px\)"
+    with pytest.raises(D.DataError, match=expected):
         D.SRTrainDataset([small, broken], patch_size=32, scale=4)
 
 
@@ -181,7 +182,7 @@ def test_samples_do_not_depend_on_worker_processes(tmp_path):
 def test_demo_photos_are_exported_once(tmp_path):
     train, val = D.export_demo_photos(tmp_path)
     names = sorted(p.stem for p in D.list_images(train))
-    assert names == sorted(D.DEMO_TRAIN) and [p.stem for p in D.list_images(val)] == ["chelsea"]
+    assert names == sorted(D.DEMO_TRAIN) and [p.stem for p in D.list_images(val)] == ["chelsea", "rocket"]
     stamp = (train / "astronaut.png").stat().st_mtime_ns
     D.export_demo_photos(tmp_path)
     assert (train / "astronaut.png").stat().st_mtime_ns == stamp

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from examples_helpers import photo_crops, write_images
+from examples_helpers import one_thread, photo_crops, write_images  # noqa: F401  (autouse fixture)
 from sr_kit import data as D
 from sr_kit.metrics import LPIPSMetric, psnr_y, rgb_to_y, ssim_y
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from examples_helpers import EXAMPLES  # noqa: F401  (puts examples/ on sys.path)
+from examples_helpers import one_thread  # noqa: F401  (examples/ on sys.path; autouse fixture)
 from sr_kit import models as M
 
 
@@ -30,7 +30,8 @@ def test_vgg_style_discriminator_shapes_and_errors():
         d(torch.rand(1, 3, 64, 64))
     with pytest.raises(ValueError, match=r"4 \* 2\^k"):
         M.VGGStyleDiscriminator(input_size=48)
-    assert len([m for m in M.VGGStyleDiscriminator(width=8, input_size=128).modules() if isinstance(m, torch.nn.Conv2d)]) == 10
+    esrgan_sized = M.VGGStyleDiscriminator(width=8, input_size=128)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in esrgan_sized.modules()) == 10  # ESRGAN's conv0_0 ... conv4_1
 
 
 def test_perceptual_loss_taps_features_before_the_relu():
@@ -86,3 +87,14 @@ def test_discriminator_factory():
     with pytest.raises(ValueError, match="choose one of"):
         M.build_discriminator("stylegan", width=8, patch_size=32)
     assert issubclass(ConditionedSeD, SeD)
+
+
+def test_esrgan_init_scales_only_the_residual_dense_blocks():
+    g = M.build_generator(num_feat=16, num_blocks=2, scale=4)
+    dense = {id(c) for b in g.modules() if type(b).__name__.startswith("ResidualDenseBlock") for c in b.modules()}
+    convs = [m for m in g.modules() if isinstance(m, torch.nn.Conv2d)]
+    inside = [c for c in convs if id(c) in dense]
+    outside = [c for c in convs if id(c) not in dense]
+    assert len(inside) == 2 * 3 * 5 and outside  # 2 RRDBs x 3 dense blocks x 5 convs; main path untouched
+    assert all(c.bias.abs().max() == 0 for c in inside)
+    assert max(c.weight.std().item() for c in inside) < 0.5 * min(c.weight.std().item() for c in outside)

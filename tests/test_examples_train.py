@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from examples_helpers import EXAMPLES, ROOT, TINY_ARGS, hr_folder, train, write_images
+from examples_helpers import EXAMPLES, ROOT, TINY_ARGS, hr_folder, one_thread, train, write_images  # noqa: F401
 from sr_kit import checkpoint as C
 from sr_kit.models import DISCRIMINATORS, load_generator_weights
 
@@ -93,6 +93,7 @@ def test_interrupt_and_resume_gives_the_same_weights_as_a_straight_run(tmp_path)
     assert [int(r["step"]) for r in _rows(split)] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_failed_save_keeps_the_previous_checkpoint_and_training_resumes(tmp_path, monkeypatch):
     real_save = torch.save
     calls = []

@@ -97,7 +97,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
         first_line = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0])[:200]
-        raise CheckpointError(f"{path} cannot be read, it is truncated or damaged ({type(err).__name__}: {first_line}).") from err
+        reason = f"{type(err).__name__}: {first_line}"
+        raise CheckpointError(f"{path} cannot be read, it is truncated or damaged ({reason}).") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a training checkpoint of this script (format {FORMAT}).")
     return state
@@ -112,7 +113,8 @@ def find_resumable(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     candidates = list_checkpoints(folder)
     if not candidates:
         raise CheckpointError(
-            f"Nothing to resume: no step_*.pt checkpoint in {str(folder)!r}. Check --out, or pass the file with --resume PATH."
+            f"Nothing to resume: no step_*.pt checkpoint in {str(folder)!r}. "
+            "Check --out, or pass the file with --resume PATH."
         )
     failures = []
     for _, path in reversed(candidates):

@@ -119,16 +119,20 @@ def load_extractor(name: str = "clip_rn50", weights: str = "openai", allow_rando
 
 
 def esrgan_init(model: nn.Module, scale: float = 0.1) -> nn.Module:
-    """ESRGAN's initialisation for training from scratch: Kaiming-normal convs scaled by ``scale``, zero biases.
+    """ESRGAN's initialisation for training from scratch.
 
-    The small scale keeps the 23 residual-in-residual blocks close to identity at the start.
+    The convolutions inside the residual dense blocks get Kaiming-normal weights scaled by
+    ``scale`` and zero biases, so the 23 residual-in-residual blocks start close to identity;
+    the convolutions of the main path (first, trunk end, upsampling, last) keep PyTorch's default.
     """
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, a=0, mode="fan_in")
-            module.weight.data.mul_(scale)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+    for block in model.modules():
+        if type(block).__name__.startswith("ResidualDenseBlock"):
+            for conv in block.modules():
+                if isinstance(conv, nn.Conv2d):
+                    nn.init.kaiming_normal_(conv.weight, a=0, mode="fan_in")
+                    conv.weight.data.mul_(scale)
+                    if conv.bias is not None:
+                        nn.init.zeros_(conv.bias)
     return model
 
 
@@ -145,7 +149,9 @@ def _checked_generator(descriptor: Any, source: str, scale: int | None) -> nn.Mo
     if not isinstance(descriptor, spandrel.ImageModelDescriptor):
         raise ValueError(f"{source} holds a {descriptor.architecture.name} model, not an image-to-image generator.")
     if scale is not None and descriptor.scale != scale:
-        raise ValueError(f"{source} is a x{descriptor.scale} model but --scale is {scale}; pass --scale {descriptor.scale}.")
+        raise ValueError(
+            f"{source} is a x{descriptor.scale} model but --scale is {scale}; pass --scale {descriptor.scale}."
+        )
     if descriptor.architecture.id != "ESRGAN":
         warnings.warn(
             f"{source} is a {descriptor.architecture.name} model, not ESRGAN's RRDBNet; training it anyway.",
@@ -228,7 +234,8 @@ class VGGStyleDiscriminator(nn.Module):
         stages = (input_size // 4).bit_length() - 1
         if input_size < 8 or 4 * 2**stages != input_size:
             raise ValueError(
-                f"The VGG-style discriminator needs a patch size of the form 4 * 2^k (32, 64, 128, 256...), got {input_size}."
+                "The VGG-style discriminator needs a patch size of the form 4 * 2^k (32, 64, 128, 256...), "
+                f"got {input_size}."
             )
         self.input_size = input_size
         layers: list[nn.Module] = []
@@ -237,10 +244,13 @@ class VGGStyleDiscriminator(nn.Module):
             out = width * min(2**i, 8)
             first = nn.Conv2d(channels, out, 3, 1, 1, bias=i == 0)
             layers += [first] if i == 0 else [first, nn.BatchNorm2d(out)]
-            layers += [nn.LeakyReLU(0.2), nn.Conv2d(out, out, 4, 2, 1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
+            layers += [nn.LeakyReLU(0.2), nn.Conv2d(out, out, 4, 2, 1, bias=False), nn.BatchNorm2d(out)]
+            layers += [nn.LeakyReLU(0.2)]
             channels = out
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(channels * 16, 100), nn.LeakyReLU(0.2), nn.Linear(100, 1))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels * 16, 100), nn.LeakyReLU(0.2), nn.Linear(100, 1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.input_size, self.input_size):
@@ -331,7 +341,8 @@ def load_vgg19_features(weights: str = "imagenet", allow_random: bool = False) -
                 f"into {hub} (or pass its path with --vgg-weights PATH).\n\nTo train anyway with RANDOM VGG "
                 "weights (a smoke run, not a result), add --allow-random-weights."
             ) from err
-        _random_banner("VGG19 of the perceptual loss", f"its {weights!r} weights could not be loaded ({type(err).__name__}).")
+        reason = f"its {weights!r} weights could not be loaded ({type(err).__name__})."
+        _random_banner("VGG19 of the perceptual loss", reason)
         return _vgg19_features(), True
     return features, False
 
@@ -415,17 +426,6 @@ class EMA:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.decay = float(state["decay"])
         self.model.load_state_dict(state["model"])
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module inside DistributedDataParallel and torch.compile wrappers."""
-    while True:
-        if hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        elif isinstance(module, nn.parallel.DistributedDataParallel):
-            module = module.module
-        else:
-            return module
 
 
 @contextlib.contextmanager

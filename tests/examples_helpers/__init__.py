@@ -6,11 +6,22 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors run faster on one thread, and far faster when other processes share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 # Seconds-sized networks and patches; random CLIP / VGG weights (tests never download).
 TINY_ARGS = [
@@ -30,13 +41,14 @@ def photo_crops(count: int = 4, size: int = 48) -> list[np.ndarray]:
     return [np.ascontiguousarray(image[i * step : i * step + size, i * step : i * step + size]) for i in range(count)]
 
 
-def write_images(folder: Path, images: list[np.ndarray], suffix: str = ".png", names: list[str] | None = None) -> list[Path]:
+def write_images(folder: Path, images: list[np.ndarray], names: list[str] | None = None) -> list[Path]:
+    """Save ``images`` as PNG files in ``folder`` (``img00.png``, ... unless ``names`` are given)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):
-        path = folder / f"{names[i] if names else f'img{i:02d}'}{suffix}"
+        path = folder / f"{names[i] if names else f'img{i:02d}'}.png"
         Image.fromarray(image).save(path)
         paths.append(path)
     return paths
