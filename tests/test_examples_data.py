@@ -184,5 +184,7 @@ def test_demo_photos_are_exported_once(tmp_path):
     names = sorted(p.stem for p in D.list_images(train))
     assert names == sorted(D.DEMO_TRAIN) and [p.stem for p in D.list_images(val)] == ["chelsea", "rocket"]
     stamp = (train / "astronaut.png").stat().st_mtime_ns
+    (train / "chelsea.png").write_bytes((val / "chelsea.png").read_bytes())  # e.g. left by an older demo
     D.export_demo_photos(tmp_path)
     assert (train / "astronaut.png").stat().st_mtime_ns == stamp
+    assert not (train / "chelsea.png").exists()

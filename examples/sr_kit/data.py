@@ -517,13 +517,17 @@ def _skimage_photo(name: str) -> np.ndarray:
 def export_demo_photos(root: str | os.PathLike) -> tuple[Path, Path]:
     """Write the scikit-image photos as PNG into ``root/train`` and ``root/val``; returns both folders.
 
-    Files already there are kept, so a second run reuses them.
+    Photos already there are reused; other images in these two folders (left by an older
+    version of the demo) are removed, so the folders hold exactly the demo's photos.
     """
     root = Path(root)
     folders = []
     for sub, names in (("train", DEMO_TRAIN), ("val", DEMO_VAL)):
         folder = root / sub
         folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.png"):
+            if stale.stem not in names:
+                stale.unlink()
         for name in names:
             target = folder / f"{name}.png"
             if not target.exists():
