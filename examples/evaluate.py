@@ -79,6 +79,15 @@ def load_model(path: str, scale: int, use_ema: bool = True) -> torch.nn.Module:
     return model
 
 
+def labels(paths: list[str]) -> list[str]:
+    """Short distinct row names: the file stem, with parent folders added where stems collide."""
+    parts = [Path(p).resolve().with_suffix("").parts for p in paths]
+    depth = 1
+    while depth < max((len(p) for p in parts), default=1) and len({p[-depth:] for p in parts}) < len(parts):
+        depth += 1
+    return ["/".join(p[-depth:]) for p in parts]
+
+
 def _mod_crop(hr: torch.Tensor, scale: int) -> torch.Tensor:
     h, w = hr.shape[-2:]
     return hr[:, : h - h % scale, : w - w % scale]
@@ -118,8 +127,11 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, object]]:
     device = pick_device(args.device)
     hr_paths = sr_data.list_images(args.hr_dir, "HR folder (--hr-dir)")
     lr_paths = sr_data.pair_lr_files(hr_paths, args.lr_dir, args.scale) if args.lr_dir else None
-    sr_dirs = {Path(d).name or d: sr_data.pair_lr_files(hr_paths, d, 1) for d in args.sr_dir}
-    models = {Path(m).stem: load_model(m, args.scale, not args.no_ema).to(device).eval() for m in args.model}
+    sr_dirs = {label: sr_data.pair_lr_files(hr_paths, d, 1) for label, d in zip(labels(args.sr_dir), args.sr_dir)}
+    models = {
+        label: load_model(m, args.scale, not args.no_ema).to(device).eval()
+        for label, m in zip(labels(args.model), args.model)
+    }
     if not (models or sr_dirs or not args.no_bicubic):
         raise sr_data.DataError("Nothing to evaluate: pass --model, --sr-dir, or leave the bicubic baseline on.")
     lpips = None if args.no_lpips else LPIPSMetric(device)

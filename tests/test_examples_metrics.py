@@ -103,3 +103,13 @@ def test_evaluate_checks_lr_sizes(tmp_path, capsys):
     code = evaluate.main(["--hr-dir", str(tmp_path / "HR"), "--lr-dir", str(tmp_path / "LR"), "--out",
                           str(tmp_path / "eval"), "--no-lpips", "--no-progress"])  # fmt: skip
     assert code == 2 and "a.png is 20x20" in capsys.readouterr().err
+
+
+def test_evaluate_row_names_stay_distinct():
+    import evaluate
+
+    assert evaluate.labels(["runs/a/generator_final.pth", "runs/b/generator_final.pth"]) == [
+        "a/generator_final",
+        "b/generator_final",
+    ]
+    assert evaluate.labels(["RRDB_ESRGAN_x4.pth"]) == ["RRDB_ESRGAN_x4"]

@@ -65,6 +65,17 @@ def test_each_discriminator_trains(tmp_path, kind, capsys):
     assert ("RANDOM WEIGHTS" in out.err) == kind.startswith("sed-")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16"]], ids=["bf16-nhwc", "fp16"])
+def test_mixed_precision_runs_and_checkpoints_its_scalers(tmp_path, flags):
+    assert train(tmp_path, "run", "--discriminator", "sed-pixel", "--total-steps", "1", *flags) == 0
+    state = C.load_checkpoint(tmp_path / "run" / "checkpoints" / C.checkpoint_name(1))
+    assert all(torch.isfinite(v).all() for v in state["generator"].values())
+    if "fp16" in flags:
+        assert state["scaler_g"]["scale"] > 0 and state["scaler_d"]["scale"] > 0
+    assert train(tmp_path, "run", "--discriminator", "sed-pixel", "--total-steps", "2", "--resume", *flags) == 0
+
+
 # ----------------------------------------------------------------------------------- resume
 
 

@@ -14,6 +14,7 @@ EXAMPLES = ROOT / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny tensors run faster on one thread, and far faster when other processes share the cores."""
@@ -55,8 +56,10 @@ def write_images(folder: Path, images: list[np.ndarray], names: list[str] | None
 
 
 def hr_folder(tmp_path: Path, count: int = 4, size: int = 48) -> Path:
+    """``tmp_path/hr`` with ``count`` photo crops (made on the first call of a test, reused after)."""
     folder = tmp_path / "hr"
-    write_images(folder, photo_crops(count, size))
+    if not folder.exists():
+        write_images(folder, photo_crops(count, size))
     return folder
 
 
@@ -64,10 +67,5 @@ def train(tmp_path: Path, out: str, *extra: str, hr: Path | None = None) -> int:
     """Run retrofit_esrgan.main in this process with the tiny settings; returns its exit status."""
     import retrofit_esrgan
 
-    hr = hr or hr_folder_cached(tmp_path)
+    hr = hr or hr_folder(tmp_path)
     return retrofit_esrgan.main(["--hr-dir", str(hr), "--out", str(tmp_path / out), *TINY_ARGS, *extra])
-
-
-def hr_folder_cached(tmp_path: Path) -> Path:
-    folder = tmp_path / "hr"
-    return folder if folder.exists() else hr_folder(tmp_path)
