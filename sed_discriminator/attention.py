@@ -13,7 +13,7 @@ from torch.jit import Final
 
 from .config import use_fused_attn
 
-__all__ = ["Attention", "FeedForward", "TransformerBlock", "fused_attention", "math_attention_scores"]
+__all__ = ["Attention", "FeedForward", "TransformerBlock", "math_attention_scores"]
 
 
 def math_attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -31,56 +31,6 @@ def math_attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> tor
     if scores.dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()  # upcast reduced precision only: float64 must stay float64
     return scores.softmax(dim=-1).to(q.dtype)
-
-
-# Smallest number of queries per chunk when the fused CPU path splits the queries (below this
-# the split costs more than the second core gains).
-_MIN_QUERIES_PER_CHUNK = 128
-
-
-def _compiling() -> bool:
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling is not None and is_compiling())
-
-
-def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``F.scaled_dot_product_attention(q, k, v)``, spread over all CPU threads.
-
-    PyTorch's CPU flash-attention kernel parallelises over batch x heads; with SeD's single
-    head at batch 1 (the big patches) it runs on one core, backward included. On the CPU this
-    function then splits the queries into chunks that it hands to the kernel as extra heads,
-    each attending to the same keys and values (a stride-0 view, no copy for one head). Every
-    query row is computed exactly as before; the key/value gradients are summed over the
-    chunks, so they differ from the unsplit kernel by float rounding only. On other devices,
-    under ``torch.compile``, or when batch x heads already covers the threads, it is a plain call.
-
-    Args:
-        q: queries (B, heads, Nq, D).
-        k: keys (B, heads, Nk, D).
-        v: values (B, heads, Nk, D).
-
-    Returns:
-        (B, heads, Nq, D).
-    """
-    b, h, n, d = q.shape
-    if q.device.type != "cpu" or _compiling():
-        return F.scaled_dot_product_attention(q, k, v)
-    chunks = min(torch.get_num_threads() // max(1, b * h), n // _MIN_QUERIES_PER_CHUNK)
-    if chunks < 2:
-        return F.scaled_dot_product_attention(q, k, v)
-    pad = (-n) % chunks
-    if pad:  # padded query rows get zero gradient, so they add nothing to dk, dv
-        q = F.pad(q, (0, 0, 0, pad))
-    m = (n + pad) // chunks
-    q = q.reshape(b, h * chunks, m, d)
-    nk = k.shape[2]
-    if h == 1:
-        k, v = k.expand(b, chunks, nk, d), v.expand(b, chunks, nk, v.shape[-1])
-    else:
-        k = k.unsqueeze(2).expand(b, h, chunks, nk, d).reshape(b, h * chunks, nk, d)
-        v = v.unsqueeze(2).expand(b, h, chunks, nk, v.shape[-1]).reshape(b, h * chunks, nk, v.shape[-1])
-    out = F.scaled_dot_product_attention(q, k, v).reshape(b, h, n + pad, -1)
-    return out[:, :, :n] if pad else out
 
 
 class Attention(nn.Module):
@@ -144,7 +94,7 @@ class Attention(nn.Module):
         v = self._split_heads(self.to_v(context))
         attn = None
         if self.fused_attn and not return_attention:
-            out = fused_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v)
         else:
             attn = math_attention_scores(q, k, self.scale)
             out = torch.matmul(attn, v)

@@ -245,7 +245,7 @@ def _download(preset: ExtractorPreset, tag: str, cache_dir: str | None) -> str:
             f"On a machine with internet, download OpenAI's archive ({cfg.get('url') or 'n/a'}) or the "
             f"open_clip file of the Hugging Face repo {cfg.get('hf_hub', 'n/a').rstrip('/')!r}, copy it here and "
             "pass its path: SemanticExtractor(pretrained='/path/to/file'). Or fill the cache once online "
-            "and pass the same cache_dir=."
+            "and pass the same cache_dir=. Offline, export HF_HUB_OFFLINE=1 to skip the network retries."
         ) from err
     if not path:
         raise RuntimeError(f"open_clip returned no file for {model}/{tag}; pass pretrained= as a local file path.")
