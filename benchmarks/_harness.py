@@ -373,6 +373,9 @@ def measure_safely(cfg: dict) -> dict:
     except RuntimeError as err:  # compile failures and the like: record, do not abort the suite
         return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
     finally:
+        import gc
+
+        gc.collect()  # drop what a failed configuration left behind before the next one
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
