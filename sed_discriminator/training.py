@@ -141,7 +141,8 @@ class SeDAdversary(_HoldsExtractor):
         """Adversarial loss of the discriminator on real ``hr`` and (detached) fake ``sr``.
 
         With ``batch_real_fake`` the two batches go through the discriminator in one call (see
-        the class docstring for how that differs in training mode).
+        the class docstring for how that differs in training mode); batches of different shapes
+        cannot be concatenated and take two calls.
         """
         semantic = self.semantics(hr)
         if self.batch_real_fake and hr.shape == sr.shape:
