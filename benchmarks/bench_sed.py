@@ -104,6 +104,8 @@ def plan(args: argparse.Namespace) -> list[dict]:
     if "sefb" in args.suites:
         for variant in ("pixel", "patch"):
             for level in H.SEFB_LEVELS[variant]:
+                if args.levels and f"{variant}.{level}" not in args.levels:
+                    continue
                 for size in sizes:
                     big = size > 512
                     if quick and not (variant == "pixel" and level == "att1"):
@@ -435,6 +437,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="what to measure (default: all CPU suites; 'gpu' is the table of gpu_check.sh)")
     p.add_argument("--sizes", nargs="+", type=int, default=[256, 512, 1024], help="square patch sides")
     p.add_argument("--batch", type=int, default=1, help="batch of the disc and sefb suites (and gpu)")
+    p.add_argument("--levels", nargs="+", default=None, metavar="VARIANT.LEVEL",
+                   help="SeFB levels of the sefb suite, e.g. pixel.att1 (default: all)")
     p.add_argument("--step-size", type=int, default=256, help="patch side of the step suite")
     p.add_argument("--step-batch", type=int, default=2, help="batch of the step suite")
     p.add_argument("--extractor-batch", type=int, default=4, help="batch of the extractor suite")
