@@ -66,6 +66,8 @@ def label(cfg: dict) -> str:
         parts.append("inference_mode")
     if cfg["kind"] == "extractor":
         parts = [p for p in parts if p not in ("fused",)]
+    if cfg.get("library"):
+        parts.append(f"library from {cfg['library']}")
     return ", ".join(parts)
 
 
@@ -286,6 +288,8 @@ def table(rows: list[dict], device: str) -> str:
 def _find(rows: Iterable[dict], **want) -> dict | None:
     for r in rows:
         cfg = r["cfg"]
+        if cfg.get("library") or r.get("comparison"):
+            continue  # before/after rows: another version of the library, or its counterpart
         if all(cfg.get(k, _DEFAULTS.get(k)) == v for k, v in want.items()) and "error" not in r.get("result", {"error": 1}):
             return r
     return None
@@ -384,7 +388,9 @@ def plots(rows: list[dict], out_dir: str, machine: dict) -> list[str]:
                 pts = []
                 for r in rows:
                     cfg = r["cfg"]
-                    if cfg["kind"] != "disc" or cfg["variant"] != variant or cfg.get("compile"):
+                    if cfg["kind"] != "disc" or cfg["variant"] != variant or cfg.get("compile") or cfg.get("library"):
+                        continue
+                    if r.get("comparison"):
                         continue
                     if all(cfg.get(k, _DEFAULTS[k]) == v for k, v in {**_DEFAULTS, **want}.items() if k != "compile"):
                         res = r.get("result", {})
@@ -396,6 +402,7 @@ def plots(rows: list[dict], out_dir: str, machine: dict) -> list[str]:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=name)
             if metric == "peak":
                 ref = [r for r in rows if r["cfg"]["kind"] == "disc" and r["cfg"]["variant"] == variant
+                       and not r["cfg"].get("library") and not r.get("comparison")
                        and r["cfg"].get("path") == "fused" and r["cfg"].get("dtype", "fp32") == "fp32"
                        and r["cfg"].get("layout", "nchw") == "nchw" and not r["cfg"].get("compile")
                        and "error" not in r.get("result", {})]
@@ -406,13 +413,16 @@ def plots(rows: list[dict], out_dir: str, machine: dict) -> list[str]:
                     ax.plot(sizes, [m0 * (s / sizes[0]) ** 2 for s in sizes], "k:", lw=1, label="grows with area (fused, from smallest)")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            sides = sorted({r["cfg"]["size"] for r in rows if r["cfg"]["kind"] == "disc"})
+            sides = sorted({r["cfg"]["size"] for r in rows if r["cfg"]["kind"] == "disc" and r["cfg"]["variant"] == variant})
+            sides = sides or sorted({r["cfg"]["size"] for r in rows if r["cfg"]["kind"] == "disc"})
             ax.set_xticks(sides, [str(v) for v in sides])
             ax.set_xlim(sides[0] / 1.3, sides[-1] * 1.3)
             ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             lo, hi = ax.get_ylim()
             few = hi / lo < 20  # less than ~a decade: label the minor ticks too
-            ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}" if few else ""))
+            ax.yaxis.set_minor_formatter(
+                matplotlib.ticker.FuncFormatter(lambda v, _, few=few: f"{v:.3g}" if few else "")
+            )
             ax.set_xlabel("patch side (px)")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{variant} SeD, batch {rows[0]['cfg'].get('batch', 1)}, forward + backward")
