@@ -7,7 +7,8 @@ A *configuration* is a plain dict (JSON-serialisable) that says what to build an
   real and fake calls, backward, Adam step) or ``"extractor"`` (the frozen extractor's forward).
 - ``variant``, ``size`` (square patch side), ``batch``, ``level`` (SeFB name), ``path``
   (``"fused"``/``"math"``), ``dtype`` (``"fp32"``/``"bf16"``/``"fp16"``: autocast), ``layout``
-  (``"nchw"``/``"cl"`` for channels_last), ``compile`` (``torch.compile`` or eager),
+  (``"default"``: the model's own choice, channels_last for the pixel SeD; ``"nchw"``/``"cl"``:
+  ``SeD(channels_last=False/True)``, and for the extractor ``.to(memory_format=...)``), ``compile`` (``torch.compile`` or eager),
   ``device``, ``warmup``, ``repeats``, ``tiny`` (small widths for smoke runs) and per-kind
   options (``semantics``, ``extractor_mode``, ``batched`` for ``"step"``).
 
@@ -117,7 +118,7 @@ def _autocast(cfg: dict, device: Any) -> contextlib.AbstractContextManager:
 def _layout(cfg: dict) -> Any:
     import torch
 
-    return torch.channels_last if cfg.get("layout", "nchw") == "cl" else torch.contiguous_format
+    return torch.channels_last if cfg.get("layout", "default") == "cl" else torch.contiguous_format
 
 
 def _build_disc(cfg: dict, device: Any):
@@ -126,9 +127,21 @@ def _build_disc(cfg: dict, device: Any):
     from sed_discriminator import SeD
 
     torch.manual_seed(0)
-    model = SeD(cfg["variant"], **_model_kwargs(cfg)).to(device, memory_format=_layout(cfg))
-    model.train().set_fused_attn(cfg.get("path", "fused") == "fused")
+    layout = cfg.get("layout", "default")
+    kwargs = _model_kwargs(cfg)
+    if layout != "default":
+        kwargs["channels_last"] = layout == "cl"
+    try:
+        model = SeD(cfg["variant"], **kwargs)
+    except TypeError:  # a library from before the channels_last argument (--library runs)
+        kwargs.pop("channels_last", None)
+        model = SeD(cfg["variant"], **kwargs).to(memory_format=_layout(cfg))
+    model.to(device).train().set_fused_attn(cfg.get("path", "fused") == "fused")
     return model
+
+
+def _runs_channels_last(model: Any) -> bool:
+    return bool(getattr(model, "channels_last", False))
 
 
 def _build_extractor(cfg: dict, device: Any):
@@ -166,7 +179,7 @@ class _Runner:
         gen = torch.Generator().manual_seed(1)
         mf = _layout(cfg)
 
-        def image(n: int = batch) -> torch.Tensor:
+        def image(n: int = batch) -> torch.Tensor:  # the discriminators convert the layout themselves
             return torch.rand(n, 3, size, size, generator=gen).to(device).contiguous(memory_format=mf)
 
         sem_side = max(1, size // 16)
@@ -182,6 +195,8 @@ class _Runner:
             side = self._feature_side(cfg, disc, size)
             channels = block.proj_context.in_channels
             self.model = block
+            # A SeFB sees the features in the layout its discriminator runs in.
+            mf = torch.channels_last if _runs_channels_last(disc) else mf
             self.features = (
                 torch.randn(batch, channels, side, side, generator=gen).to(device).contiguous(memory_format=mf)
             )

@@ -51,11 +51,17 @@ def _reps(size: int, quick: bool, device: str) -> dict:
     return {256: {"warmup": 1, "repeats": 3}, 512: {"warmup": 1, "repeats": 2}}.get(size, {"warmup": 1, "repeats": 1})
 
 
+# The layout that is not the variant's default (SeD runs the pixel variant channels_last).
+_OTHER_LAYOUT = {"pixel": "nchw", "patch": "cl"}
+
+
 def label(cfg: dict) -> str:
     """Short human name of a configuration (the row label of the tables)."""
     parts = [cfg.get("path", "fused"), cfg.get("dtype", "fp32")]
     if cfg.get("layout") == "cl":
         parts.append("channels_last")
+    elif cfg.get("layout") == "nchw":
+        parts.append("NCHW")
     if cfg.get("compile"):
         parts.append("compile")
     if cfg["kind"] == "step":
@@ -94,9 +100,15 @@ def plan(args: argparse.Namespace) -> list[dict]:
             for size in sizes:
                 if variant == "patch" and size > 512 and not args.patch_1024:
                     continue
+                # The pixel SeD runs channels_last by default: its NCHW rows show what the layout buys;
+                # the patch SeD runs NCHW by default: its channels_last row shows why.
                 cfgs = [math_fp32, fused]
+                if variant == "pixel" and not quick:
+                    cfgs += [{**math_fp32, "layout": "nchw"}, {**fused, "layout": "nchw"}]
                 if not quick and size <= 512:
-                    cfgs += [{**fused, "layout": "cl"}, {**fused, "dtype": "bf16"}]
+                    if variant == "patch":
+                        cfgs.append({**fused, "layout": "cl"})
+                    cfgs.append({**fused, "dtype": "bf16"})
                     if size <= 256:
                         cfgs.append({**math_fp32, "dtype": "bf16"})
                     if size <= 256 and args.compile and variant == "patch":
@@ -132,9 +144,9 @@ def plan(args: argparse.Namespace) -> list[dict]:
                 {"path": "fused", "semantics": "per_call"},
                 once,
                 {**once, "batched": True},
-                {**once, "layout": "cl"},
+                {**once, "layout": _OTHER_LAYOUT[variant]},
                 {**once, "dtype": "bf16"},
-                {**once, "layout": "cl", "dtype": "bf16", "batched": True},
+                {**once, "dtype": "bf16", "batched": True},
             ]
             group = f"step {variant} {size} b{args.step_batch}"
             reps = {} if quick or dev == "cuda" else {"warmup": 1, "repeats": 2}
@@ -157,9 +169,10 @@ def plan(args: argparse.Namespace) -> list[dict]:
                 cfgs = [
                     {"path": "math"},
                     {"path": "fused"},
+                    {"path": "fused", "layout": _OTHER_LAYOUT[variant]},
                     {"path": "fused", "dtype": "bf16"},
-                    {"path": "fused", "dtype": "bf16", "layout": "cl"},
-                    {"path": "fused", "dtype": "bf16", "layout": "cl", "batched": True},
+                    {"path": "fused", "dtype": "bf16", "layout": _OTHER_LAYOUT[variant]},
+                    {"path": "fused", "dtype": "bf16", "batched": True},
                 ]
                 group = f"step {variant} {size} b{batch}"
                 add("step", group, cfgs, size, variant=variant, batch=batch)
@@ -295,7 +308,7 @@ def _find(rows: Iterable[dict], **want) -> dict | None:
     return None
 
 
-_DEFAULTS = {"path": "fused", "dtype": "fp32", "layout": "nchw", "compile": False, "batched": False}
+_DEFAULTS = {"path": "fused", "dtype": "fp32", "layout": "default", "compile": False, "batched": False}
 
 
 def targets(rows: list[dict]) -> str:
@@ -310,7 +323,7 @@ def targets(rows: list[dict]) -> str:
             out.append(f"- {name}: {value:.2f} (target <= {limit}) -> {verdict}")
 
     def disc(variant, size, **kw):
-        return _find(rows, kind="disc", variant=variant, size=size, compile=False, layout="nchw", dtype="fp32", **kw)
+        return _find(rows, kind="disc", variant=variant, size=size, compile=False, layout="default", dtype="fp32", **kw)
 
     for size, mem_lim, time_lim in ((1024, 0.3, 0.55), (512, 0.7, 0.9)):
         r = disc("pixel", size, path="fused")
@@ -373,6 +386,8 @@ def plots(rows: list[dict], out_dir: str, machine: dict) -> list[str]:
     series = [
         ("math, fp32 (baseline)", {"path": "math"}, "C3", "o-"),
         ("fused, fp32", {"path": "fused"}, "C0", "s-"),
+        ("math, fp32, NCHW", {"path": "math", "layout": "nchw"}, "C3", "o:"),
+        ("fused, fp32, NCHW", {"path": "fused", "layout": "nchw"}, "C0", "s:"),
         ("fused, fp32, channels_last", {"path": "fused", "layout": "cl"}, "C2", "^--"),
         ("fused, bf16", {"path": "fused", "dtype": "bf16"}, "C1", "d:"),
     ]
@@ -404,7 +419,7 @@ def plots(rows: list[dict], out_dir: str, machine: dict) -> list[str]:
                 ref = [r for r in rows if r["cfg"]["kind"] == "disc" and r["cfg"]["variant"] == variant
                        and not r["cfg"].get("library") and not r.get("comparison")
                        and r["cfg"].get("path") == "fused" and r["cfg"].get("dtype", "fp32") == "fp32"
-                       and r["cfg"].get("layout", "nchw") == "nchw" and not r["cfg"].get("compile")
+                       and r["cfg"].get("layout", "default") == "default" and not r["cfg"].get("compile")
                        and "error" not in r.get("result", {})]
                 if len(ref) >= 2:
                     s0 = min(ref, key=lambda r: r["cfg"]["size"])

@@ -7,8 +7,8 @@
 #     FlashAttention / memory-efficient kernel under bf16/fp16 and matches the math path, AMP
 #     with GradScaler stays finite, R1 works with the fused path on;
 #  3. benchmarks a full discriminator step (semantics, real + fake, backward, Adam) at batch 8
-#     on 256/512/1024 patches: math fp32 (baseline) vs fused fp32 vs fused bf16 (+ channels_last,
-#     + real/fake batched), both variants;
+#     on 256/512/1024 patches: math fp32 (baseline) vs fused fp32 vs fused bf16 (each in the
+#     variant's default layout and the other one; + real/fake batched), both variants;
 #  4. prints one table (tests + benchmark + targets) and writes it, with the logs and the JSON,
 #     to $OUT (when set) or benchmarks/results/cuda.
 # Everything is bounded so that the whole script ends within 8 minutes.

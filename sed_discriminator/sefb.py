@@ -20,15 +20,16 @@ __all__ = ["SeFB", "channels_to_space", "semantic_grid_size"]
 GROUP_NORM_GROUPS = 32
 
 
-def channels_to_space(x: torch.Tensor, factor: int) -> torch.Tensor:
+def channels_to_space(x: torch.Tensor, factor: int, channels_last: bool = False) -> torch.Tensor:
     """Move channel sub-indices into space in the reference's ``(c, uw, uh)`` order.
 
     ``out[b, c, h*u + uh, w*u + uw] = x[b, c*u*u + uw*u + uh, h, w]``. This is NOT
     :func:`torch.nn.functional.pixel_shuffle`, whose channel order is ``(c, uh, uw)``.
 
     Args:
-        x: tensor of shape (B, C*u*u, h, w).
+        x: tensor of shape (B, C*u*u, h, w), in either memory layout.
         factor: the upscale factor u.
+        channels_last: lay the result out as ``torch.channels_last`` (same values).
 
     Returns:
         Tensor of shape (B, C, h*u, w*u).
@@ -37,7 +38,10 @@ def channels_to_space(x: torch.Tensor, factor: int) -> torch.Tensor:
     if c % (factor * factor):
         raise ValueError(f"channels_to_space needs channels divisible by {factor}^2, got {c}.")
     c_out = c // (factor * factor)
-    x = x.view(b, c_out, factor, factor, h, w)  # (b, c, uw, uh, h, w)
+    x = x.reshape(b, c_out, factor, factor, h, w)  # (b, c, uw, uh, h, w)
+    if channels_last:
+        out = x.permute(0, 4, 3, 5, 2, 1).reshape(b, h * factor, w * factor, c_out)
+        return out.permute(0, 3, 1, 2)
     return x.permute(0, 1, 4, 3, 5, 2).reshape(b, c_out, h * factor, w * factor)
 
 
@@ -59,6 +63,10 @@ def semantic_grid_size(feature_size: tuple[int, int], upscale: int, shrink: int 
     return tuple(math.ceil((s + shrink) / upscale) for s in feature_size)  # type: ignore[return-value]
 
 
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _to_tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H*W, C) tokens, row-major over (H, W), without a copy in either layout.
 
@@ -66,7 +74,7 @@ def _to_tokens(x: torch.Tensor) -> torch.Tensor:
     reshape; a contiguous map gives a transposed view (what the reference's rearrange gives).
     """
     b, c, h, w = x.shape
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if _is_channels_last(x):
         return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
     return x.flatten(2).transpose(1, 2)
 
@@ -173,7 +181,7 @@ class SeFB(nn.Module):
         block_out = self.transformer_blocks[0](q, context, return_attention=return_attention)
         t, attn = block_out if return_attention else (block_out, None)
         t = t.transpose(1, 2).reshape(b, t.shape[-1], grid[0], grid[1])
-        out = self.conv_out(channels_to_space(self.proj_out(t), self.upscale))
+        out = self.conv_out(channels_to_space(self.proj_out(t), self.upscale, _is_channels_last(features)))
         if out.shape[-2:] != (height, width):
             out = out[..., :height, :width]
         return (out, attn) if return_attention else out

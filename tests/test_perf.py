@@ -134,24 +134,164 @@ def test_tokens_are_free_views_in_both_layouts() -> None:
     assert _to_tokens(cl).is_contiguous() and _to_tokens(cl).data_ptr() == cl.data_ptr()
 
 
+def _step(model: SeD, x: torch.Tensor, s: torch.Tensor):
+    image = x.clone().requires_grad_(True)
+    out = model(image, s)
+    out.square().mean().backward()
+    return out.detach(), image.grad, [p.grad for p in model.parameters()]
+
+
 @pytest.mark.parametrize("variant", ["patch", "pixel"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "math"])
-def test_channels_last_model_matches_default(variant: str, fused: bool) -> None:
-    base = tiny_sed(variant, fused).eval()
-    cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
+def test_channels_last_matches_default_layout(variant: str, fused: bool) -> None:
+    """channels_last=True, False and a model moved with .to(channels_last) agree (outputs and grads)."""
+    torch.manual_seed(0)
+    base = perturbed(SeD(variant, channels_last=False, **TINY)).set_fused_attn(fused).eval()
+    cl = copy.deepcopy(base)
+    cl.channels_last = True
+    moved = copy.deepcopy(base).to(memory_format=torch.channels_last)
     x, s = inputs()
-    outs = []
-    for model, image in ((base, x), (cl, x.contiguous(memory_format=torch.channels_last))):
-        image = image.clone().requires_grad_(True)
-        out = model(image, s)
-        out.square().mean().backward()
-        outs.append((out.detach(), image.grad, [p.grad for p in model.parameters()]))
-    (o1, gx1, gp1), (o2, gx2, gp2) = outs
-    assert_close_scaled(o2, o1, 1e-5)
-    assert_close_scaled(gx2, gx1, 1e-5)
-    for a, b in zip(gp2, gp1):
-        assert_close_scaled(a, b, 1e-4)
+    o1, gx1, gp1 = _step(base, x, s)
+    for model, image in ((cl, x), (moved, x.contiguous(memory_format=torch.channels_last))):
+        o2, gx2, gp2 = _step(model, image, s)
+        assert_close_scaled(o2, o1, 1e-5)
+        assert_close_scaled(gx2, gx1, 1e-5)
+        for a, b in zip(gp2, gp1):
+            assert_close_scaled(a, b, 1e-4)
     assert sorted(cl.state_dict()) == sorted(base.state_dict())
+
+
+def test_channels_last_default_per_variant() -> None:
+    assert SeD("pixel", **TINY).channels_last is True
+    assert SeD("patch", **TINY).channels_last is False
+    assert SeD("pixel", channels_last=False, **TINY).channels_last is False
+    assert "channels_last=True" in repr(SeD("pixel", **TINY))
+
+
+@pytest.mark.parametrize("variant", ["patch", "pixel"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_every_feature_convolution_runs_in_the_chosen_layout(variant: str, channels_last: bool) -> None:
+    """No concatenation or SeFB output silently drops the layout: every image-feature conv sees it."""
+    model = SeD(variant, channels_last=channels_last, **TINY)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    seen: dict[str, bool] = {}  # single-channel maps are laid out both ways at once
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Conv2d) and (leaf.startswith("conv") or leaf == "proj_context"):
+            module.register_forward_pre_hook(
+                lambda m, args, name=name: seen.__setitem__(name, args[0].is_contiguous(memory_format=layout))
+            )
+    x, s = inputs(batch=2)
+    model(x, s).sum().backward()
+    assert len(seen) >= 8
+    wrong = sorted(name for name, ok in seen.items() if not ok)
+    assert not wrong, f"convolutions in the wrong layout: {wrong}"
+
+
+def test_channels_last_keeps_weights_and_state_dict_contiguous(tmp_path) -> None:
+    """The layout is a forward choice only: the state dict saves with safetensors unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    model = SeD("pixel", **TINY)
+    x, s = inputs()
+    model(x, s).mean().backward()
+    state = model.state_dict()
+    assert all(t.is_contiguous() for t in state.values())
+    save_file(state, str(tmp_path / "d.safetensors"))
+    assert sorted(load_file(str(tmp_path / "d.safetensors"))) == sorted(state)
+
+
+def test_channels_last_survives_pickle_and_deepcopy() -> None:
+    import pickle
+
+    model = SeD("pixel", channels_last=False, **TINY)
+    assert pickle.loads(pickle.dumps(model)).channels_last is False
+    assert copy.deepcopy(model).channels_last is False
+
+
+def test_channels_to_space_layouts_agree() -> None:
+    from sed_discriminator.sefb import channels_to_space
+
+    x = torch.randn(2, 3 * 16, 5, 7)
+    expected = channels_to_space(x, 4)
+    for source in (x, x.contiguous(memory_format=torch.channels_last)):
+        out = channels_to_space(source, 4, channels_last=True)
+        assert torch.equal(out, expected)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(channels_to_space(source, 4), expected) and channels_to_space(source, 4).is_contiguous()
+
+
+# -- upsampled maps rebuilt in backward instead of saved -------------------------------------------
+
+
+def _conv_and_source(dtype=torch.float64):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 3, 3, 1, 1, bias=False).to(dtype)
+    x = torch.randn(1, 4, 5, 6, dtype=dtype, requires_grad=True)
+    return conv, x
+
+
+def test_conv_upsampled_equals_plain_composition_with_double_backward() -> None:
+    from sed_discriminator.discriminator import _conv_upsampled
+
+    conv, x = _conv_and_source()
+    size = torch.Size((10, 12))
+
+    def plain(inp):
+        return conv(F.interpolate(inp, size=size, mode="bilinear", align_corners=False))
+
+    def rebuilt(inp):
+        return _conv_upsampled(conv, inp, size)
+
+    assert torch.equal(rebuilt(x), plain(x))
+    assert torch.autograd.gradcheck(rebuilt, (x,))
+    assert torch.autograd.gradgradcheck(rebuilt, (x,))
+    g_plain = torch.autograd.grad(plain(x).square().sum(), [x, conv.weight])
+    g_rebuilt = torch.autograd.grad(rebuilt(x).square().sum(), [x, conv.weight])
+    for a, b in zip(g_rebuilt, g_plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_conv_upsampled_rejects_a_source_modified_in_place() -> None:
+    from sed_discriminator.discriminator import _conv_upsampled
+
+    conv, leaf = _conv_and_source()
+    x = leaf * 1.0
+    out = _conv_upsampled(conv, x, torch.Size((10, 12)))
+    x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "math"])
+def test_pixel_sed_frees_its_upsampled_maps_after_forward(fused: bool) -> None:
+    """The 2x-upsampled inputs of conv4, conv5 and conv6 are not kept alive by the graph."""
+    import weakref
+
+    model = tiny_sed("pixel", fused)
+    refs = {}
+    for name in ("conv4", "conv5", "conv6"):
+        getattr(model, name).register_forward_pre_hook(
+            lambda m, args, name=name: refs.__setitem__(name, weakref.ref(args[0]))
+        )
+    x, s = inputs()
+    out = model(x.requires_grad_(True), s)
+    assert sorted(refs) == ["conv4", "conv5", "conv6"]
+    alive = [name for name, ref in refs.items() if ref() is not None]
+    assert not alive, f"upsampled maps still alive after forward: {alive}"
+    out.square().mean().backward()
+    assert x.grad is not None and model.conv6.parametrizations.weight.original.grad is not None
+
+
+def test_pixel_sed_under_disabled_saved_tensor_hooks() -> None:
+    """Where a wrapper forbids saved-tensor hooks, SeD saves the maps as usual instead of failing."""
+    model = tiny_sed("pixel")
+    x, s = inputs()
+    expected = _step(copy.deepcopy(model), x, s)
+    with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
+        got = _step(model, x, s)
+    assert torch.equal(got[0], expected[0])
+    assert_close_scaled(got[1], expected[1], 1e-6)
 
 
 def test_forward_leaves_inputs_untouched() -> None:
@@ -294,13 +434,32 @@ def harness():
         dict(kind="step", variant="patch", size=32, semantics="per_call", extractor_mode="inference"),
         dict(kind="step", variant="pixel", size=32, batched=True),
         dict(kind="extractor", size=32, layout="cl"),
+        dict(kind="disc", variant="pixel", size=32, layout="nchw"),
+        dict(kind="sefb", variant="pixel", level="att2", size=64, layout="nchw"),
     ],
-    ids=["disc", "disc-math-bf16-cl", "sefb", "step-per-call", "step-batched", "extractor"],
+    ids=["disc", "disc-math-bf16-cl", "sefb", "step-per-call", "step-batched", "extractor", "disc-nchw", "sefb-nchw"],
 )
 def test_benchmark_harness_measures_tiny_configs(harness, cfg: dict) -> None:
     result = harness.measure({**cfg, "tiny": True, "batch": 2, "warmup": 1, "repeats": 1})
     assert len(result["times"]) == 1 and result["time"] > 0 and isinstance(result["peak"], (int, float))
     assert set(result) >= {"times", "cpu_times", "time", "cpu_time", "first", "peak", "peak_abs", "peak_method"}
+
+
+@pytest.mark.parametrize("layout", ["default", "nchw"])
+def test_benchmark_harness_builds_the_requested_layout(harness, layout: str) -> None:
+    model = harness._build_disc({"variant": "pixel", "tiny": True, "layout": layout}, torch.device("cpu"))
+    assert model.channels_last is (layout == "default")
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_paired_ratio_script_runs_tiny() -> None:
+    script = ROOT / "benchmarks" / "paired_ratio.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--size", "32", "--pairs", "2", "--variant", "patch"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "median of pair ratios" in proc.stdout and "(pairs: " in proc.stdout
 
 
 def test_gpu_check_script_is_valid_bash() -> None:
