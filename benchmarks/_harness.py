@@ -8,7 +8,8 @@ A *configuration* is a plain dict (JSON-serialisable) that says what to build an
 - ``variant``, ``size`` (square patch side), ``batch``, ``level`` (SeFB name), ``path``
   (``"fused"``/``"math"``), ``dtype`` (``"fp32"``/``"bf16"``/``"fp16"``: autocast), ``layout``
   (``"default"``: the model's own choice, channels_last for the pixel SeD; ``"nchw"``/``"cl"``:
-  ``SeD(channels_last=False/True)``, and for the extractor ``.to(memory_format=...)``), ``compile`` (``torch.compile`` or eager),
+  ``SeD(channels_last=False/True)``, and for the extractor ``.to(memory_format=...)``),
+  ``compile`` (``torch.compile`` or eager),
   ``device``, ``warmup``, ``repeats``, ``tiny`` (small widths for smoke runs) and per-kind
   options (``semantics``, ``extractor_mode``, ``batched`` for ``"step"``).
 

@@ -2,7 +2,8 @@
 """Time and peak memory of SeD: SeFB levels, whole discriminators, a full D step, the extractor.
 
 Every figure is the median over repeats, printed with its ratio to a baseline measured in the
-same run: the same model with the math (score-matrix) attention path, fp32, eager, NCHW.
+same run: the same model with the math (score-matrix) attention path, fp32, eager, in the
+model's default layout (channels_last for the pixel SeD, NCHW for the patch SeD).
 On the CPU each configuration runs in a fresh process, so that its peak memory (``ru_maxrss``
 above the resident set once the model and inputs are built) is its own; on CUDA all run in
 one process and the peak is ``torch.cuda.max_memory_allocated`` per configuration.

@@ -53,7 +53,6 @@ from sr_kit.models import (  # noqa: E402
     banner,
     build_discriminator,
     build_generator,
-    frozen,
     generator_from_state_dict,
     load_extractor,
     load_generator_weights,
@@ -61,7 +60,7 @@ from sr_kit.models import (  # noqa: E402
 )
 from sr_kit.plots import plot_losses, save_sample_grid  # noqa: E402
 
-from sed_discriminator import discriminator_loss, generator_loss  # noqa: E402
+from sed_discriminator import discriminator_loss, frozen_parameters, generator_loss  # noqa: E402
 
 LOG_COLUMNS = (
     "step", "phase", "lr_g", "l_pix", "l_percep", "l_gan", "l_g_total", "l_d", "d_real", "d_fake",
@@ -523,7 +522,7 @@ class Trainer:
                 if self.extractor is not None:
                     d_raw.set_condition(hr)  # HR semantics for the three D calls of this step
                 # The G-side D call bypasses DDP: D's parameters get no gradient from it.
-                with frozen(d_raw):
+                with frozen_parameters(d_raw):
                     fake = d_raw(sr)
                     real = d_raw(hr).detach() if args.gan_loss == "ragan" else None
                 real = None if real is None else real.float()

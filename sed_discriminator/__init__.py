@@ -21,6 +21,7 @@ from .losses import generator_loss as generator_loss
 from .losses import r1_penalty as r1_penalty
 from .training import ConditionedSeD as ConditionedSeD
 from .training import SeDAdversary as SeDAdversary
+from .training import frozen_parameters as frozen_parameters
 
 __all__ = [
     "ConditionedSeD",
@@ -33,6 +34,7 @@ __all__ = [
     "SemanticExtractor",
     "__version__",
     "discriminator_loss",
+    "frozen_parameters",
     "generator_loss",
     "get_extractor_preset",
     "list_extractors",

@@ -221,6 +221,30 @@ def _trunk_weights(state: Mapping[str, torch.Tensor], trunk: nn.Module, prefix: 
     return {k: state.get(k, v) for k, v in expected.items()}
 
 
+def _cached_hub_file(cfg: Mapping, cache_dir: str | None) -> str | None:
+    """The file open_clip would fetch from the Hugging Face hub, if it is already cached; else None.
+
+    Looked up without any network call, in open_clip's order (safetensors first), so cached
+    weights load at once, online or offline.
+    """
+    hub = cfg.get("hf_hub", "")
+    if not hub:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from open_clip import pretrained as open_clip_pretrained
+    except ImportError:
+        return None
+    repo_id, filename = os.path.split(hub)
+    filename = filename or getattr(open_clip_pretrained, "HF_WEIGHTS_NAME", "open_clip_pytorch_model.bin")
+    safe_alternatives = getattr(open_clip_pretrained, "_get_safe_alternatives", lambda name: ())
+    for name in (*safe_alternatives(filename), filename):
+        found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
+
+
 def _download(preset: ExtractorPreset, tag: str, cache_dir: str | None) -> str:
     import open_clip
 
@@ -236,6 +260,9 @@ def _download(preset: ExtractorPreset, tag: str, cache_dir: str | None) -> str:
             f"Available tags: {tags}, or a local file path."
         )
     cfg = open_clip.get_pretrained_cfg(model, tag)
+    cached = _cached_hub_file(cfg, cache_dir)
+    if cached is not None:
+        return cached
     try:
         path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
     except Exception as err:  # network, hub and cache errors all mean the same to the user

@@ -24,7 +24,7 @@ from .discriminator import SeD
 from .extractor import SemanticExtractor
 from .losses import LOSS_KINDS, discriminator_loss, generator_loss, r1_penalty
 
-__all__ = ["SeDAdversary", "ConditionedSeD"]
+__all__ = ["SeDAdversary", "ConditionedSeD", "frozen_parameters"]
 
 
 def _make_extractor(extractor: SemanticExtractor | str, pretrained: Any) -> SemanticExtractor:
@@ -50,8 +50,19 @@ class _HoldsExtractor(nn.Module):
 
 
 @contextlib.contextmanager
-def _no_param_grads(module: nn.Module) -> Iterator[None]:
-    """Skip gradients w.r.t. ``module``'s parameters inside the block (restored afterwards)."""
+def frozen_parameters(module: nn.Module) -> Iterator[None]:
+    """Compute no gradient for ``module``'s parameters inside the block; restore them afterwards.
+
+    The generator step of a GAN loop needs the gradient of D's output with respect to the
+    generated image, not to D's weights. Parameters the user had frozen stay frozen, and the
+    flags are restored even when the block raises.
+
+    Example:
+        >>> d = SeD("patch")
+        >>> with frozen_parameters(d):
+        ...     loss = generator_loss(d(sr, semantic))  # doctest: +SKIP
+        >>> loss.backward()  # gradients reach the generator only  # doctest: +SKIP
+    """
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
@@ -129,7 +140,7 @@ class SeDAdversary(_HoldsExtractor):
         The discriminator's parameters get no gradient from it (they are frozen during the call).
         """
         semantic = self.semantics(hr)
-        with _no_param_grads(self.discriminator):
+        with frozen_parameters(self.discriminator):
             fake = self.discriminator(sr, semantic)
             real = None
             if self.loss == "ragan":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -341,6 +342,39 @@ def test_offline_error_tells_the_user_to_pass_a_local_path(tmp_path) -> None:
     assert "pass its path: SemanticExtractor(pretrained='/path/to/file')" in out
     assert "On a machine with internet, download OpenAI's archive" in out  # where to get the file
     assert not any(cache.rglob("*.bin")) and not any(cache.rglob("*.pt"))
+
+
+def _fake_hub_cache(root: Path, repo_id: str, filename: str, source: Path) -> Path:
+    """A Hugging Face cache (the layout huggingface_hub writes) holding ``source`` as ``filename``."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    shutil.copy(source, snapshot / filename)
+    return snapshot / filename
+
+
+@pytest.mark.parametrize("filename", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
+def test_tag_loads_from_the_hub_cache_without_network(monkeypatch, checkpoints, tmp_path, filename: str) -> None:
+    import huggingface_hub
+    import open_clip.pretrained
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a cached tag must not touch the network")
+
+    for module in (huggingface_hub, open_clip.pretrained):
+        monkeypatch.setattr(module, "hf_hub_download", no_network, raising=False)
+    source_key = "open_clip_safetensors" if filename.endswith(".safetensors") else "open_clip_pt"
+    source, trunk = checkpoints[source_key]
+    hub = open_clip.get_pretrained_cfg("RN50", "openai")["hf_hub"].rstrip("/")
+    _fake_hub_cache(tmp_path, hub, filename, source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        extractor = sd.SemanticExtractor("clip_rn50", pretrained="openai", cache_dir=str(tmp_path))
+    loaded = extractor.trunk.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in trunk.items())
 
 
 # -- inputs ------------------------------------------------------------------------------------

@@ -270,3 +270,29 @@ def test_adversary_deepcopy(extractor) -> None:
     clone = copy.deepcopy(adv)
     sr, hr = batch()
     torch.testing.assert_close(clone.discriminator_loss(sr, hr), adv.discriminator_loss(sr, hr))
+
+
+# -- frozen_parameters ---------------------------------------------------------------------------
+
+
+def test_frozen_parameters_gives_gradients_to_the_input_only() -> None:
+    d = sd.SeD("patch", width=8, semantic_channels=64, head_dim=8)
+    user_frozen = d.conv_first.bias
+    user_frozen.requires_grad_(False)
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    s = torch.rand(2, 64, 2, 2)
+    with sd.frozen_parameters(d):
+        assert not any(p.requires_grad for p in d.parameters())
+        d(x, s).mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in d.parameters())
+    assert not user_frozen.requires_grad
+    assert all(p.requires_grad for p in d.parameters() if p is not user_frozen)
+
+
+def test_frozen_parameters_restores_after_an_error() -> None:
+    layer = nn.Linear(3, 3)
+    with pytest.raises(RuntimeError, match="inside"):
+        with sd.frozen_parameters(layer):
+            raise RuntimeError("inside")
+    assert all(p.requires_grad for p in layer.parameters())

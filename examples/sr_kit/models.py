@@ -8,7 +8,6 @@ allows random weights, in which case they print a banner that is hard to miss.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import sys
@@ -426,16 +425,3 @@ class EMA:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.decay = float(state["decay"])
         self.model.load_state_dict(state["model"])
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """Parameters of ``module`` get no gradient inside the block (restored afterwards)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
