@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -49,6 +50,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             _train(rank, variant, extractor, Path(out_dir))
     finally:
         dist.destroy_process_group()
+    # Everything is written: skip the interpreter's teardown, where gloo's threads now and then
+    # abort the process ("terminate called without an active exception") after a clean run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _train(rank: int, variant: str, extractor, out_dir: Path) -> None:
