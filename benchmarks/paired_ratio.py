@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import _harness as H  # noqa: E402  (benchmarks/, next to this script)
 from sed_discriminator import SeD  # noqa: E402
 
 
@@ -43,15 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace) -> tuple[SeD, SeD, torch.Tensor, torch.Tensor]:
-    kwargs = dict(width=8, semantic_channels=64, head_dim=8) if args.tiny else {}
-    if args.layout != "default":
-        kwargs["channels_last"] = args.layout == "cl"
-    torch.manual_seed(0)
-    fused = SeD(args.variant, **kwargs).train().set_fused_attn(True)
+    cfg = {"variant": args.variant, "tiny": args.tiny, "layout": args.layout, "path": "fused"}
+    fused = H._build_disc(cfg, torch.device("cpu"))
     math = copy.deepcopy(fused).set_fused_attn(False)
     side = max(1, args.size // 16)
     x = torch.rand(args.batch, 3, args.size, args.size)
-    semantic = torch.randn(args.batch, fused.semantic_channels, side, side)
+    semantic = torch.randn(args.batch, H._semantic_channels(cfg), side, side)
     return fused, math, x, semantic
 
 
