@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ._checks import check_image
+from ._state import read_state_dict
 
 __all__ = [
     "ExtractorPreset",
@@ -167,35 +168,6 @@ def _is_torchscript_archive(path: str) -> bool:
         return False
     with zipfile.ZipFile(path) as archive:
         return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from a ``.safetensors`` file, a TorchScript archive or a ``torch.save`` file.
-
-    Wrappers such as ``{"state_dict": ...}``, ``{"model": ...}`` and ``{"params": ...}`` are
-    unwrapped. ``torch.save`` files are read with ``weights_only=True``.
-
-    Args:
-        path: the file.
-
-    Returns:
-        A flat ``{name: tensor}`` dict on the CPU.
-    """
-    path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    if _is_torchscript_archive(path):
-        return dict(torch.jit.load(path, map_location="cpu").state_dict())
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model", "params_ema", "params"):
-        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-            break
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict.")
-    return dict(state)
 
 
 def _trunk_weights(state: Mapping[str, torch.Tensor], trunk: nn.Module, prefix: str, source: str) -> dict:
