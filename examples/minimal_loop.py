@@ -2,14 +2,24 @@
 
     python examples/minimal_loop.py                   # CLIP RN50 weights via open_clip (online or cached)
     python examples/minimal_loop.py --random-weights  # offline smoke run: RANDOM semantic weights
+
+The photo comes with scikit-image, which the library itself does not need: install the ``examples``
+extra (``pip install ".[examples]"`` from a clone) or ``pip install scikit-image``.
 """
 
 import argparse
 
 import torch
 import torch.nn.functional as F
-from skimage import data
 from torch import nn
+
+try:
+    from skimage import data
+except ImportError as err:
+    raise SystemExit(
+        "examples/minimal_loop.py takes its photo from scikit-image: pip install scikit-image "
+        '(or install the examples extra: pip install ".[examples]").'
+    ) from err
 
 from sed_discriminator import SeDAdversary
 
