@@ -1,4 +1,4 @@
-"""An independent, plain re-implementation of SeD written from docs/spec (reference-architecture.md).
+"""An independent, plain re-implementation of SeD written from the facts of docs/reference.md.
 
 It exists only to test ``sed_discriminator`` against the paper's numerics, so it deliberately
 imports NOTHING from the library and favours the obvious formula over speed:
@@ -11,10 +11,10 @@ imports NOTHING from the library and favours the obvious formula over speed:
 - the patch and pixel (U-Net) discriminators with the legacy ``torch.nn.utils.spectral_norm``
   hook the authors trained with, so the state dict has their keys
   (``<conv>.weight_orig``, ``<conv>.weight_u``, ``<conv>.weight_v``) and parameter names
-  (spec section 6).
+  (docs/reference.md section 6).
 
 The upscale factors are fixed per level as in the reference, so it only supports inputs whose
-sides are multiples of 16 with a semantic grid of side/16 (spec section 5).
+sides are multiples of 16 with a semantic grid of side/16 (docs/reference.md section 5).
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ class RefSeFB(nn.Module):
 
 
 class RefSeDPatch(nn.Module):
-    """P+SeD (spec section 3): N(0, 0.02) init of every Conv/Linear weight, zero biases."""
+    """P+SeD (docs/reference.md section 3): N(0, 0.02) init of every Conv/Linear weight, zero biases."""
 
     def __init__(
         self,
@@ -229,7 +229,7 @@ def _up(x: torch.Tensor) -> torch.Tensor:
 
 
 class RefSeDPixel(nn.Module):
-    """U+SeD (spec section 4): PyTorch default init, proj_out zero."""
+    """U+SeD (docs/reference.md section 4): PyTorch default init, proj_out zero."""
 
     def __init__(
         self,

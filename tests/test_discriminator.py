@@ -24,7 +24,7 @@ def tiny(variant: str, **kwargs) -> sd.SeD:
 
 
 def patch_side(n: int) -> int:
-    """Output side of the patch D from its conv arithmetic (spec section 3)."""
+    """Output side of the patch D from its conv arithmetic (docs/reference.md section 3)."""
     n = n // 2  # conv_first 4/2/1
     n = n // 2  # conv1
     n = n // 2  # conv2

@@ -2,7 +2,7 @@
 
 Weights go from the reference (legacy spectral-norm keys, the authors' layout) into the library
 through :func:`sed_discriminator.load_official_weights`, so these tests also cover the key mapping.
-Every comparison is float32 with a max abs difference of 1e-5 (spec: "about 1e-5").
+Every comparison is float32 with a max abs difference of 1e-5 (docs/reference.md: "about 1e-5").
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def test_parameter_count_paper(variant: str, expected: int) -> None:
     lib = sd.SeD(variant)
     ref = R.build_reference(variant)
     assert sum(p.numel() for p in lib.parameters()) == expected
-    # The reference is built from the spec alone; agreeing on the count validates it too.
+    # The reference is built from docs/reference.md alone; agreeing on the count validates it too.
     assert sum(p.numel() for p in ref.parameters()) == expected
 
 
@@ -180,7 +180,7 @@ def test_channels_to_space_index_formula(u: int) -> None:
     torch.testing.assert_close(R.channels_to_space(x, u), expected, rtol=0, atol=0)
     # Not PixelShuffle's order ...
     assert not torch.equal(nn.functional.pixel_shuffle(x, u), expected)
-    # ... but PixelShuffle after swapping the two sub-indices (spec section 2, step 5).
+    # ... but PixelShuffle after swapping the two sub-indices (docs/reference.md section 2, step 5).
     swapped = x.view(2, 2, u, u, 3, 2).transpose(2, 3).reshape_as(x)
     torch.testing.assert_close(nn.functional.pixel_shuffle(swapped, u), expected, rtol=0, atol=0)
 
