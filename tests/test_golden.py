@@ -135,11 +135,12 @@ def test_weight_rule_fills_the_authors_layout() -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @LAYOUTS
-def test_eval_outputs(golden: dict[str, torch.Tensor], variant: str, channels_last: bool) -> None:
-    model = loaded(variant, channels_last).eval()
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "math"])
+def test_eval_outputs(golden: dict[str, torch.Tensor], variant: str, channels_last: bool, fused: bool) -> None:
+    model = loaded(variant, channels_last).eval().set_fused_attn(fused)
     with torch.no_grad():
         out = model(golden["x_eval"], golden["s_eval"])
-    assert_matches(f"{variant}_eval", out, golden[f"{variant}_eval"])
+    assert_matches(f"{variant}_eval ({'fused' if fused else 'math'} attention)", out, golden[f"{variant}_eval"])
     # Eval mode never advances the power iteration: the loaded vectors are untouched.
     state = official_state_dict(variant)
     for conv in u_vectors(golden, variant):
