@@ -9,14 +9,24 @@ them) or any generator file spandrel loads; ``--sr-dir`` evaluates images alread
 Without ``--lr-dir`` the LR inputs are made from the HR images with MATLAB-style bicubic (the
 degradation of the benchmark LR files). The table (Markdown and CSV) puts the results beside
 the paper's Table 1 rows for the same dataset, with a bicubic baseline.
+
+Each folder is read one level deep (``--hr-dir Set5`` of a pack holding ``HR/`` and
+``LR_bicubic/X4/`` is an error naming those subfolders, never LR images scored as ground
+truth), and images are paired by name, which must be unique. HR images are cropped at the
+right and bottom to a multiple of the scale (the table says how many needed it); every size
+is checked from the file headers before any work. A folder named after a benchmark (Set5,
+Set14, BSD100, Urban100, Manga109, DIV2K) with another image count gets a warning.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
+import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,7 +35,9 @@ import torch  # noqa: E402
 
 from sr_kit import checkpoint as ckpt  # noqa: E402
 from sr_kit import data as sr_data  # noqa: E402
+from sr_kit.cli import DefaultsHelpFormatter, positive_int  # noqa: E402
 from sr_kit.dist import pick_device  # noqa: E402
+from sr_kit.metrics import SSIM_WINDOW as _SSIM_WINDOW  # noqa: E402
 from sr_kit.metrics import LPIPSMetric, psnr_y, ssim_y  # noqa: E402
 from sr_kit.models import generator_from_state_dict, load_generator_weights  # noqa: E402
 
@@ -52,17 +64,29 @@ PAPER_TABLE1: dict[str, dict[str, tuple[float, float, float]]] = {
         "RRDB+U": (0.056, 29.49, 0.882), "RRDB+U+SeD": (0.047, 30.46, 0.897),
     },
 }  # fmt: skip
+# Image counts of the usual x4 benchmarks (and DIV2K's splits), to notice an incomplete or mixed folder.
+DATASET_SIZES = {
+    "Set5": 5, "Set14": 14, "BSD100": 100, "Urban100": 100, "Manga109": 109, "DIV2K val": 100, "DIV2K train": 800,
+}  # fmt: skip
 _DATASET_HINTS = {
-    "set5": "Set5", "set14": "Set14", "div2k": "DIV2K val", "urban100": "Urban100", "manga109": "Manga109",
+    "set5": "Set5", "set14": "Set14", "bsd100": "BSD100", "bsds100": "BSD100", "b100": "BSD100",
+    "urban100": "Urban100", "manga109": "Manga109", "div2k": "DIV2K val",
 }  # fmt: skip
 
 
 def guess_dataset(hr_dir: str) -> str | None:
-    """The Table 1 dataset named in the HR folder's path (``.../Set5/HR`` -> ``"Set5"``)."""
-    for part in reversed(Path(hr_dir).resolve().parts):
-        key = part.lower().replace("_", "").replace("-", "")
+    """The benchmark named in the HR folder's path (``.../Set5/HR`` -> ``"Set5"``), or ``None``.
+
+    A DIV2K path is the validation split unless ``train`` appears in its name
+    (``DIV2K_train_HR`` -> ``"DIV2K train"``).
+    """
+    parts = [p.lower().replace("_", "").replace("-", "") for p in Path(hr_dir).resolve().parts]
+    for depth in range(len(parts) - 1, -1, -1):
+        key = parts[depth]
         for hint, name in _DATASET_HINTS.items():
-            if key.startswith(hint):
+            if key.startswith(hint) and not key[len(hint) : len(hint) + 1].isdigit():
+                if name == "DIV2K val" and any("train" in part for part in parts[depth:]):
+                    return "DIV2K train"
                 return name
     return None
 
@@ -88,83 +112,196 @@ def labels(paths: list[str]) -> list[str]:
     return ["/".join(p[-depth:]) for p in parts]
 
 
-def _mod_crop(hr: torch.Tensor, scale: int) -> torch.Tensor:
-    h, w = hr.shape[-2:]
-    return hr[:, : h - h % scale, : w - w % scale]
-
-
-def _quantize(img: torch.Tensor) -> torch.Tensor:
-    # Results are compared as the 8-bit images they would be saved as.
-    return img.clamp(0, 1).mul(255).round().div(255)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--hr-dir", required=True, help="HR (ground-truth) images")
-    p.add_argument("--lr-dir", help="LR inputs paired by name (e.g. Set5/LR_bicubic/X4); default: MATLAB bicubic of HR")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--hr-dir", required=True,
+                   help="folder of the HR (ground-truth) images, e.g. Set5/HR or Set5/GTmod12 (not its subfolders)")
+    p.add_argument("--lr-dir", help="LR inputs paired by name, e.g. Set5/LR_bicubic/X4 or Set5/LRbicx4 "
+                   "(default: MATLAB-style bicubic of the HR images)")
     p.add_argument("--model", action="append", default=[],
                    help="a training checkpoint or generator weights (repeatable)")
     p.add_argument("--sr-dir", action="append", default=[],
                    help="already super-resolved images with the HR file names (repeatable)")
-    p.add_argument("--scale", type=int, default=4)
-    p.add_argument("--dataset", choices=list(PAPER_TABLE1), help="paper rows to show (default: guessed from --hr-dir)")
+    p.add_argument("--scale", type=positive_int, default=4, help="SR factor; also the border cropped before scoring")
+    p.add_argument("--dataset", choices=list(DATASET_SIZES),
+                   help="benchmark of --hr-dir, for its Table 1 rows and image count (default: guessed from the path)")
     p.add_argument("--out", default="outputs/eval", help="folder for results.md, results.csv and per_image.csv")
     p.add_argument("--save-sr", action="store_true", help="also write each model's SR images into --out")
     p.add_argument("--no-ema", action="store_true", help="use a checkpoint's raw G weights even when it has an EMA")
     p.add_argument("--no-bicubic", action="store_true", help="leave out the bicubic baseline row")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p  # fmt: skip
+
+
+@dataclass
+class ImageSet:
+    """The checked files of one evaluation: HR paths, their partners and the HR crop to a multiple of the scale."""
+
+    hr: list[Path]
+    lr: list[Path] | None
+    sr: dict[str, list[Path]]
+    crops: list[tuple[str, tuple[int, int], tuple[int, int]]] = field(default_factory=list)  # name, (w, h) -> (w, h)
+    notes: list[str] = field(default_factory=list)
+
+
+def _size_text(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def collect_images(args: argparse.Namespace, sr_labels: list[str]) -> ImageSet:
+    """List and pair the files (one folder level each), and check every size from the file headers.
+
+    Raises:
+        DataError: a folder problem, two files with one name, an image too small to score,
+            or an LR / SR image whose size does not fit its HR image (the message says why).
+    """
+    scale = args.scale
+    hr_paths = sr_data.list_images(args.hr_dir, "HR folder (--hr-dir)", recursive=False)
+    sr_data.check_distinct_stems(hr_paths, f"HR folder (--hr-dir) {args.hr_dir!r}")
+    images = ImageSet(hr_paths, None, {})
+    nested = sr_data.subfolder_images(args.hr_dir)
+    if nested:
+        shown = ", ".join(f"{name}/ ({count})" for name, count in list(nested.items())[:4])
+        images.notes.append(f"Subfolders of --hr-dir are not read: {shown}.")
+    if args.lr_dir:
+        images.lr = sr_data.pair_lr_files(hr_paths, args.lr_dir, scale, what="LR folder (--lr-dir)", recursive=False)
+    for label, folder in zip(sr_labels, args.sr_dir):
+        images.sr[label] = sr_data.pair_lr_files(hr_paths, folder, 1, what="SR folder (--sr-dir)", recursive=False)
+
+    smallest = 2 * scale + _SSIM_WINDOW
+    for index, hr_path in enumerate(hr_paths):
+        h, w = sr_data.image_size(hr_path)
+        hc, wc = h - h % scale, w - w % scale
+        if min(hc, wc) < smallest:
+            raise sr_data.DataError(
+                f"{hr_path} is {w}x{h} px: too small to score at x{scale}. {scale} px are cropped from each "
+                f"side and SSIM needs {_SSIM_WINDOW}x{_SSIM_WINDOW} px left, so an HR image needs at least "
+                f"{smallest}x{smallest} px (after cropping to a multiple of {scale}). Remove it or check --scale."
+            )
+        if (hc, wc) != (h, w):
+            images.crops.append((hr_path.name, (w, h), (wc, hc)))
+        if images.lr is not None:
+            lh, lw = sr_data.image_size(images.lr[index])
+            if (lh, lw) != (hc // scale, wc // scale):
+                raise sr_data.DataError(_lr_size_message(images.lr[index], (lw, lh), hr_path, (w, h), scale))
+        for label, paths in images.sr.items():
+            sh, sw = sr_data.image_size(paths[index])
+            if (sh, sw) != (hc, wc):
+                raise sr_data.DataError(
+                    f"{paths[index]} ({label}) is {sw}x{sh} but {hr_path} is scored at {wc}x{hc} (its size cropped "
+                    f"to a multiple of x{scale}): the SR image must have that size."
+                )
+    return images
+
+
+def _lr_size_message(
+    lr_path: Path, lr_size: tuple[int, int], hr_path: Path, hr_size: tuple[int, int], scale: int
+) -> str:
+    (lw, lh), (w, h) = lr_size, hr_size
+    wc, hc = w - w % scale, h - h % scale
+    message = (
+        f"{lr_path} is {lw}x{lh} but {hr_path} ({w}x{h}, scored at {wc}x{hc}: cropped to a multiple of {scale}) "
+        f"needs an LR image of {wc // scale}x{hc // scale} at x{scale}."
+    )
+    if (lw * scale, lh * scale) == (w - w % 12, h - h % 12):
+        message += (
+            f" These LR images fit the HR image cropped to a multiple of 12: they come from a mod-12 benchmark pack "
+            f"(LRbicx{scale} made from GTmod12), so pass that pack's GTmod12 folder as --hr-dir."
+        )
+    else:
+        message += (
+            f" Take --hr-dir and --lr-dir from the same benchmark pack: its GTmod12 HR images (cropped to a "
+            f"multiple of 12) with its LRbicx{scale} LR images, or HR/ with LR_bicubic/X{scale}; or leave out "
+            "--lr-dir to make the LR images from the HR ones."
+        )
+    return message
+
+
+def _check_count(dataset: str | None, guessed: bool, count: int, hr_dir: str) -> str | None:
+    expected = DATASET_SIZES.get(dataset or "")
+    if expected is None or expected == count:
+        return None
+    source = "its path" if guessed else "--dataset"
+    return (
+        f"{dataset} has {expected} images but --hr-dir {hr_dir!r} holds {count} (the dataset is named by {source}): "
+        "check that the folder holds exactly the dataset's HR images, or pass the right --dataset. "
+        "The paper's rows are for the full dataset."
+    )
+
+
+def _check_labels(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    sources = args.model + args.sr_dir
+    resolved = [str(Path(s).resolve()) for s in sources]
+    repeated = sorted({s for s, r in zip(sources, resolved) if resolved.count(r) > 1})
+    if repeated:
+        raise sr_data.DataError(f"{repeated} given more than once: pass each --model / --sr-dir once.")
+    names = labels(sources)
+    if "Bicubic" in names:
+        raise sr_data.DataError(
+            f"{sources[names.index('Bicubic')]!r} would be named Bicubic, as the baseline row: rename it."
+        )
+    return names[: len(args.model)], names[len(args.model) :]
+
+
+def _open_device(name: str) -> torch.device:
+    try:
+        return pick_device(name)
+    except (RuntimeError, ValueError) as err:
+        raise sr_data.DataError(f"--device {name!r} cannot be used ({err}). Use auto, cpu, cuda or cuda:N.") from err
 
 
 def evaluate(args: argparse.Namespace) -> list[dict[str, object]]:
     """Score every method on every image; returns the summary rows (also written to ``--out``)."""
     from tqdm import tqdm
 
-    device = pick_device(args.device)
-    hr_paths = sr_data.list_images(args.hr_dir, "HR folder (--hr-dir)")
-    lr_paths = sr_data.pair_lr_files(hr_paths, args.lr_dir, args.scale) if args.lr_dir else None
-    sr_dirs = {label: sr_data.pair_lr_files(hr_paths, d, 1) for label, d in zip(labels(args.sr_dir), args.sr_dir)}
-    models = {
-        label: load_model(m, args.scale, not args.no_ema).to(device).eval()
-        for label, m in zip(labels(args.model), args.model)
-    }
-    if not (models or sr_dirs or not args.no_bicubic):
+    model_labels, sr_labels = _check_labels(args)
+    images = collect_images(args, sr_labels)
+    dataset = args.dataset or guess_dataset(args.hr_dir)
+    count_warning = _check_count(dataset, args.dataset is None, len(images.hr), args.hr_dir)
+    if count_warning:
+        images.notes.append(f"Warning: {count_warning}")
+        print(f"warning: {count_warning}", file=sys.stderr)
+    if images.crops:
+        shown = ", ".join(f"{name} {_size_text(a)} -> {_size_text(b)}" for name, a, b in images.crops[:5])
+        more = f", and {len(images.crops) - 5} more" if len(images.crops) > 5 else ""
+        print(f"note: {len(images.crops)} HR image(s) cropped at the right / bottom to a multiple of x{args.scale}: "
+              f"{shown}{more}.", file=sys.stderr)  # fmt: skip
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise sr_data.DataError(f"Cannot create the output folder --out {str(out)!r}: {err}.") from err
+
+    device = _open_device(args.device)
+    models = {label: load_model(m, args.scale, not args.no_ema).to(device).eval()
+              for label, m in zip(model_labels, args.model)}  # fmt: skip
+    if not (models or images.sr or not args.no_bicubic):
         raise sr_data.DataError("Nothing to evaluate: pass --model, --sr-dir, or leave the bicubic baseline on.")
     lpips = None if args.no_lpips else LPIPSMetric(device)
     if lpips is not None and not lpips.available:
         print(f"LPIPS skipped: {lpips.reason}.", file=sys.stderr)
         lpips = None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
-    methods = (["Bicubic"] if not args.no_bicubic else []) + list(models) + list(sr_dirs)
+    methods = (["Bicubic"] if not args.no_bicubic else []) + list(models) + list(images.sr)
     per_image: list[dict[str, object]] = []
-    bar = tqdm(total=len(hr_paths) * len(methods), unit="img", disable=args.no_progress, file=sys.stderr)
-    for index, hr_path in enumerate(hr_paths):
+    bar = tqdm(total=len(images.hr) * len(methods), unit="img", disable=args.no_progress, file=sys.stderr)
+    for index, hr_path in enumerate(images.hr):
         hr = _mod_crop(sr_data.to_tensor(sr_data.read_image(hr_path)), args.scale)
-        if lr_paths is not None:
-            lr = sr_data.to_tensor(sr_data.read_image(lr_paths[index]))
-            if tuple(lr.shape[-2:]) != (hr.shape[-2] // args.scale, hr.shape[-1] // args.scale):
-                raise sr_data.DataError(
-                    f"{lr_paths[index]} is {lr.shape[-1]}x{lr.shape[-2]} but {hr_path} needs an LR of "
-                    f"{hr.shape[-1] // args.scale}x{hr.shape[-2] // args.scale} at x{args.scale}."
-                )
+        if images.lr is not None:
+            lr = sr_data.to_tensor(sr_data.read_image(images.lr[index]))
         else:
             lr = sr_data.bicubic_downsample(hr, args.scale, method="matlab")
         for method in methods:
             bar.set_description(f"{hr_path.name} / {method}")
             if method == "Bicubic":
-                sr = sr_data.matlab_imresize(lr, tuple(hr.shape[-2:]))
+                sr = sr_data.matlab_imresize(lr, tuple(hr.shape[-2:]), quantize=True)
             elif method in models:
                 with torch.no_grad():
-                    sr = models[method](lr[None].to(device)).float().cpu()[0]
+                    sr = _quantize(models[method](lr[None].to(device)).float().cpu()[0])
             else:
-                sr = sr_data.to_tensor(sr_data.read_image(sr_dirs[method][index]))
-            sr = _quantize(sr)
+                sr = sr_data.to_tensor(sr_data.read_image(images.sr[method][index]))
             if sr.shape != hr.shape:
                 raise sr_data.DataError(
                     f"{method} gives {tuple(sr.shape)} for {hr_path.name}, expected {tuple(hr.shape)}."
@@ -194,11 +331,20 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, object]]:
             "ssim_y": _mean([r["ssim_y"] for r in rows]),
             "source": "this evaluation",
         })  # fmt: skip
-    dataset = args.dataset or guess_dataset(args.hr_dir)
     for method, (lp, ps, ss) in PAPER_TABLE1.get(dataset, {}).items():
         summary.append({"method": method, "lpips": lp, "psnr_y": ps, "ssim_y": ss, "source": "paper, Table 1"})
-    _write_outputs(out, summary, per_image, dataset, args, len(hr_paths))
+    _write_outputs(out, summary, per_image, dataset, args, images)
     return summary
+
+
+def _mod_crop(hr: torch.Tensor, scale: int) -> torch.Tensor:
+    h, w = hr.shape[-2:]
+    return hr[:, : h - h % scale, : w - w % scale]
+
+
+def _quantize(img: torch.Tensor) -> torch.Tensor:
+    # Results are compared as the 8-bit images they would be saved as.
+    return img.clamp(0, 1).mul(255).round().div(255)
 
 
 def _mean(values: list[object]) -> float | None:
@@ -213,13 +359,33 @@ def _cell(value: object, digits: int) -> str:
     return "inf" if math.isinf(value) else f"{value:.{digits}f}"
 
 
-def _write_outputs(out: Path, summary, per_image, dataset, args, count: int) -> None:
+def _write_atomic(path: Path, text: str) -> None:
+    # A run stopped while writing leaves the previous file, never half a file.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, newline="")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _csv_text(rows: list[dict[str, object]], fields: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _write_outputs(out: Path, summary, per_image, dataset, args, images: ImageSet) -> None:
     lr_source = f"files of {args.lr_dir}" if args.lr_dir else "MATLAB-style bicubic of the HR images"
+    cropped = f"{len(images.crops)} of {len(images.hr)} needed it" if images.crops else "none needed it"
     lines = [
-        f"# x{args.scale} results on {dataset or Path(args.hr_dir).name} ({count} images)",
+        f"# x{args.scale} results on {dataset or Path(args.hr_dir).name} ({len(images.hr)} images)",
         "",
         f"PSNR / SSIM on the Y channel with {args.scale} px cropped from each border; LPIPS (AlexNet) on RGB "
-        f"with the same crop. LR: {lr_source}.",
+        f"with the same crop. LR: {lr_source}. HR images cropped at the right / bottom to a multiple of "
+        f"{args.scale} ({cropped}).",
         "",
         "| method | LPIPS ↓ | PSNR ↑ | SSIM ↑ | source |",
         "|---|---|---|---|---|",
@@ -229,19 +395,14 @@ def _write_outputs(out: Path, summary, per_image, dataset, args, count: int) -> 
             f"| {row['method']} | {_cell(row['lpips'], 3)} | {_cell(row['psnr_y'], 2)} | {_cell(row['ssim_y'], 3)} "
             f"| {row['source']} |"
         )
-    if dataset is None:
-        lines += ["", "The paper's Table 1 has no rows for this folder; pass --dataset to pick one of "
+    if dataset not in PAPER_TABLE1:
+        lines += ["", f"The paper's Table 1 has no rows for {dataset or 'this folder'}; pass --dataset to pick one of "
                   f"{', '.join(PAPER_TABLE1)}."]  # fmt: skip
+    lines += ["", *images.notes] if images.notes else []
     text = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(text)
-    with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["method", "lpips", "psnr_y", "ssim_y", "source"])
-        writer.writeheader()
-        writer.writerows(summary)
-    with open(out / "per_image.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["image", "method", "psnr_y", "ssim_y", "lpips"])
-        writer.writeheader()
-        writer.writerows(per_image)
+    _write_atomic(out / "results.md", text)
+    _write_atomic(out / "results.csv", _csv_text(summary, ["method", "lpips", "psnr_y", "ssim_y", "source"]))
+    _write_atomic(out / "per_image.csv", _csv_text(per_image, ["image", "method", "psnr_y", "ssim_y", "lpips"]))
     print(text)
     print(f"Written: {out / 'results.md'}, {out / 'results.csv'}, {out / 'per_image.csv'}")
 
@@ -253,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     except (sr_data.DataError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("Interrupted: results.md and the CSV files are written only when every image is scored.", file=sys.stderr)
+        return 130
     return 0
 
 

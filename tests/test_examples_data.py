@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,35 @@ def test_file_instead_of_folder(tmp_path):
     path = write_images(tmp_path, photo_crops(1))[0]
     with pytest.raises(D.DataError, match="is a file, not a folder"):
         D.list_images(path)
+
+
+def test_one_level_listing_names_the_subfolders_that_hold_images(tmp_path):
+    # The authors' layout: Set5/HR/baby.png and Set5/LR_bicubic/X4/babyx4.png.
+    root = tmp_path / "Set5"
+    write_images(root / "HR", photo_crops(2, 32), names=["baby", "bird"])
+    write_images(root / "LR_bicubic" / "X4", photo_crops(2, 8), names=["babyx4", "birdx4"])
+    (root / "HR" / "._baby.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    with pytest.raises(D.DataError, match=r"no image at its top level.*HR/ \(2\), LR_bicubic/X4/ \(2\).*Set5/HR"):
+        D.list_images(root, recursive=False)
+    assert [p.name for p in D.list_images(root / "HR", recursive=False)] == ["baby.png", "bird.png"]  # no ._baby
+    assert len(D.list_images(root)) == 4  # training folders are still read recursively
+    assert D.subfolder_images(root) == {"HR": 2, "LR_bicubic/X4": 2}
+
+
+def test_two_files_with_one_name_are_an_error(tmp_path):
+    paths = write_images(tmp_path / "HR", photo_crops(2, 32), names=["baby", "bird"])
+    other = tmp_path / "HR" / "Baby.bmp"
+    other.write_bytes(paths[0].read_bytes())
+    with pytest.raises(D.DataError, match=r"1 name\(s\) used by more than one file: .*Baby\.bmp and .*baby\.png"):
+        D.check_distinct_stems(D.list_images(tmp_path / "HR"), "HR folder")
+    # Pairing refuses duplicates on either side instead of taking one of them.
+    write_images(tmp_path / "LR", photo_crops(2, 8), names=["bird", "birdx4"])
+    with pytest.raises(D.DataError, match=r"more than one partner.*bird\.png: .*bird\.png, .*birdx4\.png"):
+        D.pair_lr_files(paths[1:], tmp_path / "LR", 4)
+    nested = write_images(tmp_path / "DF2K" / "a", photo_crops(1, 32), names=["0001"])
+    nested += write_images(tmp_path / "DF2K" / "b", photo_crops(1, 32), names=["0001"])
+    with pytest.raises(D.DataError, match=r"used by more than one file: .*a/0001\.png and .*b/0001\.png"):
+        D.pair_lr_files(nested, tmp_path / "LR", 4)
 
 
 def _dataset_folder(tmp_path, sizes=(48, 48)):
@@ -116,6 +147,72 @@ def test_lr_is_quantised_to_8_bits_by_default():
     torch.testing.assert_close(lr * 255, (lr * 255).round())
 
 
+def test_one_downsampler_default_for_the_library_the_script_and_the_docs():
+    import inspect
+
+    import retrofit_esrgan
+    from examples_helpers import ROOT
+
+    assert D.DEFAULT_DOWNSAMPLER == "matlab"
+    for function in (D.bicubic_downsample, D.SRTrainDataset.__init__, D.center_crops):
+        default = next(p.default for name, p in inspect.signature(function).parameters.items() if name in
+                       ("method", "downsample"))  # fmt: skip
+        assert default == D.DEFAULT_DOWNSAMPLER, function
+    assert retrofit_esrgan.build_parser().get_default("downsample") == D.DEFAULT_DOWNSAMPLER
+    assert "| `matlab` (default) |" in (ROOT / "docs" / "training.md").read_text()
+    x = torch.rand(3, 32, 32)
+    assert torch.equal(D.bicubic_downsample(x, 4), D.bicubic_downsample(x, 4, method="matlab"))
+    assert not torch.equal(D.bicubic_downsample(x, 4), D.bicubic_downsample(x, 4, method="torch"))
+
+
+def _float32_rounding(x, size):
+    # The LR of 0.1: MATLAB's weights in float64, then rounded to 8 bits in float32.
+    rows, cols = D.matlab_resize_weights(x.shape[-2], size[0]), D.matlab_resize_weights(x.shape[-1], size[1])
+    lr = torch.einsum("ih,...hw,jw->...ij", rows, x.double(), cols).float().clamp(0, 1)
+    return lr.mul(255).round().div(255)
+
+
+def test_matlab_downsampler_rounds_in_float64_where_float32_gets_a_level_wrong():
+    from fractions import Fraction
+
+    # Seeded 8-bit images until one has an LR value that float32 rounds to the wrong level. At x4 the
+    # weights are dyadic (multiples of 2^-12), so float64 on integer levels is exact (checked below).
+    gen, side = torch.Generator().manual_seed(0), 64
+    rows = D.matlab_resize_weights(side, 16)
+    for _ in range(60):
+        levels = torch.randint(0, 256, (256, side, side), generator=gen, dtype=torch.uint8)
+        correct_all = torch.floor(torch.einsum("ih,bhw,jw->bij", rows, levels.double(), rows).clamp(0, 255) + 0.5)
+        old = (_float32_rounding(levels.float() / 255, (16, 16)) * 255).round().double()
+        differ = (old != correct_all).nonzero()
+        if len(differ):
+            break
+    else:
+        raise AssertionError("no image found where float32 rounding gets a level wrong")
+    b, i, j = differ[0].tolist()
+    image = levels[b].numpy()
+    rgb = D.to_tensor(np.repeat(image[..., None], 3, axis=2))  # the image as a file would give it
+
+    # The exact value with these float64 weights, in rational arithmetic: within float32 precision of k + 0.5.
+    exact = sum(Fraction(rows[i, h].item()) * Fraction(rows[j, w].item()) * int(image[h, w])
+                for h in range(side) for w in range(side) if rows[i, h] and rows[j, w])  # fmt: skip
+    half = math.floor(exact) + Fraction(1, 2)
+    assert 0 < abs(exact - half) < 255 * 2.0**-24
+    correct = math.floor(exact + Fraction(1, 2))  # MATLAB: round half away from zero, in float64
+    lr = D.bicubic_downsample(rgb, 4)
+    assert (lr[:, i, j] * 255).round().tolist() == [correct] * 3
+    assert (_float32_rounding(rgb, (16, 16))[:, i, j] * 255).round().tolist() != [correct] * 3
+    assert correct == correct_all[b, i, j]
+    assert torch.equal((lr[0] * 255).round().double(), correct_all[b])  # every other value is right too
+
+
+def test_downsampler_refuses_bad_scales_and_tiny_images():
+    for scale in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="scale must be a positive integer"):
+            D.bicubic_downsample(torch.rand(3, 16, 16), scale)
+    with pytest.raises(ValueError, match=r"3x5 px is smaller than the scale x4"):
+        D.bicubic_downsample(torch.rand(3, 5, 3), 4)
+
+
 def test_paired_folders_give_aligned_crops(tmp_path):
     hr_images = photo_crops(2, 64)
     hr_paths = write_images(tmp_path / "HR", hr_images, names=["0001", "0002"])
@@ -132,7 +229,7 @@ def test_paired_folders_give_aligned_crops(tmp_path):
 def test_missing_lr_partner_and_size_mismatch_are_named(tmp_path):
     hr_paths = write_images(tmp_path / "HR", photo_crops(2, 64), names=["a", "b"])
     write_images(tmp_path / "LR", [photo_crops(1, 16)[0]], names=["a"])
-    with pytest.raises(D.DataError, match=r"no LR partner.*'b.png'"):
+    with pytest.raises(D.DataError, match=r"no partner in the LR folder.*'b.png'"):
         D.pair_lr_files(hr_paths, tmp_path / "LR", 4)
     write_images(tmp_path / "LR", [photo_crops(1, 20)[0]], names=["b"])
     lr_paths = D.pair_lr_files(hr_paths, tmp_path / "LR", 4)

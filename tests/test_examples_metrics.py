@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from examples_helpers import one_thread, photo_crops, write_images  # noqa: F401  (autouse fixture)
 from sr_kit import data as D
 from sr_kit.metrics import LPIPSMetric, psnr_y, rgb_to_y, ssim_y
@@ -61,6 +62,37 @@ def test_ssim_matches_scikit_image():
     assert ssim_y(sr, hr, 4) == pytest.approx(reference, abs=2e-3)  # skimage pads, we keep the valid part
 
 
+def _ssim_full_2d(sr, hr, crop_border):
+    # SSIM as 0.1 computed it: one 11x11 float64 convolution per statistic (kept here as the reference).
+    b = crop_border
+    y_sr, y_hr = rgb_to_y(sr)[b:-b, b:-b], rgb_to_y(hr)[b:-b, b:-b]
+    coords = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    window = torch.outer(g / g.sum(), g / g.sum()).view(1, 1, 11, 11)
+    x, y = y_sr[None, None], y_hr[None, None]
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu_x, mu_y = F.conv2d(x, window), F.conv2d(y, window)
+    var_x, var_y = F.conv2d(x * x, window) - mu_x**2, F.conv2d(y * y, window) - mu_y**2
+    cov = F.conv2d(x * y, window) - mu_x * mu_y
+    return (((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))).mean().item()
+
+
+@pytest.mark.parametrize("size", [(64, 64), (45, 70)])
+def test_separable_ssim_equals_the_full_2d_convolution(size):
+    gen = torch.Generator().manual_seed(1)
+    photo = D.to_tensor(photo_crops(1, max(size))[0])[:, : size[0], : size[1]]
+    cases = [
+        (photo, (photo + 0.05 * torch.randn(photo.shape, generator=gen)).clamp(0, 1)),  # noise
+        (photo, photo.flip(-1)),  # unrelated structure
+        (torch.rand(3, *size, generator=gen), torch.rand(3, *size, generator=gen)),
+        (photo, (photo * 0.7 + 0.1).round_(decimals=2)),  # contrast and levels
+    ]
+    for sr, hr in cases:
+        reference = _ssim_full_2d(sr, hr, 4)
+        assert ssim_y(sr, hr, 4) == pytest.approx(reference, rel=0, abs=1e-13)
+    assert len({round(_ssim_full_2d(sr, hr, 4), 6) for sr, hr in cases}) == len(cases)  # the cases differ
+
+
 def test_shape_mismatch_and_tiny_images_are_errors():
     with pytest.raises(ValueError, match="differ in shape"):
         psnr_y(torch.rand(3, 16, 16), torch.rand(3, 16, 18))
@@ -95,14 +127,151 @@ def test_evaluate_writes_the_table_beside_the_papers(tmp_path):
     assert len(list(csv.DictReader(open(tmp_path / "eval" / "per_image.csv")))) == 4
 
 
-def test_evaluate_checks_lr_sizes(tmp_path, capsys):
+def _evaluate(tmp_path, *args):
     import evaluate
 
+    return evaluate.main([*args, "--out", str(tmp_path / "eval"), "--no-lpips", "--no-progress"])
+
+
+def test_evaluate_checks_lr_sizes_and_names_the_mod12_packs(tmp_path, capsys):
     write_images(tmp_path / "HR", photo_crops(1, 64), names=["a"])
     write_images(tmp_path / "LR", photo_crops(1, 20), names=["a"])
-    code = evaluate.main(["--hr-dir", str(tmp_path / "HR"), "--lr-dir", str(tmp_path / "LR"), "--out",
-                          str(tmp_path / "eval"), "--no-lpips", "--no-progress"])  # fmt: skip
-    assert code == 2 and "a.png is 20x20" in capsys.readouterr().err
+    assert _evaluate(tmp_path, "--hr-dir", str(tmp_path / "HR"), "--lr-dir", str(tmp_path / "LR")) == 2
+    err = capsys.readouterr().err
+    assert "a.png is 20x20 but" in err and "needs an LR image of 16x16 at x4" in err
+    assert "GTmod12 HR images (cropped to a multiple of 12) with its LRbicx4 LR images" in err
+    assert not (tmp_path / "eval" / "results.md").exists()  # checked from the headers, before any work
+    # Original HR (70x70) with the LR of its mod-12 crop (60x60 -> 15x15): the message says which pack to take.
+    photo = photo_crops(1, 70)[0]
+    write_images(tmp_path / "orig", [photo], names=["a"])
+    lr = D.bicubic_downsample(D.to_tensor(photo[:60, :60]), 4)
+    write_images(tmp_path / "LRbicx4", [D.to_uint8(lr)], names=["a"])
+    assert _evaluate(tmp_path, "--hr-dir", str(tmp_path / "orig"), "--lr-dir", str(tmp_path / "LRbicx4")) == 2
+    err = capsys.readouterr().err
+    assert "(70x70, scored at 68x68: cropped to a multiple of 4) needs an LR image of 17x17" in err
+    assert "fit the HR image cropped to a multiple of 12" in err and "GTmod12 folder as --hr-dir" in err
+    write_images(tmp_path / "GTmod12", [photo[:60, :60]], names=["a"])
+    assert _evaluate(tmp_path, "--hr-dir", str(tmp_path / "GTmod12"), "--lr-dir", str(tmp_path / "LRbicx4")) == 0
+
+
+def test_evaluate_crops_hr_to_a_multiple_of_the_scale_and_says_so(tmp_path, capsys):
+    write_images(tmp_path / "HR", [photo_crops(1, 70)[0][:66], photo_crops(1, 48)[0]], names=["odd", "even"])
+    assert _evaluate(tmp_path, "--hr-dir", str(tmp_path / "HR")) == 0
+    err = capsys.readouterr().err
+    assert "1 HR image(s) cropped at the right / bottom to a multiple of x4: odd.png 70x66 -> 68x64" in err
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert "HR images cropped at the right / bottom to a multiple of 4 (1 of 2 needed it)" in table
+    # The bicubic row is the MATLAB round trip of the cropped image.
+    hr = D.to_tensor(D.read_image(tmp_path / "HR" / "odd.png"))[:, :64, :68]
+    sr = D.matlab_imresize(D.bicubic_downsample(hr, 4), (64, 68), quantize=True)
+    row = next(r for r in csv.DictReader(open(tmp_path / "eval" / "per_image.csv")) if r["image"] == "odd.png")
+    assert float(row["psnr_y"]) == pytest.approx(psnr_y(sr, hr, 4), abs=1e-9)
+
+
+def test_evaluate_reads_one_folder_level_of_the_authors_layout(tmp_path, capsys):
+    root = tmp_path / "Set5"
+    images = photo_crops(2, 64)
+    write_images(root / "HR", images, names=["baby", "bird"])
+    lr = [D.to_uint8(D.bicubic_downsample(D.to_tensor(im), 4)) for im in images]
+    write_images(root / "LR_bicubic" / "X4", lr, names=["babyx4", "birdx4"])
+    assert _evaluate(tmp_path, "--hr-dir", str(root)) == 2  # never the LR images as ground truth
+    err = capsys.readouterr().err
+    assert "has no image at its top level, and its subfolders are not read" in err
+    assert "HR/ (2), LR_bicubic/X4/ (2)" in err and f"{str(root / 'HR')!r}" in err
+    assert _evaluate(tmp_path, "--hr-dir", str(root / "HR"), "--lr-dir", str(root / "LR_bicubic" / "X4")) == 0
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "per_image.csv")))
+    assert [r["image"] for r in rows] == ["baby.png", "bird.png"]
+    # A top-level image with subfolders beside it: the subfolders are named in the table, not read.
+    write_images(root, images[:1], names=["stray"])
+    assert _evaluate(tmp_path, "--hr-dir", str(root)) == 0
+    assert len(list(csv.DictReader(open(tmp_path / "eval" / "per_image.csv")))) == 1
+    assert "Subfolders of --hr-dir are not read: HR/ (2), LR_bicubic/X4/ (2)." in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_evaluate_refuses_two_hr_files_with_one_name(tmp_path, capsys):
+    paths = write_images(tmp_path / "HR", photo_crops(2, 48), names=["baby", "bird"])
+    (tmp_path / "HR" / "baby.bmp").write_bytes(paths[0].read_bytes())
+    assert _evaluate(tmp_path, "--hr-dir", str(tmp_path / "HR")) == 2
+    assert "used by more than one file" in capsys.readouterr().err
+
+
+def test_evaluate_warns_when_the_count_does_not_match_the_named_dataset(tmp_path, capsys):
+    write_images(tmp_path / "Set14" / "HR", photo_crops(2, 48))
+    assert _evaluate(tmp_path, "--hr-dir", str(tmp_path / "Set14" / "HR")) == 0
+    message = "Set14 has 14 images but --hr-dir"
+    assert message in capsys.readouterr().err and message in (tmp_path / "eval" / "results.md").read_text()
+    write_images(tmp_path / "mine", photo_crops(5, 48))
+    assert _evaluate(tmp_path, "--hr-dir", str(tmp_path / "mine"), "--dataset", "Set5") == 0
+    assert "images but --hr-dir" not in capsys.readouterr().err  # five images for Set5: no warning
+    assert _evaluate(tmp_path, "--hr-dir", str(tmp_path / "mine"), "--dataset", "Urban100") == 0
+    assert "Urban100 has 100 images but --hr-dir" in capsys.readouterr().err
+
+
+def test_dataset_names_from_paths():
+    import evaluate
+
+    assert evaluate.guess_dataset("data/Set5/GTmod12") == "Set5"
+    assert evaluate.guess_dataset("benchmark/B100/HR") == "BSD100"
+    assert evaluate.guess_dataset("DIV2K/DIV2K_valid_HR") == "DIV2K val"
+    assert evaluate.guess_dataset("DIV2K/DIV2K_train_HR") == "DIV2K train"
+    assert evaluate.guess_dataset("photos/set50") is None
+
+
+def test_help_shows_each_default_once():
+    import evaluate
+
+    parser = evaluate.build_parser()
+    text = parser.format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
+    assert "(default: 4)" in " ".join(text.split())
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help:
+            assert formatter._expand_help(action).count("default") <= 1, action.option_strings
+
+
+@pytest.mark.parametrize("value", ["0", "-4", "x4", "2.5"])
+def test_bad_scale_is_a_clear_error(value, capsys):
+    import evaluate
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--hr-dir", ".", "--scale", value])
+    assert exit_info.value.code == 2
+    assert "argument --scale: expected a positive integer" in capsys.readouterr().err
+
+
+def test_bad_arguments_are_clear_errors(tmp_path, capsys):
+    import evaluate
+
+    write_images(tmp_path / "HR", photo_crops(1, 48), names=["a"])
+    hr = str(tmp_path / "HR")
+    assert _evaluate(tmp_path, "--hr-dir", hr, "--scale", "20") == 2
+    assert "a.png is 48x48 px: too small to score at x20" in capsys.readouterr().err
+    assert _evaluate(tmp_path, "--hr-dir", hr, "--device", "gpu") == 2
+    assert "--device 'gpu' cannot be used" in capsys.readouterr().err
+    model = tmp_path / "m.pth"
+    model.write_bytes(b"x")
+    assert _evaluate(tmp_path, "--hr-dir", hr, "--model", str(model), "--model", str(model)) == 2
+    assert f"[{str(model)!r}] given more than once" in capsys.readouterr().err
+    write_images(tmp_path / "runs" / "m", photo_crops(1, 48), names=["a"])  # same stem as m.pth: distinct rows
+    assert len(set(evaluate.labels([str(model), str(tmp_path / "runs" / "m")]))) == 2
+    write_images(tmp_path / "Bicubic", photo_crops(1, 48), names=["a"])
+    assert _evaluate(tmp_path, "--hr-dir", hr, "--sr-dir", str(tmp_path / "Bicubic")) == 2
+    assert "would be named Bicubic" in capsys.readouterr().err
+    write_images(tmp_path / "small_sr", photo_crops(1, 40), names=["a"])
+    assert _evaluate(tmp_path, "--hr-dir", hr, "--sr-dir", str(tmp_path / "small_sr")) == 2
+    assert "small_sr/a.png (small_sr) is 40x40 but" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    code = evaluate_main(["--hr-dir", hr, "--out", str(tmp_path / "file"), "--no-lpips", "--no-progress"])
+    assert code == 2 and "Cannot create the output folder --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_main(["--hr-dir", hr, "--dataset", "Set6"])
+
+
+def evaluate_main(argv):
+    import evaluate
+
+    return evaluate.main(argv)
 
 
 def test_evaluate_row_names_stay_distinct():

@@ -40,25 +40,74 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------------------- files
 
 
-def list_images(folder: str | os.PathLike, what: str = "image folder") -> list[Path]:
-    """Image files under ``folder`` (recursively), sorted by path.
+def _is_image(path: Path) -> bool:
+    # Hidden files are skipped: macOS's "._name.png" resource forks, half-written ".name.tmp-PID.png".
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+
+
+def list_images(folder: str | os.PathLike, what: str = "image folder", *, recursive: bool = True) -> list[Path]:
+    """Image files in ``folder`` (and its subfolders when ``recursive``), sorted by path; hidden files are skipped.
+
+    Args:
+        folder: the folder to list.
+        what: how error messages name the folder (e.g. ``"HR folder (--hr-dir)"``).
+        recursive: also list the subfolders. Evaluation lists one level only, so that a dataset
+            folder holding ``HR/`` and ``LR_bicubic/X4/`` never mixes LR images into the HR set.
 
     Raises:
-        DataError: the folder is missing, not a folder, or holds no image.
+        DataError: the folder is missing, not a folder, or holds no image (without
+            ``recursive``, the message names the subfolders that do hold images).
     """
     root = Path(folder)
     if not root.exists():
         raise DataError(f"The {what} {str(root)!r} does not exist. Check the path (it is relative to {os.getcwd()!r}).")
     if not root.is_dir():
         raise DataError(f"The {what} {str(root)!r} is a file, not a folder of images.")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for p in (root.rglob("*") if recursive else root.iterdir()) if _is_image(p))
     if not files:
+        nested = subfolder_images(root) if not recursive else {}
+        if nested:
+            counts = ", ".join(f"{name}/ ({count})" for name, count in list(nested.items())[:6])
+            raise DataError(
+                f"The {what} {str(root)!r} has no image at its top level, and its subfolders are not read. "
+                f"Images are in {counts}: pass the folder that holds them, e.g. {str(root / next(iter(nested)))!r}."
+            )
         others = sorted(p.name for p in root.rglob("*") if p.is_file())[:5]
         found = f" It holds {others} ..." if others else " It is empty."
         raise DataError(
             f"The {what} {str(root)!r} contains no image ({', '.join(IMAGE_EXTENSIONS)}).{found}"
         )
     return files
+
+
+def subfolder_images(root: str | os.PathLike) -> dict[str, int]:
+    """Image count of each subfolder of ``root`` that holds images directly (relative POSIX path -> count)."""
+    root = Path(root)
+    counts: dict[str, int] = {}
+    for path in sorted(root.rglob("*")):
+        if path.parent != root and _is_image(path):
+            key = path.parent.relative_to(root).as_posix()
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def check_distinct_stems(paths: Sequence[Path], what: str) -> None:
+    """Raise when two files share a name stem (case-insensitive): pairing by name would be ambiguous.
+
+    Raises:
+        DataError: naming each clash (``baby.png`` and ``baby.bmp``, or ``a/0001.png`` and ``b/0001.png``).
+    """
+    by_stem: dict[str, list[Path]] = {}
+    for path in paths:
+        by_stem.setdefault(path.stem.lower(), []).append(path)
+    clashes = [group for group in by_stem.values() if len(group) > 1]
+    if clashes:
+        shown = "; ".join(" and ".join(str(p) for p in group) for group in clashes[:5])
+        more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
+        raise DataError(
+            f"The {what} has {len(clashes)} name(s) used by more than one file: {shown}{more}. Images are paired "
+            "by name (stem, case-insensitive): keep one file per name."
+        )
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -121,9 +170,12 @@ def fingerprint(paths: Sequence[Path]) -> str:
 
 
 DOWNSAMPLERS = ("torch", "matlab")
+DEFAULT_DOWNSAMPLER = "matlab"  # the benchmarks' degradation; the default of every function and script here
 
 
-def bicubic_downsample(hr: torch.Tensor, scale: int, quantize: bool = True, method: str = "torch") -> torch.Tensor:
+def bicubic_downsample(
+    hr: torch.Tensor, scale: int, quantize: bool = True, method: str = DEFAULT_DOWNSAMPLER
+) -> torch.Tensor:
     """LR image by bicubic downsampling with an anti-aliasing (widened) kernel.
 
     Both methods use Keys' cubic with a = -0.5 stretched by the scale factor, as MATLAB's
@@ -131,31 +183,43 @@ def bicubic_downsample(hr: torch.Tensor, scale: int, quantize: bool = True, meth
 
     - ``"torch"``: ``F.interpolate(mode="bicubic", antialias=True)``, which truncates and
       renormalises the kernel at the border; fast, runs on any device.
-    - ``"matlab"``: a re-implementation of ``imresize``'s weights with its symmetric border
-      padding, computed in float64 (the degradation of DIV2K's and the benchmarks' LR files).
+    - ``"matlab"`` (default): a re-implementation of ``imresize``'s weights with its symmetric
+      border padding, computed and rounded in float64 (the degradation of DIV2K's and the
+      benchmarks' LR files), see :func:`matlab_imresize`.
 
     Args:
         hr: (3, H, W) or (B, 3, H, W) in [0, 1]; H and W are cropped to multiples of ``scale``.
-        scale: integer downscaling factor.
+        scale: integer downscaling factor (at least 1).
         quantize: round to 8-bit levels, as LR images stored as PNG are.
-        method: ``"torch"`` or ``"matlab"``.
+        method: ``"matlab"`` or ``"torch"``.
 
     Returns:
         The LR tensor, (…, H // scale, W // scale), in [0, 1], float32.
+
+    Raises:
+        ValueError: unknown method, a scale below 1, or an image smaller than the scale.
+
+    Example:
+        >>> bicubic_downsample(torch.full((3, 8, 12), 0.5), 4).shape
+        torch.Size([3, 2, 3])
     """
     if method not in DOWNSAMPLERS:
         raise ValueError(f"Unknown downsampling method {method!r}; choose one of {DOWNSAMPLERS}.")
+    if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 1:
+        raise ValueError(f"The scale must be a positive integer, got {scale!r}.")
     batched = hr.ndim == 4
     x = hr if batched else hr.unsqueeze(0)
     h, w = x.shape[-2] // scale, x.shape[-1] // scale
+    if h == 0 or w == 0:
+        raise ValueError(f"An image of {x.shape[-1]}x{x.shape[-2]} px is smaller than the scale x{scale}.")
     x = x[..., : h * scale, : w * scale]
     if method == "torch":
-        lr = F.interpolate(x.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+        lr = F.interpolate(x.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+        if quantize:
+            lr = lr.mul_(255).round_().div_(255)
     else:
-        lr = matlab_imresize(x, (h, w))
-    lr = lr.clamp_(0, 1)
-    if quantize:
-        lr = lr.mul_(255).round_().div_(255)
+        lr = matlab_imresize(x, (h, w), quantize=quantize)
+        lr = lr if quantize else lr.clamp_(0, 1)
     return lr if batched else lr.squeeze(0)
 
 
@@ -193,14 +257,33 @@ def matlab_resize_weights(in_len: int, out_len: int, device: torch.device | str 
     return matrix.to(device)
 
 
-def matlab_imresize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def matlab_imresize(x: torch.Tensor, size: tuple[int, int], *, quantize: bool = False) -> torch.Tensor:
     """Resize (…, H, W) images to ``size`` as MATLAB's ``imresize(x, size, "bicubic")`` does.
 
-    The weights and products are float64; the result is float32 and not clamped.
+    The image is taken on the 0-255 scale, at its exact integer levels when it is an 8-bit
+    image (every value within 1e-3 of a level, as :func:`to_tensor` gives: float32 ``k / 255``
+    is off by up to 1.5e-5 levels); weights and products are float64.
+
+    Args:
+        x: (…, H, W) float images in [0, 1].
+        size: (height, width) of the result.
+        quantize: round to 8-bit levels as MATLAB does for a uint8 image: in float64, half
+            away from zero, saturated to [0, 255]. Rounding in float32 instead gets a value
+            wrong when its exact result lies within float32 precision of k + 0.5.
+
+    Returns:
+        float32 (…, *size): in [0, 1] and on the 8-bit grid with ``quantize``, otherwise not clamped.
     """
     rows = matlab_resize_weights(x.shape[-2], size[0], x.device)
     cols = matlab_resize_weights(x.shape[-1], size[1], x.device)
-    return torch.einsum("ih,...hw,jw->...ij", rows, x.double(), cols).float()
+    levels = x.double() * 255
+    nearest = levels.round()
+    if levels.numel() and (levels - nearest).abs().max() <= 1e-3:
+        levels = nearest
+    out = torch.einsum("ih,...hw,jw->...ij", rows, levels, cols)
+    if quantize:
+        return torch.floor(out.clamp_(0, 255) + 0.5).float().div_(255)
+    return (out / 255).float()
 
 
 def augment(tensors: Sequence[torch.Tensor], rng: np.random.Generator) -> list[torch.Tensor]:
@@ -259,7 +342,7 @@ class SRTrainDataset(Dataset):
         augment: random flips and transpositions.
         cache: keep decoded images in memory (for small datasets such as the demo's).
         quantize_lr: round on-the-fly LR to 8-bit levels (as stored LR files are).
-        downsample: ``"torch"`` or ``"matlab"`` bicubic, see :func:`bicubic_downsample`.
+        downsample: ``"matlab"`` (default) or ``"torch"`` bicubic, see :func:`bicubic_downsample`.
         strict: raise on unreadable / too-small images instead of skipping them with a warning.
 
     Raises:
@@ -276,7 +359,7 @@ class SRTrainDataset(Dataset):
         augment: bool = True,
         cache: bool = False,
         quantize_lr: bool = True,
-        downsample: str = "torch",
+        downsample: str = DEFAULT_DOWNSAMPLER,
         strict: bool = False,
     ) -> None:
         if patch_size % scale:
@@ -386,25 +469,52 @@ class SRTrainDataset(Dataset):
         return lr_crop, hr_crop
 
 
-def pair_lr_files(hr_paths: Sequence[Path], lr_dir: str | os.PathLike, scale: int) -> list[Path]:
+def pair_lr_files(
+    hr_paths: Sequence[Path],
+    lr_dir: str | os.PathLike,
+    scale: int,
+    *,
+    what: str = "LR folder",
+    recursive: bool = True,
+) -> list[Path]:
     """LR file of each HR file: same stem, or the stem plus ``x{scale}`` (DIV2K's ``0001x4.png``).
 
+    Stems are compared case-insensitively and must identify one file on each side.
+
+    Args:
+        hr_paths: the HR files.
+        lr_dir: the folder of their partners.
+        scale: SR factor (for the ``x{scale}`` suffix).
+        what: how error messages name ``lr_dir``.
+        recursive: also look in the subfolders of ``lr_dir``.
+
     Raises:
-        DataError: an HR image has no LR partner (the message names the first few).
+        DataError: two HR files share a stem, an HR image has no partner or more than one
+            (the message names the first few).
     """
-    lr_files = list_images(lr_dir, "LR folder")
-    by_stem = {p.stem.lower(): p for p in lr_files}
-    pairs, missing = [], []
+    check_distinct_stems(hr_paths, "HR image list")
+    by_stem: dict[str, list[Path]] = {}
+    for path in list_images(lr_dir, what, recursive=recursive):
+        by_stem.setdefault(path.stem.lower(), []).append(path)
+    pairs, missing, ambiguous = [], [], []
     for hr in hr_paths:
         stem = hr.stem.lower()
-        match = by_stem.get(stem) or by_stem.get(f"{stem}x{scale}") or by_stem.get(f"{stem}_x{scale}")
-        if match is None:
+        keys = dict.fromkeys((stem, f"{stem}x{scale}", f"{stem}_x{scale}"))  # scale 1: "x1" names, no repeats
+        matches = [p for key in keys for p in by_stem.get(key, [])]
+        if not matches:
             missing.append(hr.name)
-        pairs.append(match)
+        elif len(matches) > 1:
+            ambiguous.append(f"{hr.name}: {', '.join(str(p) for p in matches)}")
+        pairs.append(matches[0] if matches else None)
     if missing:
         raise DataError(
-            f"{len(missing)} HR image(s) have no LR partner in {str(lr_dir)!r} (looked for the same stem, "
+            f"{len(missing)} HR image(s) have no partner in the {what} {str(lr_dir)!r} (looked for the same stem, "
             f"'<stem>x{scale}' and '<stem>_x{scale}'): {missing[:5]}"
+        )
+    if ambiguous:
+        raise DataError(
+            f"{len(ambiguous)} HR image(s) have more than one partner in the {what} {str(lr_dir)!r}: "
+            f"{'; '.join(ambiguous[:5])}. Keep one file per name."
         )
     return pairs
 
@@ -539,7 +649,7 @@ def export_demo_photos(root: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def center_crops(
-    paths: Sequence[Path], size: int, scale: int, count: int, downsample: str = "torch"
+    paths: Sequence[Path], size: int, scale: int, count: int, downsample: str = DEFAULT_DOWNSAMPLER
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed (LR, HR) pairs for the sample grid: the centre ``size`` px crop of the first ``count`` images."""
     size = (size // scale) * scale

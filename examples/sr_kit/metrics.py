@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 _Y_WEIGHTS = (65.481, 128.553, 24.966)
+SSIM_WINDOW = 11  # px; the Gaussian window's side (sigma 1.5)
 
 
 def _as_float64(img: torch.Tensor) -> torch.Tensor:
@@ -58,30 +59,47 @@ def psnr_y(sr: torch.Tensor, hr: torch.Tensor, crop_border: int = 4) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5, device=None) -> torch.Tensor:
+def gaussian_kernel_1d(
+    size: int = SSIM_WINDOW, sigma: float = 1.5, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Normalised 1-D Gaussian of ``size`` taps (float64); SSIM's 2-D window is its outer product with itself."""
     coords = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return torch.outer(g, g).view(1, 1, size, size)
+    return g / g.sum()
+
+
+def _gaussian_filter_valid(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    # (C, H, W) -> (C, H - k + 1, W - k + 1): the 2-D window applied as a column pass then a row pass.
+    channels, size = maps.shape[0], kernel.numel()
+    x = F.conv2d(maps[None], kernel.view(1, 1, size, 1).expand(channels, 1, size, 1), groups=channels)
+    return F.conv2d(x, kernel.view(1, 1, 1, size).expand(channels, 1, 1, size), groups=channels)[0]
 
 
 def ssim_y(sr: torch.Tensor, hr: torch.Tensor, crop_border: int = 4) -> float:
     """SSIM on the Y channel with ``crop_border`` pixels removed (1.0 for identical images).
 
+    The 11x11 Gaussian window is separable, so the local statistics are filtered by two 1-D
+    passes (22 products a pixel instead of 121); the result equals the 2-D convolution's to
+    float64 rounding.
+
     Args:
         sr, hr: RGB images (3, H, W), float in [0, 1] or uint8.
         crop_border: pixels removed from each side (the SR scale).
+
+    Example:
+        >>> img = torch.rand(3, 32, 32)
+        >>> round(ssim_y(img, img), 6)
+        1.0
     """
     y_sr, y_hr = _prepare(sr, hr, crop_border)
-    if min(y_hr.shape) < 11:
-        raise ValueError(f"SSIM needs at least 11x11 pixels after cropping, got {tuple(y_hr.shape)}.")
-    window = _gaussian_window(device=y_hr.device)
-    x, y = y_sr[None, None], y_hr[None, None]
+    if min(y_hr.shape) < SSIM_WINDOW:
+        raise ValueError(
+            f"SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels after cropping, got {tuple(y_hr.shape)}."
+        )
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mu_x, mu_y = F.conv2d(x, window), F.conv2d(y, window)
-    var_x = F.conv2d(x * x, window) - mu_x**2
-    var_y = F.conv2d(y * y, window) - mu_y**2
-    cov = F.conv2d(x * y, window) - mu_x * mu_y
+    stats = torch.stack([y_sr, y_hr, y_sr * y_sr, y_hr * y_hr, y_sr * y_hr])
+    mu_x, mu_y, xx, yy, xy = _gaussian_filter_valid(stats, gaussian_kernel_1d(device=y_hr.device))
+    var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return ssim_map.mean().item()
 
