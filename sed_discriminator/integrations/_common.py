@@ -1,0 +1,203 @@
+"""What the trainer adapters share: the registered architecture and the per-step condition.
+
+Nothing here imports a trainer. The trainers' model classes call ``net_d(x)`` with one tensor;
+:func:`step_condition` gives the bare :class:`ConditionedSeD` the HR batch for the duration of
+one training step, and :class:`ConditionedSeD` is what a trainer's registry builds from
+``network_d: {type: ConditionedSeD, ...}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import training
+from ..spectral_norm import remap_legacy_spectral_norm_keys
+
+__all__ = ["ConditionedSeD", "bare_discriminator", "check_no_data_parallel", "step_condition"]
+
+_LEGACY_LEAVES = ("weight_orig", "weight_u", "weight_v")
+
+
+class ConditionedSeD(training.ConditionedSeD):
+    """:class:`sed_discriminator.ConditionedSeD` as a trainer's registry builds it from a config.
+
+    The same network, arguments, parameters and state dict. Two additions for trainers:
+
+    - ``load_state_dict`` also takes the legacy spectral-norm keys (``weight_orig``,
+      ``weight_u``, ``weight_v``) of the authors' checkpoints, so a trainer's own loader
+      (``pretrain_network_d``) reads them, strictly;
+    - a call without a condition says which model type of the trainer sets it.
+
+    Args:
+        variant: ``"patch"`` or ``"pixel"``.
+        **kwargs: the keyword arguments of :class:`sed_discriminator.ConditionedSeD`
+            (``extractor``, ``pretrained``, ``semantic_source``, ``width``, ``heads``, ...).
+
+    Example:
+        >>> net_d = ConditionedSeD("patch", pretrained=None, width=8)  # doctest: +SKIP
+        >>> with net_d.condition(gt):  # done by the trainer adapters  # doctest: +SKIP
+        ...     logits = net_d(output)
+    """
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # Runs before the children load, on the dict they are loaded from: rename in place.
+        legacy = [k for k in state_dict if k.startswith(prefix) and k.rpartition(".")[2] in _LEGACY_LEAVES]
+        if legacy:
+            renamed = remap_legacy_spectral_norm_keys({k[len(prefix) :]: state_dict.pop(k) for k in legacy})
+            state_dict.update({prefix + k: v for k, v in renamed.items()})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def map_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The keys this network loads ``state_dict`` under (traiNNer-redux checks keys with it)."""
+        return remap_legacy_spectral_norm_keys(state_dict)
+
+    def forward(self, x: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if (
+            semantic is None
+            and self.semantic_fusion
+            and self.semantic_source == "condition"
+            and getattr(self, "_condition", None) is None
+        ):
+            raise RuntimeError(
+                "ConditionedSeD was called without the HR condition of the step: the trainer's model class must set "
+                "it. In BasicSR / Real-ESRGAN use model_type SeDSRGANModel, SeDESRGANModel or SeDRealESRGANModel and "
+                "launch with `python -m sed_discriminator.integrations.basicsr -opt <options.yml>`; for "
+                "traiNNer-redux and neosr use `python -m sed_discriminator.integrations.trainner` / `.neosr` "
+                "(docs/integrations.md). Or build it with semantic_source='input'."
+            )
+        return super().forward(x, semantic)
+
+
+def bare_discriminator(net_d: nn.Module | None, *, launch_hint: str = "") -> training.ConditionedSeD | None:
+    """The :class:`sed_discriminator.ConditionedSeD` inside ``net_d``, or ``None`` for another network.
+
+    DistributedDataParallel and ``torch.compile`` wrappers are looked through (in any order).
+
+    Raises:
+        RuntimeError: ``net_d`` holds a ConditionedSeD wrapped in DataParallel (see
+            :func:`check_no_data_parallel`).
+    """
+    check_no_data_parallel(net_d, launch_hint=launch_hint)
+    net = net_d
+    for _ in range(8):
+        if isinstance(net, nn.parallel.DistributedDataParallel):
+            net = net.module
+        elif isinstance(getattr(net, "_orig_mod", None), nn.Module):
+            net = net._orig_mod
+        else:
+            break
+    return net if isinstance(net, training.ConditionedSeD) else None
+
+
+def check_no_data_parallel(net_d: nn.Module | None, *, launch_hint: str = "") -> None:
+    """Refuse a ConditionedSeD under ``nn.DataParallel``.
+
+    DataParallel copies the module to every GPU at every call and splits the batch, but not the
+    stored HR condition: each replica would see the semantics of the whole batch on the first GPU.
+
+    Raises:
+        RuntimeError: saying to launch one process per GPU instead.
+    """
+    net = net_d
+    for _ in range(8):
+        if isinstance(net, nn.DataParallel):
+            inner = net.module
+            while isinstance(getattr(inner, "_orig_mod", None), nn.Module):
+                inner = inner._orig_mod
+            if isinstance(inner, training.ConditionedSeD):
+                hint = f" ({launch_hint})" if launch_hint else ""
+                raise RuntimeError(
+                    "ConditionedSeD cannot run under nn.DataParallel (the trainer uses it for num_gpu > 1 without a "
+                    "distributed launcher): the replicas would share one HR condition that is not split with the "
+                    f"batch. Launch one process per GPU with torchrun and `--launcher pytorch`{hint}, or set "
+                    "num_gpu: 1."
+                )
+            return
+        inner = getattr(net, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return
+        net = inner
+
+
+@contextlib.contextmanager
+def step_condition(net_d: nn.Module | None, hr: torch.Tensor | None, *, launch_hint: str = "") -> Iterator[None]:
+    """Give the bare ConditionedSeD in ``net_d`` the HR batch ``hr`` for the block, and clear it after.
+
+    A no-op for any other discriminator (or none), and for ``semantic_source="input"`` (it needs
+    no condition). The condition is cleared also when the block raises, so nothing of one step
+    reaches the next.
+
+    Args:
+        net_d: the trainer's ``net_d`` (bare, DDP-wrapped or compiled).
+        hr: the HR batch the step's real discriminator calls judge.
+        launch_hint: how to launch this trainer with torchrun, for the DataParallel error.
+
+    Raises:
+        RuntimeError: ``hr`` is missing, or ``net_d`` is under DataParallel.
+    """
+    bare = bare_discriminator(net_d, launch_hint=launch_hint)
+    if bare is None or bare.semantic_source != "condition":
+        yield
+        return
+    if not isinstance(hr, torch.Tensor):
+        raise RuntimeError(
+            "The training step has no HR batch to condition SeD on (the model's gt is "
+            f"{type(hr).__name__}): feed the training data with its ground truth images (a paired dataset, or "
+            "a trainer option that synthesises the LQ images from them)."
+        )
+    with bare.condition(hr):
+        yield
+
+
+def wrap_step(step: Any, net_d_of: Any, hr_of: Any, *, launch_hint: str = "") -> Any:
+    """``step`` (a bound ``optimize_parameters``) run inside :func:`step_condition`.
+
+    Args:
+        step: the model's original ``optimize_parameters``.
+        net_d_of: callable returning the model's current ``net_d``.
+        hr_of: callable returning the HR batch of the step (read when the step starts).
+        launch_hint: see :func:`step_condition`.
+    """
+
+    def conditioned_step(*args: Any, **kwargs: Any) -> Any:
+        with step_condition(net_d_of(), hr_of(), launch_hint=launch_hint):
+            return step(*args, **kwargs)
+
+    conditioned_step.__wrapped__ = step  # type: ignore[attr-defined]
+    conditioned_step.__sed_conditioned__ = True  # type: ignore[attr-defined]
+    return conditioned_step
+
+
+def add_to_registry(registry: Any, key: str, obj: Any) -> None:
+    """Put ``obj`` in a BasicSR-style ``Registry`` under ``key``, idempotently.
+
+    These registries refuse a second object under a name. Registering the same object again
+    does nothing; an earlier definition of the same class (a reloaded module) is replaced; an
+    unrelated object under the name is an error.
+
+    Args:
+        registry: a ``Registry`` of BasicSR, traiNNer-redux or neosr (a ``_obj_map`` dict inside).
+        key: the name as the registry stores it (traiNNer-redux lower-cases its names).
+        obj: the class to register.
+
+    Raises:
+        ValueError: another object is registered under ``key``.
+    """
+    table = registry._obj_map  # the registries offer no replace: their register() asserts on a duplicate
+    existing = table.get(key)
+    if existing is obj:
+        return
+    if existing is not None and (
+        getattr(existing, "__module__", None) != obj.__module__ or getattr(existing, "__qualname__", None) != obj.__qualname__
+    ):
+        where = f"{getattr(existing, '__module__', '?')}.{getattr(existing, '__qualname__', '?')}"
+        raise ValueError(
+            f"The {registry._name!r} registry already holds another {key!r} ({where}); sed-discriminator cannot "
+            "register its own under that name. Rename or remove the other one."
+        )
+    table[key] = obj

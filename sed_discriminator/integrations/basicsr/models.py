@@ -1,0 +1,143 @@
+"""BasicSR model classes that give ConditionedSeD the HR batch of each training step.
+
+Each class is its BasicSR (or Real-ESRGAN) parent with the same training step; the step runs
+inside ``net_d.condition(hr)`` on the bare discriminator, so that the step's discriminator
+calls, and only they, see the HR semantics. ``feed_data`` is left alone: it also runs for
+validation, where no discriminator is called.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from basicsr.models.esrgan_model import ESRGANModel
+from basicsr.models.srgan_model import SRGANModel
+from basicsr.utils import get_root_logger
+
+from ..._state import unwrap_state_dict
+from ...discriminator import SeD
+from ...spectral_norm import remap_legacy_spectral_norm_keys
+from ...weights import load_official_weights
+from .._common import check_no_data_parallel, step_condition
+
+__all__ = ["SeDSRGANModel", "SeDESRGANModel", "SeDRealESRGANModel", "LAUNCH_HINT"]
+
+LAUNCH_HINT = "torchrun --nproc_per_node=N -m sed_discriminator.integrations.basicsr -opt <options.yml> --launcher pytorch"
+
+
+def _real_esrgan_base() -> type | None:
+    """Real-ESRGAN's RealESRGANModel, else BasicSR's own copy of it, else ``None``."""
+    try:
+        from realesrgan.models.realesrgan_model import RealESRGANModel
+    except ImportError:
+        try:
+            from basicsr.models.realesrgan_model import RealESRGANModel
+        except ImportError:
+            return None
+    return RealESRGANModel
+
+
+class _ConditionedSteps:
+    """Mixin for SRGANModel and its subclasses: the step's D calls see the step's HR semantics."""
+
+    def sed_condition_batch(self) -> torch.Tensor | None:
+        """The HR batch whose semantics condition the step's discriminator calls (the real images D judges)."""
+        return getattr(self, "gt", None)
+
+    def optimize_parameters(self, current_iter: int) -> None:
+        with step_condition(self.net_d, self.sed_condition_batch(), launch_hint=LAUNCH_HINT):
+            super().optimize_parameters(current_iter)
+
+    def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
+        net = super().model_to_device(net)
+        check_no_data_parallel(net, launch_hint=LAUNCH_HINT)
+        return net
+
+    def load_network(self, net: torch.nn.Module, load_path: str, strict: bool = True, param_key: str | None = "params"):
+        """BasicSR's loader, and for an SeD :func:`load_sed_checkpoint` (legacy keys, clear errors)."""
+        bare = self.get_bare_model(net)
+        if not isinstance(bare, SeD):
+            return super().load_network(net, load_path, strict, param_key)
+        load_sed_checkpoint(bare, load_path, strict=strict, param_key=param_key)
+        return None
+
+
+def load_sed_checkpoint(model: SeD, path: str | os.PathLike, *, strict: bool = True, param_key: str | None = "params") -> None:
+    """Load a discriminator file into ``model`` the way BasicSR's ``pretrain_network_d`` does, for an SeD.
+
+    ``param_key`` picks the entry of the file (BasicSR falls back to ``params`` when it is
+    absent); the legacy spectral-norm keys of the authors' files are renamed and ``module.``
+    prefixes stripped. Strict loading goes through :func:`~sed_discriminator.load_official_weights`.
+
+    Args:
+        model: the bare SeD.
+        path: a file written by BasicSR's ``save_network`` (``{"params": state_dict}``), by the
+            authors' code, or a plain state dict.
+        strict: BasicSR's ``strict_load_d``; ``False`` loads the matching keys and logs the rest.
+        param_key: BasicSR's ``param_key_d``.
+
+    Raises:
+        ValueError: the file cannot be read, lacks ``param_key``, or does not match ``model``
+            (strict).
+    """
+    path = os.fspath(path)
+    try:
+        raw: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"pretrain_network_d: no file at {path!r}; check the path in the YAML file.") from None
+    except Exception as err:  # truncated, damaged or not a torch file: torch raises several types
+        raise ValueError(
+            f"pretrain_network_d: {path!r} cannot be read as a torch checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). Copy or save the file again."
+        ) from err
+    if isinstance(raw, Mapping) and param_key is not None:
+        if param_key in raw:
+            raw = raw[param_key]
+        elif "params" in raw:
+            raw = raw["params"]
+        elif all(isinstance(v, Mapping) for v in raw.values()):
+            raise ValueError(
+                f"pretrain_network_d: {path!r} has no entry {param_key!r} (it has {sorted(raw)}); set param_key_d "
+                "to one of them."
+            )
+    logger = get_root_logger()
+    if strict:
+        load_official_weights(model, raw)
+        logger.info(f"Loaded {type(model).__name__} from {path} (strict).")
+        return
+    result = model.load_state_dict(remap_legacy_spectral_norm_keys(unwrap_state_dict(raw, source=path)), strict=False)
+    logger.warning(
+        f"Loaded {type(model).__name__} from {path} with strict_load_d: false; missing keys: "
+        f"{list(result.missing_keys)}, unexpected keys: {list(result.unexpected_keys)}."
+    )
+
+
+class SeDSRGANModel(_ConditionedSteps, SRGANModel):
+    """BasicSR's SRGANModel (vanilla/LSGAN/hinge GAN) with the HR condition set for its discriminator calls."""
+
+
+class SeDESRGANModel(_ConditionedSteps, ESRGANModel):
+    """BasicSR's ESRGANModel (relativistic GAN: ``net_d(gt)`` and ``net_d(output)``) with the HR condition set."""
+
+
+_RealESRGANModel = _real_esrgan_base()
+
+if _RealESRGANModel is not None:
+
+    class SeDRealESRGANModel(_ConditionedSteps, _RealESRGANModel):  # type: ignore[valid-type,misc]
+        """Real-ESRGAN's RealESRGANModel with the HR condition set for its discriminator calls.
+
+        The condition is the batch D judges as real: the USM-sharpened GT (``gan_gt_usm``,
+        the default) or the plain GT when ``gan_gt_usm: false``.
+        """
+
+        def sed_condition_batch(self) -> torch.Tensor | None:
+            if self.opt.get("gan_gt_usm", True) is False:
+                return getattr(self, "gt", None)
+            return getattr(self, "gt_usm", None)
+
+else:  # pragma: no cover - basicsr-fixed 1.4.2 ships the class
+    SeDRealESRGANModel = None  # type: ignore[assignment,misc]

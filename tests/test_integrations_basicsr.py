@@ -1,0 +1,262 @@
+"""SeD from a BasicSR YAML config: registration, the model types, checkpoints and the launcher.
+
+The pipeline tests run BasicSR's real ``train_pipeline`` on the CPU (``num_gpu: 0``) with a
+tiny generator, a tiny SeD, a random CLIP (``pretrained: ~``) and images the test writes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("basicsr", reason="needs basicsr-fixed (the `basicsr` extra)")
+cv2 = pytest.importorskip("cv2")
+yaml = pytest.importorskip("yaml")
+
+from basicsr.utils.registry import ARCH_REGISTRY, MODEL_REGISTRY  # noqa: E402
+
+import sed_discriminator.integrations._common as common  # noqa: E402
+from sed_discriminator import SeD  # noqa: E402
+from sed_discriminator.integrations import basicsr as sed_basicsr  # noqa: E402
+
+WIDTH = 8
+STEPS = 2
+# Discriminator calls per step of BasicSR's optimize_parameters: SRGAN fake (G), real, fake (D);
+# ESRGAN real + fake (G), fake, real, fake (D).
+D_CALLS = {"SeDSRGANModel": 3, "SeDESRGANModel": 5}
+
+
+def _write_images(root: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for sub in ("gt", "lq"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        gt = (torch.rand(48, 48, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        cv2.imwrite(str(root / "gt" / f"{i}.png"), gt)
+        cv2.imwrite(str(root / "lq" / f"{i}.png"), cv2.resize(gt, (24, 24), interpolation=cv2.INTER_AREA))
+
+
+def _options(root: Path, name: str, model_type: str, variant: str, *, total_iter: int = STEPS, pretrain_d=None) -> Path:
+    adam = {"type": "Adam", "lr": 1e-4, "betas": [0.9, 0.99]}
+    opt = {
+        "name": name,
+        "model_type": model_type,
+        "scale": 2,
+        "num_gpu": 0,
+        "manual_seed": 0,
+        "datasets": {
+            "train": {
+                "name": "tiny", "type": "PairedImageDataset", "dataroot_gt": str(root / "gt"),
+                "dataroot_lq": str(root / "lq"), "filename_tmpl": "{}", "io_backend": {"type": "disk"},
+                "gt_size": 32, "use_hflip": True, "use_rot": False, "num_worker_per_gpu": 0,
+                "batch_size_per_gpu": 2, "dataset_enlarge_ratio": 1, "prefetch_mode": None,
+            }
+        },
+        "network_g": {"type": "MSRResNet", "num_in_ch": 3, "num_out_ch": 3, "num_feat": 8, "num_block": 1, "upscale": 2},
+        "network_d": {"type": "ConditionedSeD", "variant": variant, "width": WIDTH, "pretrained": None},
+        "path": {"pretrain_network_g": None, "strict_load_g": True, "resume_state": None, "pretrain_network_d": pretrain_d},
+        "train": {
+            "ema_decay": 0, "optim_g": dict(adam), "optim_d": dict(adam),
+            "scheduler": {"type": "MultiStepLR", "milestones": [100000], "gamma": 0.5},
+            "total_iter": total_iter, "warmup_iter": -1,
+            "pixel_opt": {"type": "L1Loss", "loss_weight": 1.0, "reduction": "mean"},
+            "gan_opt": {"type": "GANLoss", "gan_type": "vanilla", "real_label_val": 1.0, "fake_label_val": 0.0,
+                        "loss_weight": 0.01},
+            "net_d_iters": 1, "net_d_init_iters": 0,
+        },
+        "logger": {"print_freq": 1, "save_checkpoint_freq": STEPS, "use_tb_logger": False},
+    }  # fmt: skip
+    path = root / f"{name}.yml"
+    path.write_text(yaml.safe_dump(opt))
+    return path
+
+
+class _Spy:
+    """Records set_condition / forward / clear_condition calls on the registered ConditionedSeD."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[tuple[str, int, torch.Tensor | None]] = []
+        cls = common.ConditionedSeD
+        set_condition, clear_condition, forward = cls.set_condition, cls.clear_condition, cls.forward
+
+        def spy_set(net, hr):
+            self.events.append(("set", id(net), hr.detach().clone()))
+            return set_condition(net, hr)
+
+        def spy_clear(net):
+            self.events.append(("clear", id(net), None))
+            return clear_condition(net)
+
+        def spy_forward(net, x, semantic=None):
+            self.events.append(("forward", id(net), x.detach().clone()))
+            return forward(net, x, semantic)
+
+        monkeypatch.setattr(cls, "set_condition", spy_set)
+        monkeypatch.setattr(cls, "clear_condition", spy_clear)
+        monkeypatch.setattr(cls, "forward", spy_forward)
+
+    def steps(self) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """(condition, inputs of the D calls) per set/clear window; asserts every forward lies in one."""
+        windows, current = [], None
+        for kind, _, tensor in self.events:
+            if kind == "set":
+                assert current is None, "a condition was set twice without being cleared"
+                current = (tensor, [])
+            elif kind == "forward":
+                assert current is not None, "the discriminator was called without a condition"
+                current[1].append(tensor)
+            else:
+                assert current is not None
+                windows.append(current)
+                current = None
+        assert current is None, "the last condition was not cleared"
+        return windows
+
+
+def _run(opt_path: Path, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(cwd)
+    sed_basicsr.main(["-opt", str(opt_path)])
+
+
+def _saved_d(cwd: Path, name: str, label) -> dict[str, torch.Tensor]:
+    return torch.load(cwd / "experiments" / name / "models" / f"net_d_{label}.pth", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("basicsr_data")
+    _write_images(root)
+    return root
+
+
+def test_register_is_idempotent_and_survives_reload() -> None:
+    first = sed_basicsr.register()
+    assert sed_basicsr.register() == first
+    assert "SeDRealESRGANModel" in first  # basicsr-fixed ships BasicSR's copy of RealESRGANModel
+    assert ARCH_REGISTRY.get("ConditionedSeD") is sed_basicsr.ConditionedSeD
+    for name in first:
+        assert MODEL_REGISTRY.get(name) is getattr(sed_basicsr, name)
+    old = MODEL_REGISTRY.get("SeDSRGANModel")
+    models = importlib.reload(importlib.import_module("sed_discriminator.integrations.basicsr.models"))
+    try:
+        assert models.SeDSRGANModel is not old
+        reloaded = importlib.reload(sed_basicsr)
+        reloaded.register()  # a second definition of the same class replaces the first, no error
+        assert MODEL_REGISTRY.get("SeDSRGANModel") is models.SeDSRGANModel
+    finally:
+        importlib.reload(sed_basicsr)
+        sed_basicsr.register()
+
+
+def test_register_refuses_a_foreign_object_under_its_name() -> None:
+    sed_basicsr.register()
+    table = MODEL_REGISTRY._obj_map
+    original = table["SeDESRGANModel"]
+    table["SeDESRGANModel"] = type("SeDESRGANModel", (), {"__module__": "someone_else"})
+    try:
+        with pytest.raises(ValueError, match="already holds another 'SeDESRGANModel'.*Rename or remove"):
+            sed_basicsr.register()
+    finally:
+        table["SeDESRGANModel"] = original
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["patch", "pixel"])
+@pytest.mark.parametrize("model_type", ["SeDSRGANModel", "SeDESRGANModel"])
+def test_train_pipeline_conditions_every_d_call_and_saves_a_plain_sed(
+    model_type: str, variant: str, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = _Spy(monkeypatch)
+    name = f"{model_type}_{variant}"
+    _run(_options(images, name, model_type, variant), tmp_path, monkeypatch)
+
+    windows = spy.steps()
+    assert len(windows) == STEPS
+    assert len({net for _, net, _ in spy.events}) == 1  # one bare discriminator, no copies
+    for condition, inputs in windows:
+        assert len(inputs) == D_CALLS[model_type]
+        assert condition.shape == inputs[0].shape
+        # the condition is the step's HR batch: one of the calls judges exactly those images as real
+        assert any(torch.equal(condition, x) for x in inputs)
+        assert sum(not torch.equal(condition, x) for x in inputs) >= 1  # and the others the SR output
+
+    exp = tmp_path / "experiments" / name
+    assert (exp / "models" / f"net_g_{STEPS}.pth").is_file() and (exp / "training_states" / f"{STEPS}.state").is_file()
+    saved = _saved_d(tmp_path, name, STEPS)
+    assert set(saved) == {"params"}
+    plain = SeD(variant, width=WIDTH)
+    assert set(saved["params"]) == set(plain.state_dict())
+    plain.load_state_dict(saved["params"], strict=True)
+
+
+@pytest.mark.slow
+def test_pretrain_network_d_starts_from_a_saved_and_from_a_legacy_checkpoint(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _run(_options(images, "first", "SeDSRGANModel", "patch"), tmp_path, monkeypatch)
+    first = _saved_d(tmp_path, "first", STEPS)["params"]
+
+    # The authors' files use torch.nn.utils.spectral_norm's names; write the same weights that way.
+    legacy_names = {"parametrizations.weight.original": "weight_orig", "parametrizations.weight.0._u": "weight_u",
+                    "parametrizations.weight.0._v": "weight_v"}  # fmt: skip
+    legacy = {}
+    for key, value in first.items():
+        for new, old in legacy_names.items():
+            if key.endswith(new):
+                key = key[: -len(new)] + old
+        legacy[f"module.{key}"] = value
+    assert any(k.endswith("weight_orig") for k in legacy)
+    torch.save({"params": legacy}, tmp_path / "legacy_d.pth")
+
+    # total_iter 0: the pipeline builds the model (loading D) and saves it as it was loaded.
+    for label, source in (("saved", f"experiments/first/models/net_d_{STEPS}.pth"), ("legacy", "legacy_d.pth")):
+        _run(_options(images, label, "SeDSRGANModel", "patch", total_iter=0, pretrain_d=source), tmp_path, monkeypatch)
+        loaded = _saved_d(tmp_path, label, "latest")["params"]
+        assert set(loaded) == set(first)
+        assert all(torch.equal(loaded[k], first[k]) for k in first), label
+
+
+def test_load_sed_checkpoint_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
+    model = common.ConditionedSeD("patch", width=WIDTH, semantic_fusion=False)
+    with pytest.raises(FileNotFoundError, match="pretrain_network_d: no file at"):
+        sed_basicsr.load_sed_checkpoint(model, tmp_path / "missing.pth")
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="cannot be read as a torch checkpoint.*again"):
+        sed_basicsr.load_sed_checkpoint(model, tmp_path / "cut.pth")
+    torch.save({"params_x": model.state_dict(), "other": model.state_dict()}, tmp_path / "keys.pth")
+    with pytest.raises(ValueError, match=r"has no entry 'params'.*\['other', 'params_x'\].*param_key_d"):
+        sed_basicsr.load_sed_checkpoint(model, tmp_path / "keys.pth")
+    sed_basicsr.load_sed_checkpoint(model, tmp_path / "keys.pth", param_key="params_x")
+    torch.save({"params": SeD("pixel", width=WIDTH, semantic_fusion=False).state_dict()}, tmp_path / "pixel.pth")
+    with pytest.raises(ValueError, match="looks like the 'pixel' variant"):
+        sed_basicsr.load_sed_checkpoint(model, tmp_path / "pixel.pth")
+
+
+def test_data_parallel_is_refused_with_the_torchrun_command() -> None:
+    # BasicSR's model_to_device wraps in DataParallel for num_gpu > 1 without a distributed launcher.
+    model = sed_basicsr.SeDSRGANModel.__new__(sed_basicsr.SeDSRGANModel)
+    model.opt, model.device = {"num_gpu": 2, "dist": False}, torch.device("cpu")
+    with pytest.raises(RuntimeError, match="DataParallel.*torchrun --nproc_per_node=N -m sed_discriminator"):
+        model.model_to_device(common.ConditionedSeD("patch", width=WIDTH, semantic_fusion=False))
+    other = model.model_to_device(torch.nn.Conv2d(3, 1, 3))  # any other network keeps BasicSR's behaviour
+    assert isinstance(other, torch.nn.DataParallel)
+
+
+@pytest.mark.slow
+def test_launcher_runs_as_python_m_from_outside_the_repository(images: Path, tmp_path: Path) -> None:
+    opt = _options(images, "launched", "SeDESRGANModel", "patch", total_iter=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sed_discriminator.integrations.basicsr", "-opt", str(opt)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "experiments" / "launched" / "models" / "net_d_latest.pth").is_file()
+    repo = Path(sed_basicsr.__file__).resolve().parents[3]
+    assert not (repo / "experiments" / "launched").exists()
