@@ -165,6 +165,7 @@ def collect_images(args: argparse.Namespace, sr_labels: list[str]) -> ImageSet:
     if nested:
         shown = ", ".join(f"{name}/ ({count})" for name, count in list(nested.items())[:4])
         images.notes.append(f"Subfolders of --hr-dir are not read: {shown}.")
+        print(f"note: {images.notes[-1]}", file=sys.stderr)
     if args.lr_dir:
         images.lr = sr_data.pair_lr_files(hr_paths, args.lr_dir, scale, what="LR folder (--lr-dir)", recursive=False)
     for label, folder in zip(sr_labels, args.sr_dir):

@@ -44,6 +44,8 @@ def test_one_level_listing_names_the_subfolders_that_hold_images(tmp_path):
     assert [p.name for p in D.list_images(root / "HR", recursive=False)] == ["baby.png", "bird.png"]  # no ._baby
     assert len(D.list_images(root)) == 4  # training folders are still read recursively
     assert D.subfolder_images(root) == {"HR": 2, "LR_bicubic/X4": 2}
+    write_images(root / "a" / "b" / "c" / "d", photo_crops(1, 8))
+    assert "a/b/c/d" not in D.subfolder_images(root) and "a/b/c/d" in D.subfolder_images(root, max_depth=4)
 
 
 def test_two_files_with_one_name_are_an_error(tmp_path):
@@ -231,6 +233,9 @@ def test_missing_lr_partner_and_size_mismatch_are_named(tmp_path):
     write_images(tmp_path / "LR", [photo_crops(1, 16)[0]], names=["a"])
     with pytest.raises(D.DataError, match=r"no partner in the LR folder.*'b.png'"):
         D.pair_lr_files(hr_paths, tmp_path / "LR", 4)
+    write_images(tmp_path / "X3", photo_crops(2, 20), names=["ax3", "bx3"])
+    with pytest.raises(D.DataError, match=r"looked for .*'<stem>x4'.* The folder has 'ax3': is it the x3 set\?"):
+        D.pair_lr_files(hr_paths, tmp_path / "X3", 4)
     write_images(tmp_path / "LR", [photo_crops(1, 20)[0]], names=["b"])
     lr_paths = D.pair_lr_files(hr_paths, tmp_path / "LR", 4)
     with pytest.warns(UserWarning, match="b.png is 64x64.*is 20x20"):

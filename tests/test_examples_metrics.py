@@ -185,7 +185,8 @@ def test_evaluate_reads_one_folder_level_of_the_authors_layout(tmp_path, capsys)
     write_images(root, images[:1], names=["stray"])
     assert _evaluate(tmp_path, "--hr-dir", str(root)) == 0
     assert len(list(csv.DictReader(open(tmp_path / "eval" / "per_image.csv")))) == 1
-    assert "Subfolders of --hr-dir are not read: HR/ (2), LR_bicubic/X4/ (2)." in (tmp_path / "eval" / "results.md").read_text()
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert "Subfolders of --hr-dir are not read: HR/ (2), LR_bicubic/X4/ (2)." in table
 
 
 def test_evaluate_refuses_two_hr_files_with_one_name(tmp_path, capsys):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -80,15 +81,22 @@ def list_images(folder: str | os.PathLike, what: str = "image folder", *, recurs
     return files
 
 
-def subfolder_images(root: str | os.PathLike) -> dict[str, int]:
-    """Image count of each subfolder of ``root`` that holds images directly (relative POSIX path -> count)."""
+def subfolder_images(root: str | os.PathLike, max_depth: int = 3) -> dict[str, int]:
+    """Image count of each subfolder of ``root``, down to ``max_depth`` levels, that holds images directly.
+
+    Returns:
+        relative POSIX path -> count, sorted by path (``{"HR": 5, "LR_bicubic/X4": 5}``).
+    """
     root = Path(root)
     counts: dict[str, int] = {}
-    for path in sorted(root.rglob("*")):
-        if path.parent != root and _is_image(path):
-            key = path.parent.relative_to(root).as_posix()
-            counts[key] = counts.get(key, 0) + 1
-    return counts
+    for folder, subfolders, names in os.walk(root):
+        depth = len(Path(folder).relative_to(root).parts)
+        if depth >= max_depth:
+            subfolders.clear()  # a large tree given by mistake is not walked to the bottom
+        count = sum(_is_image(Path(folder, name)) for name in names)
+        if depth and count:
+            counts[Path(folder).relative_to(root).as_posix()] = count
+    return dict(sorted(counts.items()))
 
 
 def check_distinct_stems(paths: Sequence[Path], what: str) -> None:
@@ -507,9 +515,13 @@ def pair_lr_files(
             ambiguous.append(f"{hr.name}: {', '.join(str(p) for p in matches)}")
         pairs.append(matches[0] if matches else None)
     if missing:
+        stem = Path(missing[0]).stem.lower()
+        suffixed = (re.fullmatch(re.escape(stem) + r"_?x(\d+)", key) for key in by_stem)
+        other_scales = sorted({int(m.group(1)) for m in suffixed if m})
+        hint = f" The folder has '{stem}x{other_scales[0]}': is it the x{other_scales[0]} set?" if other_scales else ""
         raise DataError(
             f"{len(missing)} HR image(s) have no partner in the {what} {str(lr_dir)!r} (looked for the same stem, "
-            f"'<stem>x{scale}' and '<stem>_x{scale}'): {missing[:5]}"
+            f"'<stem>x{scale}' and '<stem>_x{scale}'): {missing[:5]}.{hint}"
         )
     if ambiguous:
         raise DataError(
