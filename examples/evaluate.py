@@ -401,10 +401,10 @@ def _write_outputs(out: Path, summary, per_image, dataset, args, images: ImageSe
                   f"{', '.join(PAPER_TABLE1)}."]  # fmt: skip
     lines += ["", *images.notes] if images.notes else []
     text = "\n".join(lines) + "\n"
+    print(text)  # first, so that a failed write (a full disk) still shows the results
     _write_atomic(out / "results.md", text)
     _write_atomic(out / "results.csv", _csv_text(summary, ["method", "lpips", "psnr_y", "ssim_y", "source"]))
     _write_atomic(out / "per_image.csv", _csv_text(per_image, ["image", "method", "psnr_y", "ssim_y", "lpips"]))
-    print(text)
     print(f"Written: {out / 'results.md'}, {out / 'results.csv'}, {out / 'per_image.csv'}")
 
 
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         evaluate(args)
-    except (sr_data.DataError, ValueError, FileNotFoundError) as err:
+    except (sr_data.DataError, ValueError, OSError) as err:  # OSError: a file that vanished, a full disk
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

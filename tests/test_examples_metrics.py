@@ -269,6 +269,27 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
         evaluate_main(["--hr-dir", hr, "--dataset", "Set6"])
 
 
+def test_a_failed_write_still_shows_the_results_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import evaluate
+
+    write_images(tmp_path / "HR", photo_crops(1, 48), names=["a"])
+    assert _evaluate(tmp_path, "--hr-dir", str(tmp_path / "HR")) == 0
+    before = (tmp_path / "eval" / "results.md").read_text()
+    capsys.readouterr()
+
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate.os, "replace", disk_full)
+    assert _evaluate(tmp_path, "--hr-dir", str(tmp_path / "HR"), "--no-bicubic", "--sr-dir", str(tmp_path / "HR")) == 2
+    captured = capsys.readouterr()
+    assert "No space left on device" in captured.err and "| HR | n/a | inf | 1.000 | this evaluation |" in captured.out
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["per_image.csv", "results.csv", "results.md"]
+    assert (tmp_path / "eval" / "results.md").read_text() == before  # the previous results, whole
+
+
 def evaluate_main(argv):
     import evaluate
 
