@@ -257,6 +257,8 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, object]]:
     """Score every method on every image; returns the summary rows (also written to ``--out``)."""
     from tqdm import tqdm
 
+    if not (args.model or args.sr_dir or not args.no_bicubic):
+        raise sr_data.DataError("Nothing to evaluate: pass --model, --sr-dir, or leave the bicubic baseline on.")
     model_labels, sr_labels = _check_labels(args)
     images = collect_images(args, sr_labels)
     dataset = args.dataset or guess_dataset(args.hr_dir)
@@ -278,8 +280,6 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, object]]:
     device = _open_device(args.device)
     models = {label: load_model(m, args.scale, not args.no_ema).to(device).eval()
               for label, m in zip(model_labels, args.model)}  # fmt: skip
-    if not (models or images.sr or not args.no_bicubic):
-        raise sr_data.DataError("Nothing to evaluate: pass --model, --sr-dir, or leave the bicubic baseline on.")
     lpips = None if args.no_lpips else LPIPSMetric(device)
     if lpips is not None and not lpips.available:
         print(f"LPIPS skipped: {lpips.reason}.", file=sys.stderr)

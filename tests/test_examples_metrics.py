@@ -267,6 +267,8 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     assert code == 2 and "Cannot create the output folder --out" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate_main(["--hr-dir", hr, "--dataset", "Set6"])
+    assert _evaluate(tmp_path, "--hr-dir", str(tmp_path / "nowhere"), "--no-bicubic") == 2
+    assert "Nothing to evaluate" in capsys.readouterr().err
 
 
 def test_a_failed_write_still_shows_the_results_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
