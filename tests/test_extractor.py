@@ -1,25 +1,30 @@
-"""SemanticExtractor: the frozen CLIP RN50 trunk, its preprocessing, local checkpoints and errors.
+"""SemanticExtractor on timm: presets, the paper's CLIP RN50 against independent references, weights, errors.
 
-No test downloads anything: the real CLIP weights are replaced by checkpoints that the tests
-write from open_clip's own (randomly initialised) ``ModifiedResNet``, in each layout users have:
-an open_clip state dict with the ``visual.`` prefix (.pt and .safetensors), an open_clip training
-checkpoint (``{"state_dict": {"module.visual....": ...}}``), visual-only keys, and an
-OpenAI-style TorchScript archive with fp16 convolution weights.
+No test downloads anything. Random-weight models stand in for the pretrained ones, and every
+weight file is written by the tests: open_clip's own ``ModifiedResNet`` (an independent
+implementation of CLIP's image tower) saved in each layout users have (open_clip state dicts
+with the ``visual.`` prefix as .pt and .safetensors, an open_clip training checkpoint, the image
+tower alone, an OpenAI-style TorchScript archive with fp16 weights), timm state dicts, and a
+Hugging Face cache laid out as ``huggingface_hub`` writes it.
 """
 
 from __future__ import annotations
 
 import copy
+import io
+import math
 import os
 import pickle
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from open_clip.modified_resnet import ModifiedResNet
 from safetensors.torch import save_file
@@ -28,17 +33,216 @@ from torch import nn
 import reference_sed as R
 import sed_discriminator as sd
 import sed_discriminator.extractor as extractor_module
+from sed_discriminator.config import set_value_checks, value_checks_enabled
+from sed_discriminator.extractor import ExtractorPreset, get_extractor_preset, list_extractors, register_extractor
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 
 ROOT = Path(__file__).resolve().parents[1]
-TRUNK_ROOTS = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "layer1", "layer2", "layer3")
+OPEN_CLIP_TRUNK = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "layer1", "layer2", "layer3")
+PRESETS = ["clip_rn50", "clip_rn101", "clip_convnext_base", "dinov2_vits14", "dinov2_vitb14", "siglip_vitb16",
+           "resnet50_in1k"]  # fmt: skip
+TIMM_NAME = "timm:test_vit"  # timm's tiny test ViT: 64 channels at stride 16
+# How each model rounds the grid of a side that is not a multiple of its stride.
+ROUNDING = {"clip_rn50": math.floor, "clip_rn101": math.floor, "clip_convnext_base": math.floor,
+            "resnet50_in1k": math.ceil, "dinov2_vits14": math.ceil, "dinov2_vitb14": math.ceil,
+            "siglip_vitb16": math.ceil, TIMM_NAME: math.ceil}  # fmt: skip
+SIZES = [(64, 64), (96, 96), (100, 76), (256, 256)]
+
+
+def random_extractor(name: str, **kwargs) -> sd.SemanticExtractor:
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        return sd.SemanticExtractor(name, pretrained=None, **kwargs)
+
+
+def load_quietly(name: str, path: Path | str, **kwargs) -> sd.SemanticExtractor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a loaded extractor must not warn about random weights
+        return sd.SemanticExtractor(name, pretrained=path, **kwargs)
+
+
+@pytest.fixture(scope="module", params=[*PRESETS, TIMM_NAME])
+def any_extractor(request) -> sd.SemanticExtractor:
+    """Each preset once (random weights), for every test that takes it: pytest groups tests by preset."""
+    return random_extractor(request.param)
 
 
 @pytest.fixture(scope="module")
-def random_extractor() -> sd.SemanticExtractor:
+def rn50() -> sd.SemanticExtractor:
+    return random_extractor("clip_rn50")
+
+
+# -- presets and the registry ------------------------------------------------------------------
+
+
+def test_list_extractors_rows() -> None:
+    presets = list_extractors()
+    assert list(presets) == sorted(PRESETS)
+    assert {n: (p.channels, p.stride) for n, p in presets.items()} == {
+        "clip_rn50": (1024, 16), "clip_rn101": (1024, 16), "clip_convnext_base": (512, 16),
+        "dinov2_vits14": (384, 14), "dinov2_vitb14": (768, 14), "siglip_vitb16": (768, 16),
+        "resnet50_in1k": (1024, 16),
+    }  # fmt: skip
+    assert presets["clip_rn50"].model == "resnet50_clip.openai" and presets["clip_rn50"].layer == 3
+    assert all(p.description for p in presets.values())
+    presets.clear()  # a copy: the registry is untouched
+    assert "clip_rn50" in list_extractors()
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_rows_match_timm(name: str) -> None:
+    """channels/stride in the registry are the timm model's own feature_info at the preset's level."""
+    preset = get_extractor_preset(name)
+    with torch.device("meta"):
+        model = timm.create_model(preset.model, pretrained=False)
+    info = model.feature_info[preset.layer]
+    assert (info["num_chs"], info["reduction"]) == (preset.channels, preset.stride)
+    assert preset.model in timm.list_pretrained(preset.model)
+
+
+def test_clip_rn50_normalisation_is_clips(rn50) -> None:
+    assert rn50.mean.flatten().tolist() == pytest.approx(R.CLIP_MEAN, abs=1e-7)
+    assert rn50.std.flatten().tolist() == pytest.approx(R.CLIP_STD, abs=1e-7)
+
+
+def test_unknown_names_and_layers() -> None:
+    with pytest.raises(ValueError, match=r"Unknown extractor 'clip_vit'\. Available: \[.*'clip_rn50'.*\], or any timm model as 'timm:<model name>'"):
+        sd.SemanticExtractor("clip_vit", pretrained=None)
+    with pytest.raises(ValueError, match=r"timm has no model 'not_a_model' \(timm .*\); list them with timm\.list_models"):
+        sd.SemanticExtractor("timm:not_a_model", pretrained=None)
+    with pytest.raises(ValueError, match=r"layer=7 does not exist in timm model 'test_resnet.r160_in1k'; its levels are \{0: 32 ch @ stride 2, .*4: 96 ch @ stride 32\}"):
+        sd.SemanticExtractor("timm:test_resnet.r160_in1k", pretrained=None, layer=7)
+    with pytest.raises(ValueError, match="'timm:' needs a model name"):
+        sd.SemanticExtractor("timm:", pretrained=None)
+
+
+def test_register_timm_preset_fills_channels_and_stride(monkeypatch) -> None:
+    monkeypatch.setattr(extractor_module, "_PRESETS", dict(extractor_module._PRESETS))
+    preset = register_extractor(ExtractorPreset("tiny_vit_block2", model="test_vit.r160_in1k", layer=2))
+    assert (preset.channels, preset.stride) == (64, 16)
+    assert "tiny_vit_block2" in sd.list_extractors()
+    with pytest.raises(ValueError, match="named 'tiny_vit_block2' is registered already; pass overwrite=True"):
+        register_extractor(preset)
+    with pytest.raises(ValueError, match="may not start with 'timm:'"):
+        register_extractor(ExtractorPreset("timm:x", model="test_vit"))
+    ext = random_extractor("tiny_vit_block2")
+    assert ext(torch.rand(1, 3, 32, 48)).shape == (1, 64, 2, 3)
+
+
+def test_register_custom_trunk(monkeypatch) -> None:
+    monkeypatch.setattr(extractor_module, "_PRESETS", dict(extractor_module._PRESETS))
+    preset = ExtractorPreset(name="tiny_test", channels=8, stride=4, build=lambda: nn.Conv2d(3, 8, 4, 4))
+    assert register_extractor(preset) is preset
+    ext = random_extractor("tiny_test")
+    assert (ext.channels, ext.stride) == (8, 4)
+    assert ext(torch.rand(2, 3, 16, 12)).shape == (2, 8, 4, 3)
+    with pytest.raises(ValueError, match="custom trunk without hub weights; pass pretrained= as a local file path"):
+        sd.SemanticExtractor("tiny_test", pretrained="default")
+    with pytest.raises(ValueError, match="needs channels= and stride="):
+        ExtractorPreset(name="bad", build=lambda: nn.Identity())
+    with pytest.raises(ValueError, match="needs exactly one of model="):
+        ExtractorPreset(name="bad")
+
+
+# -- every preset: shapes, frozen, a D step, local weights, pickling ----------------------------
+
+
+def test_shapes_over_sizes(any_extractor) -> None:
+    ext, name = any_extractor, any_extractor.preset.name
+    round_ = ROUNDING[name]
+    for height, width in SIZES:
+        out = ext(torch.rand(1, 3, height, width))
+        grid = (round_(height / ext.stride), round_(width / ext.stride))
+        assert out.shape == (1, ext.channels, *grid), (name, height, width)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_frozen_eval_and_outside_the_discriminator(any_extractor) -> None:
+    ext = any_extractor
+    assert not any(p.requires_grad for p in ext.parameters())
+    assert ext.train() is ext and not any(m.training for m in ext.modules())
+    x = torch.rand(1, 3, 64, 64, requires_grad=True)
+    out = ext(x)
+    assert not out.requires_grad and out.grad_fn is None
+    net_d = sd.ConditionedSeD("patch", extractor=ext, width=8, head_dim=8)
+    trunk_params = {id(p) for p in ext.parameters()}
+    assert not any(id(p) in trunk_params for p in net_d.parameters())
+    assert not any("trunk" in k or "extractor" in k for k in net_d.state_dict())
+
+
+def test_full_discriminator_step(any_extractor) -> None:
+    ext = any_extractor
+    net_d = sd.SeD("patch", width=8, head_dim=8, semantic_channels=ext.channels)
+    hr, sr = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64, requires_grad=True)
+    semantic = ext(hr)
+    fake, real = net_d(sr, semantic), net_d(hr, semantic)
+    loss = sd.discriminator_loss(fake, real_logits=real)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in net_d.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert sr.grad is not None and not any(p.grad is not None for p in ext.parameters())
+
+
+def test_local_weight_file_loads(any_extractor, tmp_path: Path) -> None:
+    ext = any_extractor
+    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ext.trunk.state_dict().items()}
+    path = tmp_path / "trunk.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    loaded = load_quietly(ext.preset.name, path)
+    assert loaded.pretrained == str(path)
+    for key, value in loaded.trunk.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    x = torch.rand(1, 3, 64, 64)
+    assert not torch.equal(loaded(x), ext(x))
+
+
+def test_pickle_stores_how_to_rebuild(any_extractor) -> None:
+    ext = any_extractor
+    data = pickle.dumps(ext)
+    assert len(data) < 1000  # the arguments, not the weights
+    if ext.preset.name not in ("clip_rn50", TIMM_NAME):
+        return  # rebuilding the large random models again costs time and proves nothing more
     with pytest.warns(UserWarning, match="RANDOM weights"):
-        return sd.SemanticExtractor("clip_rn50", pretrained=None)
+        restored = pickle.loads(data)
+    assert restored.config == ext.config and (restored.channels, restored.stride) == (ext.channels, ext.stride)
+    x = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(restored(x), ext(x), atol=0, rtol=0)
+
+
+def test_pickle_rebuilds_from_a_local_file(rn50, tmp_path: Path) -> None:
+    state = {k: v * 1.01 if v.is_floating_point() else v for k, v in rn50.trunk.state_dict().items()}
+    path = tmp_path / "rn50.pth"
+    torch.save(state, path)
+    ext = load_quietly("clip_rn50", path, input_range=(-1, 1), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert ext.config == dict(name="clip_rn50", pretrained=str(path), cache_dir=None, input_range=(-1.0, 1.0),
+                              layer=None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))  # fmt: skip
+    buffer = io.BytesIO()
+    torch.save(ext, buffer)
+    assert buffer.tell() < 10_000  # torch.save's zip container around a few hundred bytes of arguments
+    buffer.seek(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        restored = torch.load(buffer, weights_only=False)
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    torch.testing.assert_close(restored(x), ext(x), atol=0, rtol=0)
+    assert sd.SemanticExtractor(**ext.config).config == ext.config
+    with pytest.raises(AttributeError):
+        ext.config = {}
+    ext.config["name"] = "changed"  # a copy
+    assert ext.config["name"] == "clip_rn50"
+
+
+def test_deepcopy_keeps_the_module_as_it_is(rn50) -> None:
+    double = copy.deepcopy(rn50).to(torch.float64)
+    again = copy.deepcopy(double)
+    assert all(p.dtype == torch.float64 for p in again.parameters()) and again.mean.dtype == torch.float64
+    x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    assert again(x).dtype == torch.float64
+    torch.testing.assert_close(again(x).float(), rn50(x.float()), atol=1e-4, rtol=1e-4)
+
+
+# -- clip_rn50 is the paper's trunk: independent references ------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -56,25 +260,17 @@ def open_clip_resnet() -> ModifiedResNet:
     return model.eval()
 
 
-def _trunk_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items() if k.split(".", 1)[0] in TRUNK_ROOTS}
+def _open_clip_trunk(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if k.split(".", 1)[0] in OPEN_CLIP_TRUNK}
 
 
 def _openai_style_fp16(model: ModifiedResNet) -> nn.Module:
     """OpenAI's archive layout: the CLIP model with the image tower under ``visual``, fp16 conv weights."""
 
-    class Visual(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            for name in TRUNK_ROOTS:
-                self.add_module(name, copy.deepcopy(getattr(model, name)))
-            self.attnpool = nn.Module()
-            self.attnpool.positional_embedding = nn.Parameter(torch.randn(50, 16))
-
     class CLIPLike(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.visual = Visual()
+            self.visual = copy.deepcopy(model)
             self.token_embedding = nn.Embedding(10, 8)
             self.logit_scale = nn.Parameter(torch.ones([]))
 
@@ -91,230 +287,144 @@ def _openai_style_fp16(model: ModifiedResNet) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(open_clip_resnet, tmp_path_factory) -> dict[str, tuple[Path, dict[str, torch.Tensor]]]:
-    """name -> (path, the trunk weights it should load, as float32)."""
+def checkpoints(open_clip_resnet, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("clip_checkpoints")
-    trunk = _trunk_state(open_clip_resnet)
-    extras = {
-        "visual.layer4.0.conv1.weight": torch.randn(8, 8, 1, 1),  # parts of the tower that are not run
-        "visual.attnpool.positional_embedding": torch.randn(50, 16),
-        "token_embedding.weight": torch.randn(10, 8),
-        "logit_scale": torch.ones([]),
-    }
-    open_clip_state = {f"visual.{k}": v for k, v in trunk.items()} | extras
+    full = {f"visual.{k}": v.clone() for k, v in open_clip_resnet.state_dict().items()}  # attnpool, layer4 too
+    open_clip_state = full | {"token_embedding.weight": torch.randn(10, 8), "logit_scale": torch.ones([])}
     out = {}
-
-    path = root / "open_clip_RN50.pt"
-    torch.save(open_clip_state, path)
-    out["open_clip_pt"] = (path, trunk)
-
-    path = root / "open_clip_model.safetensors"
-    save_file(open_clip_state, str(path))
-    out["open_clip_safetensors"] = (path, trunk)
-
-    path = root / "epoch_3.pt"
-    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in open_clip_state.items()}}, path)
-    out["open_clip_training_ckpt"] = (path, trunk)
-
-    path = root / "visual_only.pth"
-    torch.save(dict(trunk) | {"attnpool.positional_embedding": torch.randn(50, 16)}, path)
-    out["visual_only"] = (path, trunk)
-
+    out["open_clip_pt"] = root / "open_clip_RN50.pt"
+    torch.save(open_clip_state, out["open_clip_pt"])
+    out["open_clip_safetensors"] = root / "open_clip_model.safetensors"
+    save_file(open_clip_state, str(out["open_clip_safetensors"]))
+    out["open_clip_training_ckpt"] = root / "epoch_3.pt"
+    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in open_clip_state.items()}},
+               out["open_clip_training_ckpt"])  # fmt: skip
+    out["visual_only"] = root / "visual_only.pth"
+    torch.save(_open_clip_trunk(open_clip_resnet), out["visual_only"])
     clip = _openai_style_fp16(open_clip_resnet)
-    traced = torch.jit.trace(clip, torch.rand(1, 3, 8, 8))
-    path = root / "RN50.pt"
-    torch.jit.save(traced, str(path))
-    fp16_trunk = {
-        k[len("visual.") :]: (v.float() if v.is_floating_point() else v)
-        for k, v in clip.state_dict().items()
-        if k.startswith("visual.") and k.split(".")[1] in TRUNK_ROOTS
-    }
     assert clip.visual.conv1.weight.dtype == torch.float16 and clip.visual.bn1.weight.dtype == torch.float32
-    out["openai_torchscript_fp16"] = (path, fp16_trunk)
+    out["openai_torchscript_fp16"] = root / "RN50.pt"
+    torch.jit.save(torch.jit.trace(clip, torch.rand(1, 3, 8, 8)), str(out["openai_torchscript_fp16"]))
     return out
 
 
-def _load(path: Path) -> sd.SemanticExtractor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # a loaded extractor must not warn about random weights
-        return sd.SemanticExtractor("clip_rn50", pretrained=path)
-
-
-# -- presets -----------------------------------------------------------------------------------
-
-
-def test_clip_rn50_preset_facts() -> None:
-    preset = sd.get_extractor_preset("clip_rn50")
-    assert (preset.channels, preset.stride, preset.open_clip_model) == (1024, 16, "RN50")
-    assert preset.mean == R.CLIP_MEAN and preset.std == R.CLIP_STD
-    assert "clip_rn50" in sd.list_extractors() and sd.list_extractors() == sorted(sd.list_extractors())
-
-
-def test_unknown_preset_error() -> None:
-    with pytest.raises(ValueError, match=r"Unknown extractor 'clip_vit'\. Available: \[.*'clip_rn50'.*\]"):
-        sd.SemanticExtractor("clip_vit", pretrained=None)
-
-
-def test_register_extractor(monkeypatch) -> None:
-    monkeypatch.setattr(extractor_module, "_PRESETS", dict(extractor_module._PRESETS))
-    preset = sd.ExtractorPreset(name="tiny_test", channels=8, stride=4, build=lambda: nn.Conv2d(3, 8, 4, 4))
-    assert sd.register_extractor(preset) is preset
-    assert "tiny_test" in sd.list_extractors()
-    with pytest.raises(ValueError, match="named 'tiny_test' is registered already; pass overwrite=True"):
-        sd.register_extractor(preset)
-    sd.register_extractor(preset, overwrite=True)
-    with pytest.warns(UserWarning, match="RANDOM"):
-        ext = sd.SemanticExtractor("tiny_test", pretrained=None)
-    assert (ext.channels, ext.stride) == (8, 4)
-    assert ext(torch.rand(2, 3, 16, 12)).shape == (2, 8, 4, 3)
-    with pytest.raises(ValueError, match="has no pretrained tags; pass pretrained= as a local file path"):
-        sd.SemanticExtractor("tiny_test", pretrained="openai")
-
-
-# -- the trunk ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("size, grid", [((256, 256), (16, 16)), ((64, 96), (4, 6))])
-def test_output_shape(random_extractor, size, grid) -> None:
-    out = random_extractor(torch.rand(2, 3, *size))
-    assert out.shape == (2, 1024, *grid)
-    assert torch.isfinite(out).all()
-
-
-def test_frozen_and_always_eval(random_extractor) -> None:
-    ext = random_extractor
-    assert not any(p.requires_grad for p in ext.parameters())
-    assert ext.train() is ext
-    assert not any(m.training for m in ext.modules())
-    stats = {k: v.clone() for k, v in ext.state_dict().items() if "running" in k or "num_batches" in k}
-    x = torch.rand(2, 3, 64, 64, requires_grad=True)
-    out = ext(x)
-    assert not out.requires_grad and out.grad_fn is None
-    assert all(torch.equal(ext.state_dict()[k], v) for k, v in stats.items())
-
-
-def test_random_weights_warn_and_are_reproducible(random_extractor) -> None:
-    with pytest.warns(
-        UserWarning,
-        match=r"SemanticExtractor\('clip_rn50'\) has RANDOM weights.*pretrained='openai' or a local weight file",
-    ):
-        other = sd.SemanticExtractor("clip_rn50", pretrained=None)
-    assert other.pretrained is None
-    for a, b in zip(other.state_dict().values(), random_extractor.state_dict().values()):
-        assert torch.equal(a, b)
-
-
-def test_matches_open_clip_modified_resnet(open_clip_resnet, checkpoints) -> None:
-    """Independent check of the trunk and the preprocessing: CLIP mean/std, stem, layer1..layer3, no resize."""
-    ext = _load(checkpoints["open_clip_pt"][0])
-    x = torch.rand(2, 3, 96, 64)
+def _reference_layer3(model: ModifiedResNet, x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(R.CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(R.CLIP_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        m = open_clip_resnet
-        expected = m.layer3(m.layer2(m.layer1(m.stem((x - mean) / std))))
-    assert expected.shape == (2, 1024, 6, 4)
-    torch.testing.assert_close(ext(x), expected, atol=1e-4, rtol=1e-4)
+        return model.layer3(model.layer2(model.layer1(model.stem((x - mean) / std))))
 
 
-@pytest.mark.parametrize(
-    "fmt",
-    ["open_clip_pt", "open_clip_safetensors", "open_clip_training_ckpt", "visual_only", "openai_torchscript_fp16"],
-)
-def test_local_checkpoint_formats(checkpoints, fmt: str) -> None:
-    path, expected = checkpoints[fmt]
-    ext = _load(path)
-    assert ext.pretrained == str(path)
-    state = ext.trunk.state_dict()
-    for key, value in expected.items():
-        assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
-    assert not any(p.requires_grad for p in ext.parameters())
+@pytest.mark.parametrize("size", [(96, 64), (100, 76), (77, 33), (256, 256)])
+def test_clip_rn50_matches_open_clip_modified_resnet(open_clip_resnet, checkpoints, size) -> None:
+    """CLIP mean/std, stem, layer1..layer3 at the input's own size: open_clip's numbers to 1e-6, odd sizes too."""
+    ext = load_quietly("clip_rn50", checkpoints["open_clip_pt"])
+    x = torch.rand(2, 3, *size)
+    expected = _reference_layer3(open_clip_resnet, x)
+    assert expected.shape == (2, 1024, size[0] // 16, size[1] // 16)
+    torch.testing.assert_close(ext(x), expected, atol=1e-6, rtol=1e-6)
 
 
-def test_torchscript_fp16_outputs_follow_the_rounded_weights(checkpoints, open_clip_resnet) -> None:
-    ext = _load(checkpoints["openai_torchscript_fp16"][0])
-    full = _load(checkpoints["open_clip_pt"][0])
+@pytest.mark.parametrize("fmt", ["open_clip_pt", "open_clip_safetensors", "open_clip_training_ckpt", "visual_only"])
+def test_open_clip_checkpoint_layouts(checkpoints, open_clip_resnet, fmt: str) -> None:
+    ext = load_quietly("clip_rn50", checkpoints[fmt])
+    assert ext.pretrained == str(checkpoints[fmt])
     x = torch.rand(1, 3, 64, 64)
-    out, out_full = ext(x), full(x)
+    torch.testing.assert_close(ext(x), _reference_layer3(open_clip_resnet, x), atol=1e-6, rtol=1e-6)
+
+
+def test_openai_torchscript_archive(checkpoints, open_clip_resnet) -> None:
+    ext = load_quietly("clip_rn50", checkpoints["openai_torchscript_fp16"])
+    rounded = _openai_style_fp16(open_clip_resnet).visual.float()
+    x = torch.rand(1, 3, 64, 64)
+    out = ext(x)
     assert out.dtype == torch.float32
-    assert not torch.equal(out, out_full)  # the fp16 rounding is really there ...
-    torch.testing.assert_close(out, out_full, atol=5e-2, rtol=5e-2)  # ... and small
+    torch.testing.assert_close(out, _reference_layer3(rounded, x), atol=1e-6, rtol=1e-6)  # the fp16-rounded weights
+    assert not torch.equal(out, _reference_layer3(open_clip_resnet, x))  # ... which differ from the full ones
 
 
-def test_pathlike_and_str_paths_agree(checkpoints) -> None:
-    path = checkpoints["visual_only"][0]
-    a, b = _load(path), _load(str(path))
-    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
-        assert torch.equal(x, y)
+def test_rn101_loads_an_open_clip_rn101(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = ModifiedResNet(layers=(3, 4, 23, 3), output_dim=512, heads=32, image_size=224, width=64).eval()
+    path = tmp_path / "RN101.pt"
+    torch.save({f"visual.{k}": v for k, v in model.state_dict().items()}, path)
+    x = torch.rand(1, 3, 64, 80)
+    torch.testing.assert_close(load_quietly("clip_rn101", path)(x), _reference_layer3(model, x), atol=1e-6, rtol=1e-6)
 
 
-# -- checkpoint errors -------------------------------------------------------------------------
+# -- weight errors -----------------------------------------------------------------------------
 
 
-def test_wrong_model_checkpoint_errors(open_clip_resnet, tmp_path) -> None:
-    trunk = _trunk_state(open_clip_resnet)
-    deeper = {f"visual.{k}": v for k, v in trunk.items()}
+def test_wrong_model_checkpoint_errors(open_clip_resnet, tmp_path: Path) -> None:
+    deeper = {f"visual.{k}": v for k, v in _open_clip_trunk(open_clip_resnet).items()}
     deeper["visual.layer3.6.conv1.weight"] = torch.randn(256, 1024, 1, 1)  # RN101-like: more layer3 blocks
     path = tmp_path / "rn101_like.pt"
     torch.save(deeper, path)
-    with pytest.raises(
-        ValueError,
-        match=r"does not match this extractor's trunk: 0 missing keys .* 1 unexpected keys \(e\.g\. "
-        r"\['layer3\.6\.conv1\.weight'\]\)",
-    ):
+    with pytest.raises(ValueError, match=r"does not match this extractor's trunk \(resnet50_clip\.openai\): 0 missing keys .* 1 unexpected keys \(e\.g\. \['stages\.2\.6\.conv1_1x1\.conv\.weight'\]\)\. Pass OpenAI's RN50\.pt"):
         sd.SemanticExtractor("clip_rn50", pretrained=path)
 
-    wider = {f"visual.{k}": v for k, v in trunk.items()}
+    wider = {f"visual.{k}": v for k, v in _open_clip_trunk(open_clip_resnet).items()}
     wider["visual.conv1.weight"] = torch.randn(40, 3, 3, 3)
     path = tmp_path / "wider.pt"
     torch.save(wider, path)
-    with pytest.raises(
-        ValueError,
-        match=r"conv1\.weight has shape \(40, 3, 3, 3\) but the trunk expects \(32, 3, 3, 3\); "
-        r"the checkpoint is of another "
-        r"model",
-    ):
+    with pytest.raises(ValueError, match=r"stem\.conv1\.conv\.weight has shape \(40, 3, 3, 3\) but the trunk expects \(32, 3, 3, 3\); the checkpoint is of another model"):
         sd.SemanticExtractor("clip_rn50", pretrained=path)
 
     path = tmp_path / "sed.pt"
     torch.save(sd.SeD("patch", width=8, semantic_channels=64, head_dim=8).state_dict(), path)
-    with pytest.raises(
-        ValueError,
-        match=r"does not match this extractor's trunk: \d+ missing keys.*Pass OpenAI's CLIP archive or an open_clip "
-        r"checkpoint",
-    ):
+    with pytest.raises(ValueError, match=r"sed\.pt does not match this extractor's trunk .*: \d+ missing keys"):
         sd.SemanticExtractor("clip_rn50", pretrained=path)
 
 
-def test_missing_path_errors(tmp_path) -> None:
-    missing = tmp_path / "nope" / "RN50.pt"
-    with pytest.raises(
-        FileNotFoundError,
-        match=r"No weight file at .*RN50\.pt.*check the path or pass a pretrained tag",
-    ):
-        sd.SemanticExtractor("clip_rn50", pretrained=missing)
+def test_bad_weight_files_name_the_file(tmp_path: Path) -> None:
+    text = tmp_path / "RN50.pt"
+    text.write_text("<html>404 Not Found</html>")
+    with pytest.raises(ValueError, match=r"RN50\.pt' is a text page .*Download or copy the file again"):
+        sd.SemanticExtractor("clip_rn50", pretrained=text)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.safetensors' is empty \(0 bytes\)"):
+        sd.SemanticExtractor("dinov2_vits14", pretrained=empty)
+
+
+def test_missing_path_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"No weight file at .*RN50\.pt.*check the path or pass a pretrained tag"):
+        sd.SemanticExtractor("clip_rn50", pretrained=tmp_path / "nope" / "RN50.pt")
     with pytest.raises(FileNotFoundError, match="No weight file at 'RN50.safetensors'"):
         sd.SemanticExtractor("clip_rn50", pretrained="RN50.safetensors")
+    with pytest.raises(TypeError, match="pretrained must be a tag, a file path or None, got dict"):
+        sd.SemanticExtractor("clip_rn50", pretrained={})
 
 
 def test_unknown_tag_error() -> None:
-    with pytest.raises(
-        ValueError,
-        match=r"Unknown pretrained tag 'laion9000' for extractor 'clip_rn50' \(open_clip model RN50\)\. "
-        r"Available tags: "
-        r"\[.*'openai'.*\], or a local file path",
-    ):
+    with pytest.raises(ValueError, match=r"Unknown pretrained tag 'laion9000' for extractor 'clip_rn50' \(timm model resnet50_clip\)\. Available tags: \[.*'openai'.*'yfcc15m'\], 'default', a local file path"):
         sd.SemanticExtractor("clip_rn50", pretrained="laion9000")
+
+
+@pytest.mark.parametrize("name", [*PRESETS, TIMM_NAME])
+def test_offline_error_is_fast_and_says_what_to_do(monkeypatch, tmp_path: Path, name: str) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError) as info:
+        sd.SemanticExtractor(name, cache_dir=tmp_path)
+    assert time.perf_counter() - start < 5.0
+    message = str(info.value)
+    model = {TIMM_NAME: "test_vit.r160_in1k"}.get(name) or get_extractor_preset(name).model
+    assert f"weights of timm model {model}" in message and f"not in the Hugging Face cache ({tmp_path})" in message
+    assert f"download https://huggingface.co/timm/{model}/resolve/main/model.safetensors" in message
+    assert f"pass its path: SemanticExtractor({name!r}, pretrained='/path/to/file')" in message
+    assert not any(tmp_path.iterdir())
 
 
 _OFFLINE_SCRIPT = textwrap.dedent(
     """
-    import sys
-    import sed_discriminator as sd
+    import sys, time
+    import timm, sed_discriminator as sd
+    start = time.perf_counter()
     try:
         sd.SemanticExtractor("clip_rn50", pretrained="openai", cache_dir=sys.argv[1])
     except Exception as err:
-        print("ERROR-TYPE:", type(err).__name__)
+        print("ERROR-TYPE:", type(err).__name__, "SECONDS:", time.perf_counter() - start)
         print(err)
     else:
         print("NO ERROR")
@@ -323,25 +433,17 @@ _OFFLINE_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_offline_error_tells_the_user_to_pass_a_local_path(tmp_path) -> None:
+def test_offline_error_in_a_fresh_process(tmp_path: Path) -> None:
     cache = tmp_path / "empty_cache"
     cache.mkdir()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(cache), HF_HUB_CACHE=str(cache), XDG_CACHE_HOME=str(cache))
-    result = subprocess.run(
-        [sys.executable, "-c", _OFFLINE_SCRIPT, str(cache)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = subprocess.run([sys.executable, "-c", _OFFLINE_SCRIPT, str(cache)], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    out = result.stdout
-    assert "ERROR-TYPE: RuntimeError" in out
-    assert "Could not get the 'openai' weights of RN50" in out and "offline" in out
-    assert "pass its path: SemanticExtractor(pretrained='/path/to/file')" in out
-    assert "On a machine with internet, download OpenAI's archive" in out  # where to get the file
-    assert not any(cache.rglob("*.bin")) and not any(cache.rglob("*.pt"))
+    first, message = result.stdout.split("\n", 1)
+    assert first.startswith("ERROR-TYPE: RuntimeError SECONDS:") and float(first.split()[-1]) < 5.0
+    assert "HF_HUB_OFFLINE is set" in message and "OpenAI's RN50.pt TorchScript archive" in message
+    assert not any(cache.rglob("*.safetensors")) and not any(cache.rglob("*.bin"))
 
 
 def _fake_hub_cache(root: Path, repo_id: str, filename: str, source: Path) -> Path:
@@ -356,95 +458,122 @@ def _fake_hub_cache(root: Path, repo_id: str, filename: str, source: Path) -> Pa
     return snapshot / filename
 
 
-@pytest.mark.parametrize("filename", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
-def test_tag_loads_from_the_hub_cache_without_network(monkeypatch, checkpoints, tmp_path, filename: str) -> None:
+@pytest.mark.parametrize("filename", ["model.safetensors", "open_clip_pytorch_model.bin"])
+def test_tag_loads_from_the_hub_cache_without_network(monkeypatch, rn50, checkpoints, open_clip_resnet,
+                                                      tmp_path: Path, filename: str) -> None:  # fmt: skip
     import huggingface_hub
-    import open_clip.pretrained
 
     def no_network(*args, **kwargs):
         raise AssertionError("a cached tag must not touch the network")
 
-    for module in (huggingface_hub, open_clip.pretrained):
-        monkeypatch.setattr(module, "hf_hub_download", no_network, raising=False)
-    source_key = "open_clip_safetensors" if filename.endswith(".safetensors") else "open_clip_pt"
-    source, trunk = checkpoints[source_key]
-    hub = open_clip.get_pretrained_cfg("RN50", "openai")["hf_hub"].rstrip("/")
-    _fake_hub_cache(tmp_path, hub, filename, source)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        extractor = sd.SemanticExtractor("clip_rn50", pretrained="openai", cache_dir=str(tmp_path))
-    loaded = extractor.trunk.state_dict()
-    assert all(torch.equal(loaded[k], v) for k, v in trunk.items())
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.setattr(extractor_module, "_unreachable", no_network)
+    if filename == "model.safetensors":  # timm's own layout
+        source = tmp_path / "timm.safetensors"
+        save_file(load_quietly("clip_rn50", checkpoints["open_clip_pt"]).trunk.state_dict(), str(source))
+    else:  # open_clip's file in the same repo
+        source = checkpoints["open_clip_pt"]
+    cache = tmp_path / "cache"
+    _fake_hub_cache(cache, "timm/resnet50_clip.openai", filename, source)
+    for tag in ("openai", "default"):
+        ext = load_quietly("clip_rn50", tag, cache_dir=cache)
+        assert ext.pretrained == tag
+        x = torch.rand(1, 3, 64, 64)
+        torch.testing.assert_close(ext(x), _reference_layer3(open_clip_resnet, x), atol=1e-6, rtol=1e-6)
+
+
+def test_other_tag_uses_its_repo(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match=r"'yfcc15m' weights of timm model resnet50_clip\.yfcc15m .*huggingface\.co/timm/resnet50_clip\.yfcc15m/"):
+        sd.SemanticExtractor("clip_rn50", pretrained="yfcc15m", cache_dir=tmp_path)
 
 
 # -- inputs ------------------------------------------------------------------------------------
 
 
-def test_input_range_minus_one_one(random_extractor) -> None:
-    signed = copy.deepcopy(random_extractor)
-    signed.input_range = (-1.0, 1.0)
+def test_input_range_and_normalisation_overrides(rn50) -> None:
     x = torch.rand(1, 3, 32, 32)
-    torch.testing.assert_close(signed(x * 2 - 1), random_extractor(x), atol=1e-5, rtol=1e-5)
+    signed = random_extractor("clip_rn50", input_range=(-1, 1))
+    torch.testing.assert_close(signed(x * 2 - 1), rn50(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"input_range must be \(low, high\) with high > low, got \(1, 0\)"):
         sd.SemanticExtractor("clip_rn50", pretrained=None, input_range=(1, 0))
+    plain = random_extractor("clip_rn50", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    assert plain.mean.flatten().tolist() == [0.0, 0.0, 0.0]
+    mean, std = torch.tensor(R.CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(R.CLIP_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(plain((x - mean) / std), rn50(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"std must be positive, got \(0, 1, 1\)"):
+        sd.SemanticExtractor("clip_rn50", pretrained=None, std=(0, 1, 1))
+    with pytest.raises(ValueError, match=r"mean must have 3 values \(one per RGB channel\), got \(0\.5,\)"):
+        sd.SemanticExtractor("clip_rn50", pretrained=None, mean=(0.5,))
 
 
-def test_input_errors(random_extractor) -> None:
+def test_vit_normalisation_comes_from_the_model() -> None:
+    with torch.device("meta"):
+        cfg = timm.create_model("vit_base_patch16_siglip_224.webli").pretrained_cfg
+    assert tuple(cfg["mean"]) == (0.5, 0.5, 0.5)
+    ext = random_extractor("timm:test_vit")
+    with torch.device("meta"):
+        expected = timm.create_model("test_vit").pretrained_cfg["mean"]
+    assert tuple(ext.mean.flatten().tolist()) == pytest.approx(tuple(expected))
+
+
+def test_layer_override(rn50) -> None:
+    layer2 = random_extractor("clip_rn50", layer=2)
+    assert (layer2.channels, layer2.stride) == (512, 8)
+    assert layer2(torch.rand(1, 3, 64, 64)).shape == (1, 512, 8, 8)
+    assert rn50.channels == 1024  # the registry's preset is unchanged
+    last = random_extractor("timm:test_vit", layer=-1)
+    assert last(torch.rand(1, 3, 40, 40)).shape == (1, 64, 3, 3)  # 40 px padded to 48: ceil(40 / 16)
+
+
+def test_vit_padding_rule() -> None:
+    ext = random_extractor("timm:test_vit")
+    x = torch.rand(1, 3, 40, 56)
+    padded = torch.nn.functional.pad((x - ext.mean) / ext.std, (0, 8, 0, 8))  # zeros after normalisation
+    with torch.no_grad():
+        expected = ext.trunk.forward_intermediates(padded, indices=[ext.preset.layer], norm=True,
+                                                   output_fmt="NCHW", intermediates_only=True)[0]  # fmt: skip
+    torch.testing.assert_close(ext(x), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_input_errors(rn50) -> None:
     with pytest.raises(ValueError, match=r"SemanticExtractor needs images of at least 16x16 pixels, got 8x64"):
-        random_extractor(torch.rand(1, 3, 8, 64))
-    with pytest.raises(
-        ValueError,
-        match=r"SemanticExtractor expects an image batch of shape \(B, 3, H, W\), got a 3-D tensor",
-    ):
-        random_extractor(torch.rand(3, 32, 32))
-    with pytest.raises(
-        ValueError,
-        match=r"SemanticExtractor expects a floating-point image .* Convert it with x\.float\(\) / 255",
-    ):
-        random_extractor(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+        rn50(torch.rand(1, 3, 8, 64))
+    with pytest.raises(ValueError, match=r"SemanticExtractor expects an image batch of shape \(B, 3, H, W\), got a 3-D tensor"):
+        rn50(torch.rand(3, 32, 32))
+    with pytest.raises(ValueError, match=r"SemanticExtractor expects a floating-point image .* Convert it with x\.float\(\) / 255"):
+        rn50(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match="SemanticExtractor expects 3 channels, got 1"):
-        random_extractor(torch.rand(1, 1, 32, 32))
+        rn50(torch.rand(1, 1, 32, 32))
 
 
-def test_value_checks_range_and_nan(random_extractor) -> None:
-    before = sd.value_checks_enabled()
-    sd.set_value_checks(True)
+def test_value_checks_range_and_nan(rn50) -> None:
+    before = value_checks_enabled()
+    set_value_checks(True)
     try:
-        with pytest.raises(
-            ValueError,
-            match=r"expects image values in \[0, 1\], got \[0, 255\]\. Scale \[0, 255\] images by 1/255",
-        ):
-            random_extractor(torch.tensor([0.0, 255.0]).repeat(16 * 16 * 3 // 2).view(1, 3, 16, 16))
-        with pytest.raises(ValueError, match=r"expects image values in \[0, 1\], got \[-1, 1\]"):
-            random_extractor(torch.linspace(-1, 1, 3 * 16 * 16).view(1, 3, 16, 16))
+        with pytest.raises(ValueError, match=r"expects image values in \[0, 1\], got \[0, 255\]\. Scale \[0, 255\] images by 1/255"):
+            rn50(torch.tensor([0.0, 255.0]).repeat(16 * 16 * 3 // 2).view(1, 3, 16, 16))
         nan = torch.rand(1, 3, 16, 16)
         nan[0, 1, 2, 3] = float("nan")
         with pytest.raises(ValueError, match="NaN or Inf"):
-            random_extractor(nan)
-        random_extractor(torch.rand(1, 3, 16, 16))  # in range: fine
+            rn50(nan)
+        rn50(torch.rand(1, 3, 16, 16))
     finally:
-        sd.set_value_checks(before)
-    random_extractor(torch.linspace(-1, 1, 3 * 16 * 16).view(1, 3, 16, 16))  # checks off: no error
+        set_value_checks(before)
 
 
-def test_to_dtype_moves_trunk_and_constants(random_extractor) -> None:
-    ext = copy.deepcopy(random_extractor).to(torch.float64)
-    assert all(p.dtype == torch.float64 for p in ext.parameters())
-    assert ext.mean.dtype == torch.float64 and ext.std.dtype == torch.float64
-    x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
-    out = ext(x)
-    assert out.dtype == torch.float64
-    torch.testing.assert_close(out.float(), random_extractor(x.float()), atol=1e-4, rtol=1e-4)
-
-
-def test_mean_std_not_in_state_dict(random_extractor) -> None:
-    keys = set(random_extractor.state_dict())
-    assert "mean" not in keys and "std" not in keys
-    assert all(k.startswith("trunk.") for k in keys)
-
-
-def test_pickle_round_trip(random_extractor) -> None:
-    restored = pickle.loads(pickle.dumps(random_extractor))
+def test_other_input_dtypes_are_converted(rn50) -> None:
     x = torch.rand(1, 3, 32, 32)
-    torch.testing.assert_close(restored(x), random_extractor(x), atol=0, rtol=0)
-    assert not restored.train().training
+    reference = rn50(x)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        out = rn50(x.to(dtype))
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, reference, atol=0.1, rtol=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rn50(x).dtype == torch.bfloat16
+
+
+def test_mean_std_not_in_state_dict(rn50) -> None:
+    keys = set(rn50.state_dict())
+    assert "mean" not in keys and "std" not in keys and all(k.startswith("trunk.") for k in keys)
+    assert not any(k.startswith(("trunk.stages.3", "trunk.head")) for k in keys)  # layer4 and attnpool are pruned
