@@ -31,7 +31,8 @@ class ConditionedSeD(training.ConditionedSeD):
     - ``load_state_dict`` also takes the legacy spectral-norm keys (``weight_orig``,
       ``weight_u``, ``weight_v``) of the authors' checkpoints, so a trainer's own loader
       (``pretrain_network_d``) reads them, strictly;
-    - a call without a condition says which model type of the trainer sets it.
+    - a call without a condition says which model type of the trainer sets it;
+    - ``pretrained=False`` (TOML has no null) means ``pretrained=None``: random extractor weights.
 
     Args:
         variant: ``"patch"`` or ``"pixel"``.
@@ -43,6 +44,11 @@ class ConditionedSeD(training.ConditionedSeD):
         >>> with net_d.condition(gt):  # done by the trainer adapters  # doctest: +SKIP
         ...     logits = net_d(output)
     """
+
+    def __init__(self, variant: str = "patch", **kwargs: Any) -> None:
+        if kwargs.get("pretrained", "") is False:  # TOML (neosr) has no null: `pretrained = false` means random
+            kwargs["pretrained"] = None
+        super().__init__(variant, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         # Runs before the children load, on the dict they are loaded from: rename in place.

@@ -1,0 +1,121 @@
+"""SeD in neosr, chosen in its TOML config.
+
+neosr runs from its clone and reads ``sys.argv`` when its packages are imported (its
+architectures parse the options at import), so this adapter sets the command line first,
+then imports neosr, registers the architecture ``ConditionedSeD`` and wraps
+``neosr.models.build_model`` so that the training step of the model it builds (any
+``model_type``: ``image``, ``otf``) runs inside ``net_d.condition(gt)`` on the bare
+discriminator.
+
+Launch (the clone's own ``train.py`` runs, with its flags; experiments go to the clone as usual)::
+
+    python -m sed_discriminator.integrations.neosr /path/to/neosr -opt options/x.toml
+    torchrun --nproc_per_node=N -m sed_discriminator.integrations.neosr /path/to/neosr \\
+        -opt options/x.toml --launcher pytorch
+
+Read docs/integrations.md first: at the version read, neosr computes the generator's GAN term
+under ``torch.inference_mode()`` and calls the discriminator in ``eval()`` mode, which this
+adapter does not change.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from pathlib import Path
+from typing import Any
+
+from ._common import ConditionedSeD, add_to_registry, check_no_data_parallel, wrap_step
+
+__all__ = ["ConditionedSeD", "hook_model", "install", "main", "register", "use_clone"]
+
+LAUNCH_HINT = "torchrun --nproc_per_node=N -m sed_discriminator.integrations.neosr <clone> -opt <options.toml> --launcher pytorch"
+_USAGE = "usage: python -m sed_discriminator.integrations.neosr <path of your neosr clone> -opt <options.toml> [train.py flags]"
+
+
+def use_clone(path: str | os.PathLike) -> Path:
+    """Put a neosr clone first on ``sys.path`` and return its absolute path.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a neosr clone (no ``train.py`` and ``neosr/``).
+    """
+    clone = Path(path).expanduser().resolve()
+    if not (clone / "train.py").is_file() or not (clone / "neosr" / "__init__.py").is_file():
+        raise FileNotFoundError(
+            f"{clone} is not a neosr clone (it needs train.py and the neosr/ package). Pass the folder you cloned "
+            "github.com/neosr-project/neosr into."
+        )
+    if str(clone) not in sys.path:
+        sys.path.insert(0, str(clone))
+    return clone
+
+
+def register() -> None:
+    """Add ``ConditionedSeD`` to neosr's architecture registry; safe to call again.
+
+    Importing neosr parses ``sys.argv`` (``-opt <options.toml>`` must be on it).
+    """
+    from neosr.utils.registry import ARCH_REGISTRY
+
+    add_to_registry(ARCH_REGISTRY, ConditionedSeD.__name__, ConditionedSeD)
+
+
+def hook_model(model: Any) -> Any:
+    """Make ``model.optimize_parameters`` give its ConditionedSeD the step's ``gt``; returns ``model``.
+
+    The condition holds for everything the step runs: neosr's ``closure`` (called again by its
+    SAM optimizer) and the optimizer steps after it. Hooking twice does nothing; models without
+    a ConditionedSeD train as before.
+
+    Raises:
+        RuntimeError: the model's ConditionedSeD is wrapped in DataParallel.
+    """
+    check_no_data_parallel(getattr(model, "net_d", None), launch_hint=LAUNCH_HINT)
+    step = model.optimize_parameters
+    if getattr(step, "__sed_conditioned__", False):
+        return model
+    model.optimize_parameters = wrap_step(
+        step, lambda: getattr(model, "net_d", None), lambda: getattr(model, "gt", None), launch_hint=LAUNCH_HINT
+    )
+    return model
+
+
+def install() -> None:
+    """Register the architecture and hook every model ``neosr.models.build_model`` builds from now on.
+
+    Call it before neosr's ``train.py`` is imported (it binds ``build_model`` at import).
+    """
+    import neosr.models as models
+
+    register()
+    original = models.build_model
+    if getattr(original, "__sed_conditioned__", False):
+        return
+
+    def build_model(opt: Any) -> Any:
+        return hook_model(original(opt))
+
+    build_model.__wrapped__ = original  # type: ignore[attr-defined]
+    build_model.__sed_conditioned__ = True  # type: ignore[attr-defined]
+    build_model.__doc__ = original.__doc__
+    models.build_model = build_model
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a neosr clone's ``train.py`` with SeD registered and its training step hooked.
+
+    Args:
+        argv: ``[clone, *train.py arguments]``; ``None`` reads ``sys.argv[1:]``.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0].startswith("-"):
+        raise SystemExit(f"{_USAGE}\n(the first argument must be the clone's path)")
+    clone = use_clone(args[0])
+    sys.argv = [str(clone / "train.py"), *args[1:]]  # before neosr is imported: it parses the options then
+    install()
+    runpy.run_path(str(clone / "train.py"), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,565 @@
+"""The trainer-agnostic pieces and the traiNNer-redux / neosr adapters, against stand-ins.
+
+The stand-in models call ``net_d`` the way the trainers' model classes do at the versions read
+(docs/integrations.md): traiNNer-redux's ``SRModel.optimize_parameters(current_iter,
+current_accum_iter, apply_gradient)`` under autocast with ``_real_hr`` as the real batch where
+set, and neosr's ``closure`` with the generator's GAN term under ``torch.inference_mode()`` and
+every discriminator call in ``eval()``. Tests against the real clones are opt-in:
+``SED_TRAINNER_PATH=/path/to/traiNNer-redux`` and ``SED_NEOSR_PATH=/path/to/neosr`` (in an
+environment with the clone's requirements installed).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sed_discriminator import SeD, SemanticExtractor
+from sed_discriminator.integrations import _common, neosr, trainner
+from sed_discriminator.integrations._common import ConditionedSeD, step_condition
+
+WIDTH = 8
+PACKAGE = Path(_common.__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def extractor() -> SemanticExtractor:
+    with pytest.warns(UserWarning, match="RANDOM"):
+        return SemanticExtractor("clip_rn50", pretrained=None)
+
+
+def _net_d(extractor: SemanticExtractor, variant: str = "patch") -> ConditionedSeD:
+    return ConditionedSeD(variant, extractor=extractor, width=WIDTH)
+
+
+class _Recorder:
+    """Wraps a ConditionedSeD's forward: records (mode, inference mode, has condition, input) per call."""
+
+    def __init__(self, net: ConditionedSeD) -> None:
+        self.calls: list[tuple[bool, bool, torch.Tensor | None, torch.Tensor]] = []
+        forward = net.forward
+
+        def recording_forward(x, semantic=None):
+            self.calls.append((net.training, torch.is_inference_mode_enabled(), net._condition, x.detach().clone()))
+            return forward(x, semantic)
+
+        net.forward = recording_forward
+
+
+class TrainnerLikeModel:
+    """Calls net_d like traiNNer-redux's SRModel.optimize_parameters (G step, then D step, AMP, accumulation)."""
+
+    def __init__(self, net_d: nn.Module, *, use_amp: bool = False, accum_iters: int = 1) -> None:
+        self.net_g = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(3, 3, 3, padding=1))
+        self.net_d = net_d
+        self.optimizer_g = torch.optim.Adam(self.net_g.parameters(), 1e-3)
+        self.optimizer_d = torch.optim.Adam(self.net_d.parameters(), 1e-3)
+        self.use_amp, self.amp_dtype, self.accum_iters = use_amp, torch.bfloat16, accum_iters
+        self.gt = self.lq = self.output = self._real_hr = None
+        self.d_grad_norms: list[float] = []
+
+    def feed_data(self, data: dict[str, torch.Tensor]) -> None:
+        self.lq, self.gt = data["lq"], data["gt"]
+
+    def optimize_parameters(self, current_iter: int, current_accum_iter: int, apply_gradient: bool) -> None:
+        for p in self.net_d.parameters():
+            p.requires_grad = False
+        with torch.autocast(device_type="cpu", dtype=self.amp_dtype, enabled=self.use_amp):
+            self.output = self.net_g(self.lq)
+            fake_g_pred = self.net_d(self.output)
+            l_g = nn.functional.l1_loss(self.output, self.gt) + 0.01 * nn.functional.softplus(-fake_g_pred).mean()
+        (l_g / self.accum_iters).backward()
+        if apply_gradient:
+            self.optimizer_g.step()
+            self.optimizer_g.zero_grad()
+        for p in self.net_d.parameters():
+            p.requires_grad = True
+        with torch.autocast(device_type="cpu", dtype=self.amp_dtype, enabled=self.use_amp):
+            real_d_pred = self.net_d(self._real_hr if self._real_hr is not None else self.gt)
+            fake_d_pred = self.net_d(self.output.detach())
+            l_d = nn.functional.softplus(-real_d_pred).mean() + nn.functional.softplus(fake_d_pred).mean()
+        (l_d / self.accum_iters).backward()
+        if apply_gradient:
+            self.d_grad_norms.append(float(sum(p.grad.norm() for p in self.net_d.parameters() if p.grad is not None)))
+            self.optimizer_d.step()
+            self.optimizer_d.zero_grad()
+
+
+class NeosrLikeModel(TrainnerLikeModel):
+    """Calls net_d like neosr's image model: GAN term under inference_mode, every D call in eval()."""
+
+    def closure(self, current_iter: int) -> torch.Tensor:
+        for p in self.net_d.parameters():
+            p.requires_grad = False
+        self.output = self.net_g(self.lq)
+        l_g_total = nn.functional.l1_loss(self.output, self.gt)
+        self.net_d.eval()
+        with torch.inference_mode():
+            fake_g_pred = self.net_d(self.output)
+        self.l_g_gan = nn.functional.softplus(-fake_g_pred).mean()
+        l_g_total = l_g_total + self.l_g_gan
+        self.net_d.train()
+        l_g_total.backward()
+        for p in self.net_d.parameters():
+            p.requires_grad = True
+        self.net_d.eval()
+        real_d_pred = self.net_d(self.gt)
+        fake_d_pred = self.net_d(self.output.detach())
+        self.net_d.train()
+        (nn.functional.softplus(-real_d_pred).mean() + nn.functional.softplus(fake_d_pred).mean()).backward()
+        return l_g_total
+
+    def optimize_parameters(self, current_iter: int) -> None:  # type: ignore[override]
+        self.closure(current_iter)
+        self.closure(current_iter)  # neosr's SAM optimizer runs the closure a second time in the same step
+        self.optimizer_g.step()
+        self.optimizer_d.step()
+        self.optimizer_g.zero_grad()
+        self.optimizer_d.zero_grad()
+
+
+def _batch(seed: int = 0, n: int = 2) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    gt = torch.rand(n, 3, 32, 32, generator=gen)
+    return {"gt": gt, "lq": nn.functional.avg_pool2d(gt, 2)}
+
+
+# -- the registered architecture -----------------------------------------------------------------
+
+
+def test_arch_loads_legacy_spectral_norm_keys_strictly_also_under_a_prefix(extractor: SemanticExtractor) -> None:
+    source = _net_d(extractor)
+    state = source.state_dict()
+    legacy = {}
+    for key, value in state.items():
+        for new, old in (("parametrizations.weight.original", "weight_orig"), ("parametrizations.weight.0._u", "weight_u"),
+                         ("parametrizations.weight.0._v", "weight_v")):  # fmt: skip
+            key = key.replace(new, old)
+        legacy[key] = value
+    assert sum(k.endswith("weight_orig") for k in legacy) == 6
+    target = _net_d(extractor)
+    assert set(target.map_state_dict(legacy)) == set(state)
+    target.load_state_dict(legacy, strict=True)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in state.items())
+
+    # nested, as in neosr's EMA copy (AveragedModel keeps the network under "module.")
+    wrapper = nn.Module()
+    wrapper.module = _net_d(extractor)
+    wrapper.load_state_dict({f"module.{k}": v for k, v in legacy.items()}, strict=True)
+    assert torch.equal(wrapper.module.conv1.parametrizations.weight.original, source.conv1.parametrizations.weight.original)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        _net_d(extractor).load_state_dict({**legacy, "conv1.weight_w": torch.zeros(1)}, strict=True)
+
+
+def test_arch_without_condition_names_the_trainer_model_types(extractor: SemanticExtractor) -> None:
+    with pytest.raises(RuntimeError, match="SeDSRGANModel.*sed_discriminator.integrations.basicsr.*trainner"):
+        _net_d(extractor)(torch.rand(1, 3, 32, 32))
+
+
+def test_arch_pretrained_false_means_random_weights() -> None:
+    with pytest.warns(UserWarning, match="RANDOM"):
+        net = ConditionedSeD("patch", width=WIDTH, pretrained=False)
+    assert net.extractor is not None and net.extractor.pretrained is None
+
+
+def test_step_condition_is_a_no_op_for_other_discriminators_and_clears_on_error(extractor: SemanticExtractor) -> None:
+    with step_condition(nn.Conv2d(3, 1, 3), None):
+        pass
+    with step_condition(None, None):
+        pass
+    net = _net_d(extractor)
+    with pytest.raises(RuntimeError, match="no HR batch.*NoneType.*ground truth"):
+        with step_condition(net, None):
+            pass
+    with pytest.raises(ValueError, match="boom"):
+        with step_condition(net, torch.rand(2, 3, 32, 32)):
+            assert net._condition is not None
+            raise ValueError("boom")
+    assert net._condition is None
+
+
+def test_data_parallel_is_refused_and_other_networks_are_not() -> None:
+    net = nn.DataParallel(ConditionedSeD("patch", width=WIDTH, semantic_fusion=False))
+    model = TrainnerLikeModel(net)
+    with pytest.raises(RuntimeError, match="DataParallel.*torchrun --nproc_per_node=N -m sed_discriminator.integrations.trainner"):
+        trainner.hook_model(model)
+    with pytest.raises(RuntimeError, match="DataParallel.*integrations.neosr"):
+        neosr.hook_model(NeosrLikeModel(net))
+    trainner.hook_model(TrainnerLikeModel(nn.DataParallel(nn.Conv2d(3, 1, 3))))
+
+
+def test_no_module_outside_integrations_imports_a_trainer() -> None:
+    trainers = {"basicsr", "realesrgan", "traiNNer", "neosr"}
+    for path in PACKAGE.rglob("*.py"):
+        if "integrations" in path.relative_to(PACKAGE).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            assert not {n.split(".")[0] for n in names} & trainers, f"{path} imports a trainer"
+
+
+# -- traiNNer-redux ----------------------------------------------------------------------------
+
+
+def test_trainner_hook_conditions_every_d_call_on_the_real_batch(extractor: SemanticExtractor) -> None:
+    net = _net_d(extractor)
+    rec = _Recorder(net)
+    model = trainner.hook_model(TrainnerLikeModel(net))
+    assert trainner.hook_model(model).optimize_parameters is model.optimize_parameters  # twice: no double wrap
+    for it in (1, 2):
+        model.feed_data(_batch(it))
+        model.optimize_parameters(it, 0, True)
+        assert net._condition is None  # cleared after the step
+    assert len(rec.calls) == 6 and all(cond is not None for _, _, cond, _ in rec.calls)
+    assert torch.equal(rec.calls[4][3], _batch(2)["gt"])  # the real call of step 2 judges that step's gt
+
+    # ECO: the real batch is _real_hr, and so is the condition
+    real = torch.rand(2, 3, 32, 32)
+    model.feed_data(_batch(3))
+    model._real_hr = real
+    seen = []
+    original = net.set_condition
+    net.set_condition = lambda hr: (seen.append(hr), original(hr))[1]
+    model.optimize_parameters(3, 0, True)
+    assert seen[-1] is real
+
+
+def test_trainner_hook_with_accumulation_and_bf16_autocast(extractor: SemanticExtractor) -> None:
+    net = _net_d(extractor)
+    model = trainner.hook_model(TrainnerLikeModel(net, use_amp=True, accum_iters=2))
+    for accum, apply in ((0, False), (1, True)):  # one step accumulated over two batches
+        model.feed_data(_batch(accum))
+        model.optimize_parameters(1, accum, apply)
+    assert len(model.d_grad_norms) == 1 and model.d_grad_norms[0] > 0
+
+
+def test_without_the_hook_a_stale_condition_is_refused(extractor: SemanticExtractor) -> None:
+    # what the hook prevents: the previous step's condition used after D's optimizer step
+    net = _net_d(extractor)
+    model = TrainnerLikeModel(net)
+    model.feed_data(_batch())
+    net.set_condition(model.gt)
+    model.optimize_parameters(1, 0, True)
+    with pytest.raises(RuntimeError, match="stale"):
+        model.optimize_parameters(2, 0, True)
+
+
+def test_trainner_hook_finds_the_bare_model_under_ddp(extractor: SemanticExtractor, tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        bare = _net_d(extractor)
+        model = trainner.hook_model(TrainnerLikeModel(nn.parallel.DistributedDataParallel(bare)))
+        seen = []
+        original = bare.set_condition
+        bare.set_condition = lambda hr: (seen.append(hr), original(hr))[1]
+        model.feed_data(_batch())
+        model.optimize_parameters(1, 0, True)
+        assert len(seen) == 1 and seen[0] is model.gt and bare._condition is None
+    finally:
+        dist.destroy_process_group()
+
+
+# -- neosr -----------------------------------------------------------------------------------------
+
+
+def test_neosr_hook_holds_through_inference_mode_eval_calls_and_a_second_closure(extractor: SemanticExtractor) -> None:
+    net = _net_d(extractor)
+    rec = _Recorder(net)
+    model = neosr.hook_model(NeosrLikeModel(net))
+    before = [p.detach().clone() for p in net.parameters()]
+    model.feed_data(_batch())
+    model.optimize_parameters(1)
+    assert len(rec.calls) == 6 and all(cond is not None for _, _, cond, _ in rec.calls)
+    assert [(training, inference) for training, inference, _, _ in rec.calls[:3]] == [(False, True), (False, False), (False, False)]
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))  # D trained
+    # neosr's generator GAN term: computed under inference_mode, it carries no gradient to G
+    assert not model.l_g_gan.requires_grad
+    assert net._condition is None
+
+
+def test_eval_mode_calls_leave_spectral_norm_power_iteration_still(extractor: SemanticExtractor) -> None:
+    # why neosr's eval-mode D step matters for a spectral-norm discriminator such as SeD
+    net = _net_d(extractor)
+    u = net.conv1.parametrizations.weight[0]._u
+    start = u.clone()
+    hr = torch.rand(2, 3, 32, 32)
+    with net.condition(hr):
+        net.eval()
+        net(hr)
+        assert torch.equal(u, start)
+        net.train()
+        net(hr)
+    assert not torch.equal(u, start)
+
+
+# -- the launchers, against stand-in clones --------------------------------------------------------
+
+_STAND_IN_TRAIN = """
+import json, sys
+import torch
+from {package}.models import build_model
+model = build_model({{"argv": sys.argv[1:]}})
+for it in (1, 2):
+    model.feed_data({{"gt": torch.rand(2, 3, 32, 32), "lq": torch.rand(2, 3, 16, 16)}})
+    model.optimize_parameters(*{step_args})
+json.dump({{"argv": sys.argv, "conditioned": getattr(model.optimize_parameters, "__sed_conditioned__", False),
+           "arch": "{arch}" in __import__("{package}.utils.registry", fromlist=["x"]).ARCH_REGISTRY._obj_map}},
+          open(sys.argv[-1], "w"))
+"""
+
+_STAND_IN_REGISTRY = """
+class Registry:
+    def __init__(self, name):
+        self._name, self._obj_map = name, {}
+ARCH_REGISTRY = Registry("arch")
+"""
+
+
+def _stand_in_clone(root: Path, package: str, model: str, step_args: str, arch: str, init: str = "") -> Path:
+    (root / package / "models").mkdir(parents=True)
+    (root / package / "utils").mkdir()
+    (root / package / "__init__.py").write_text(init)
+    (root / package / "utils" / "__init__.py").write_text("")
+    (root / package / "utils" / "registry.py").write_text(_STAND_IN_REGISTRY)
+    (root / package / "models" / "__init__.py").write_text(
+        f"def build_model(opt):\n    from tests_stand_in import make_model\n    return make_model({model!r})\n"
+    )
+    (root / "train.py").write_text(_STAND_IN_TRAIN.format(package=package, step_args=step_args, arch=arch))
+    return root
+
+
+@pytest.fixture
+def stand_in_models(extractor: SemanticExtractor, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    module = type(sys)("tests_stand_in")
+    module.make_model = lambda kind: (TrainnerLikeModel if kind == "trainner" else NeosrLikeModel)(_net_d(extractor))
+    monkeypatch.setitem(sys.modules, "tests_stand_in", module)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    yield
+    for name in [n for n in sys.modules if n.split(".")[0] in ("traiNNer", "neosr")]:
+        del sys.modules[name]
+
+
+def test_trainner_launcher_registers_hooks_and_runs_the_clones_train_py(stand_in_models, tmp_path: Path) -> None:
+    clone = _stand_in_clone(tmp_path / "clone", "traiNNer", "trainner", "(it, 0, True)", "conditionedsed")
+    out = tmp_path / "out.json"
+    trainner.main([str(clone), "-opt", "x.yml", str(out)])
+    result = __import__("json").loads(out.read_text())
+    assert result == {"argv": [str(clone / "train.py"), "-opt", "x.yml", str(out)], "conditioned": True, "arch": True}
+    trainner.install()  # again: no second wrapper, no duplicate registration
+    import traiNNer.models
+
+    assert traiNNer.models.build_model.__wrapped__.__module__ == "traiNNer.models"
+
+
+def test_neosr_launcher_sets_argv_before_importing_neosr(stand_in_models, tmp_path: Path) -> None:
+    init = "import sys\nassert '-opt' in sys.argv, 'neosr parses its options at import'\n"
+    clone = _stand_in_clone(tmp_path / "clone", "neosr", "neosr", "(it,)", "ConditionedSeD", init=init)
+    out = tmp_path / "out.json"
+    neosr.main([str(clone), "-opt", "x.toml", str(out)])
+    result = __import__("json").loads(out.read_text())
+    assert result == {"argv": [str(clone / "train.py"), "-opt", "x.toml", str(out)], "conditioned": True, "arch": True}
+
+
+def test_launchers_reject_a_folder_that_is_not_a_clone(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a traiNNer-redux clone.*traiNNer-redux into"):
+        trainner.use_clone(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a neosr clone"):
+        neosr.use_clone(tmp_path)
+    with pytest.raises(SystemExit, match="first argument must be the clone's path"):
+        trainner.main(["-opt", "x.yml"])
+    with pytest.raises(SystemExit, match="first argument must be the clone's path"):
+        neosr.main([])
+
+
+# -- opt-in: the real clones --------------------------------------------------------------------
+
+_REAL_TRAINNER = """
+import os, sys, torch
+from safetensors.torch import load_file
+from sed_discriminator import SeD
+from sed_discriminator.integrations import trainner, _common
+trainner.use_clone(sys.argv[1]); trainner.install()
+calls = []
+forward = _common.ConditionedSeD.forward
+_common.ConditionedSeD.forward = lambda s, x, semantic=None: (calls.append(s._condition is not None), forward(s, x, semantic))[1]
+sys.argv = ["train.py", "-opt", "opt.yml"]
+from traiNNer.utils.config import Config
+from traiNNer.utils import make_exp_dirs
+import traiNNer.models
+def build(mkdirs=True, **path):
+    Config._config = None
+    opt, _ = Config.load_config_from_file(os.getcwd(), is_train=True)
+    opt.num_gpu = 0
+    for k, v in path.items():
+        setattr(opt.path, k, v)
+    if mkdirs:
+        make_exp_dirs(opt)
+    return opt, traiNNer.models.build_model(opt)
+opt, model = build()
+gt = torch.rand(2, 3, 32, 32)
+for it in (1, 2):
+    model.feed_data({"gt": gt, "lq": torch.nn.functional.avg_pool2d(gt, 2)})
+    model.optimize_parameters(it, 0, True)
+assert calls == [True] * 6, calls
+model.save(0, 2)
+path = os.path.join(opt.path.resume_models, "net_d_2.safetensors")
+saved = load_file(path)
+SeD("patch", width=8).load_state_dict(saved, strict=True)
+legacy = {k.replace("parametrizations.weight.original", "weight_orig").replace("parametrizations.weight.0._u", "weight_u")
+          .replace("parametrizations.weight.0._v", "weight_v"): v for k, v in saved.items()}
+torch.save({"params": legacy}, "legacy_d.pth")
+for source in (path, "legacy_d.pth"):
+    _, loaded = build(mkdirs=False, pretrain_network_d=source, strict_load_d=True)
+    now = loaded.net_d.state_dict()
+    assert set(now) == set(saved) and all(torch.equal(now[k], saved[k]) for k in saved), source
+print("REAL-TRAINNER-OK")
+"""
+
+_REAL_NEOSR = """
+import os, sys, types, torch
+sys.argv = ["train.py", "-opt", "opt.toml"]
+from sed_discriminator import SeD
+from sed_discriminator.integrations import neosr as adapter, _common
+adapter.use_clone(os.environ["SED_NEOSR_PATH"]); adapter.install()
+import neosr.models.base as base, neosr.models.image as image
+class CPU(types.ModuleType):  # neosr hard-codes CUDA: model device, torch.load's map_location, autocast
+    def __getattr__(self, name):
+        return getattr(torch, name)
+shim = CPU("torch_on_cpu")
+shim.device = lambda *a, **k: torch.device("cpu")
+shim.load = lambda *a, **k: torch.load(*a, **{**k, "map_location": "cpu"})
+shim.autocast = lambda device_type, **k: torch.autocast("cpu", **k)
+base.torch = image.torch = shim
+calls = []
+forward = _common.ConditionedSeD.forward
+def spy(s, x, semantic=None):
+    out = forward(s, x, semantic)
+    calls.append((s._condition is not None, s.training, torch.is_inference_mode_enabled(), out.requires_grad))
+    return out
+_common.ConditionedSeD.forward = spy
+from neosr.utils.options import parse_options
+from neosr.utils import make_exp_dirs
+import neosr.models
+opt, _ = parse_options(os.getcwd(), is_train=True)
+opt["root_path"] = os.getcwd()
+make_exp_dirs(opt)
+model = neosr.models.build_model(opt)
+gt = torch.rand(2, 3, 32, 32)
+for it in (1, 2):
+    model.feed_data({"gt": gt, "lq": torch.nn.functional.avg_pool2d(gt, 2)})
+    model.optimize_parameters(it)
+assert calls == [(True, False, True, False), (True, False, False, True), (True, False, False, True)] * 2, calls
+model.save(0, 2)
+saved = torch.load(os.path.join(opt["path"]["models"], "net_d_2.pth"), weights_only=True)["params"]
+SeD("patch", width=8).load_state_dict(saved, strict=True)
+legacy = {k.replace("parametrizations.weight.original", "weight_orig").replace("parametrizations.weight.0._u", "weight_u")
+          .replace("parametrizations.weight.0._v", "weight_v"): v for k, v in saved.items()}
+torch.save({"params": legacy}, "legacy_d.pth")
+opt, _ = parse_options(os.getcwd(), is_train=True)
+opt["root_path"] = os.getcwd()
+opt["path"]["pretrain_network_d"] = "legacy_d.pth"
+now = neosr.models.build_model(opt).net_d.state_dict()
+assert set(now) == set(saved) and all(torch.equal(now[k], saved[k]) for k in saved)
+print("REAL-NEOSR-OK")
+"""
+
+_TRAINNER_YML = """
+name: sed_real_trainner
+scale: 2
+use_amp: false
+num_gpu: 0
+manual_seed: 0
+datasets:
+  train: {{name: tiny, type: pairedimagedataset, dataroot_gt: [{data}], dataroot_lq: [{data}], lq_size: 16,
+          num_worker_per_gpu: 0, batch_size_per_gpu: 2, accum_iter: 1}}
+network_g: {{type: compact, num_feat: 8, num_conv: 1}}
+network_d: {{type: ConditionedSeD, variant: patch, width: 8, pretrained: ~}}
+path: {{pretrain_network_g: ~, resume_state: ~}}
+train:
+  ema_decay: 0
+  optim_g: {{type: AdamW, lr: !!float 1e-4, weight_decay: 0, betas: [0.9, 0.99]}}
+  optim_d: {{type: AdamW, lr: !!float 1e-4, weight_decay: 0, betas: [0.9, 0.99]}}
+  scheduler: {{type: MultiStepLR, milestones: [100000], gamma: 0.5}}
+  total_iter: 2
+  losses:
+    - {{type: l1loss, loss_weight: 1.0}}
+    - {{type: ganloss, gan_type: vanilla, loss_weight: 0.01}}
+logger: {{print_freq: 1, save_checkpoint_freq: 2, save_checkpoint_format: safetensors, use_tb_logger: false}}
+"""
+
+_NEOSR_TOML = """
+name = "sed_real_neosr"
+model_type = "image"
+scale = 2
+num_gpu = 0
+manual_seed = 0
+[datasets.train]
+type = "paired"
+dataroot_gt = "{data}"
+dataroot_lq = "{data}"
+patch_size = 16
+batch_size = 2
+[path]
+[network_g]
+type = "compact"
+[network_d]
+type = "ConditionedSeD"
+variant = "patch"
+width = 8
+pretrained = false
+[train]
+ema = -1
+[train.optim_g]
+type = "adamw"
+lr = 1e-4
+[train.optim_d]
+type = "adamw"
+lr = 1e-4
+[train.pixel_opt]
+type = "L1Loss"
+loss_weight = 1.0
+[train.gan_opt]
+type = "gan_loss"
+gan_type = "bce"
+loss_weight = 0.01
+[logger]
+total_iter = 2
+save_checkpoint_freq = 2
+use_tb_logger = false
+"""
+
+
+def _run_real(script: str, config_name: str, config: str, tmp_path: Path, *args: str) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / config_name).write_text(textwrap.dedent(config).format(data=tmp_path / "data"))
+    (tmp_path / "run.py").write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "-OK" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SED_TRAINNER_PATH"), reason="set SED_TRAINNER_PATH to a traiNNer-redux clone")
+def test_real_trainner_srmodel_steps_saves_and_loads_on_cpu(tmp_path: Path) -> None:
+    _run_real(_REAL_TRAINNER, "opt.yml", _TRAINNER_YML, tmp_path, os.environ["SED_TRAINNER_PATH"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SED_NEOSR_PATH"), reason="set SED_NEOSR_PATH to a neosr clone")
+def test_real_neosr_image_model_steps_and_saves_on_cpu(tmp_path: Path) -> None:
+    _run_real(_REAL_NEOSR, "opt.toml", _NEOSR_TOML, tmp_path)
