@@ -151,12 +151,10 @@ def _build_extractor(cfg: dict, device: Any):
 
     name = "clip_rn50"
     if cfg.get("tiny"):
-        # A two-stage trunk with the right interface, so smoke runs do not build a ResNet-50.
-        from sed_discriminator.extractor import CLIPResNetTrunk
-
+        # timm's tiny test ViT (64 channels at stride 16), so smoke runs do not build a ResNet-50.
         name = "_bench_tiny"
         register_extractor(
-            ExtractorPreset(name=name, channels=64, stride=16, build=lambda: CLIPResNetTrunk((1, 1, 1), width=4)),
+            ExtractorPreset(name=name, model="test_vit", layer=5, channels=64, stride=16),
             overwrite=True,
         )
     with warnings.catch_warnings():
@@ -211,7 +209,7 @@ class _Runner:
 
             disc = _build_disc(cfg, device)
             ext = _build_extractor(cfg, device)
-            self.adv = SeDAdversary(disc, ext, batch_real_fake=bool(cfg.get("batched", False)))
+            self.adv = SeDAdversary(disc, extractor=ext, batch_real_fake=bool(cfg.get("batched", False)))
             self.model = disc
             self.hr, self.sr = image(), image()
             self.opt = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.9, 0.99))
@@ -278,7 +276,7 @@ class _Runner:
             p.grad = None
         features = self.features.detach().requires_grad_(True)
         with _autocast(self.cfg, self.device):
-            out = self._call(self.semantic, features)
+            out = self._call(features, self.semantic)
         if self.grad is None or self.grad.shape != out.shape or self.grad.dtype != out.dtype:
             self.grad = torch.randn_like(out)
         out.backward(self.grad)
@@ -294,7 +292,7 @@ class _Runner:
                 # What a loop without the helper's cache does: the extractor once per D call.
                 real = adv.discriminator(hr, adv.extractor(hr))
                 fake = adv.discriminator(self.sr.detach(), adv.extractor(hr))
-                loss = discriminator_loss(real.float(), fake.float(), adv.loss)
+                loss = discriminator_loss(fake.float(), real_logits=real.float(), kind=adv.loss)
             else:
                 loss = adv.discriminator_loss(self.sr, hr).float()
         loss.backward()

@@ -49,8 +49,47 @@ def check_image(
         _check_values(x, owner=owner, what="image", low=low, high=high)
 
 
-def check_semantic(semantic: torch.Tensor, *, owner: str, channels: int, batch: int) -> None:
-    """Raise ``ValueError`` unless ``semantic`` is a float (batch, channels, h, w) map."""
+def check_features(x: torch.Tensor, *, owner: str, channels: int) -> None:
+    """Raise ``ValueError`` unless ``x`` is a float (B, channels, H, W) feature map."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{owner} expects image features as a torch.Tensor, got {type(x).__name__}.")
+    if x.ndim != 4 or not x.is_floating_point() or x.shape[1] != channels:
+        raise ValueError(
+            f"{owner} was built for image features of shape (B, {channels}, H, W), float; got shape "
+            f"{tuple(x.shape)} and dtype {x.dtype}. The call is block(features, semantic): features first."
+        )
+
+
+def check_same_dtype(weight: torch.Tensor, *, owner: str, **inputs: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` when an input's dtype differs from the weights' outside autocast.
+
+    PyTorch's own message ("Input type (c10::Half) and bias type (float) should be the same")
+    comes from deep inside a layer; this one names the input and the three ways out.
+    """
+    for name, t in inputs.items():
+        if t is None or t.dtype == weight.dtype or _autocast_enabled(t.device.type):
+            continue
+        raise ValueError(
+            f"{owner}'s weights are {weight.dtype} but its {name.replace('_', ' ')} is {t.dtype}. Convert the input "
+            f"with .to({weight.dtype}), the model with .to({t.dtype}), or run the forward under "
+            f"torch.autocast({t.device.type!r}) for mixed precision."
+        )
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type without autocast (meta)
+        return False
+
+
+def check_semantic(semantic: torch.Tensor, *, owner: str, channels: int, batch: int, values: bool = True) -> None:
+    """Raise ``ValueError`` unless ``semantic`` is a float (batch, channels, h, w) map.
+
+    ``values=False`` skips the optional NaN/Inf check (callers whose caller checked already).
+    """
     if not isinstance(semantic, torch.Tensor):
         raise TypeError(
             f"{owner} expects the semantic map as a torch.Tensor, got {type(semantic).__name__}. "
@@ -74,7 +113,7 @@ def check_semantic(semantic: torch.Tensor, *, owner: str, channels: int, batch: 
             f"{owner} got an image batch of {batch} but a semantic batch of {semantic.shape[0]}. "
             "Compute the semantics from the HR batch that matches these images."
         )
-    if value_checks_enabled() and semantic.numel():
+    if values and value_checks_enabled() and semantic.numel():
         _check_values(semantic, owner=owner, what="semantic map")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from torch.jit import Final
 
@@ -72,8 +73,7 @@ class Attention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
-        b, n, _ = t.shape
-        return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        return rearrange(t, "b n (h d) -> b h n d", h=self.heads)
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, return_attention: bool = False
@@ -98,8 +98,7 @@ class Attention(nn.Module):
         else:
             attn = math_attention_scores(q, k, self.scale)
             out = torch.matmul(attn, v)
-        b, _, n, _ = out.shape
-        out = self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+        out = self.to_out(rearrange(out, "b h n d -> b n (h d)"))
         return (out, attn) if return_attention else out
 
 

@@ -10,6 +10,8 @@ Environment variables (read at import):
 - ``SED_FUSED_ATTN``: ``1`` (default) fused path, ``0`` math path.
 - ``SED_VALUE_CHECKS``: ``1`` to check that inputs are finite and inside their range
   (costs a device synchronisation per call), ``0`` (default) to skip.
+
+Unset or empty means the default; any other value is an error at import.
 """
 
 from __future__ import annotations
@@ -32,15 +34,24 @@ __all__ = [
 _HAS_FUSED_ATTN = hasattr(F, "scaled_dot_product_attention")
 
 
-def _env_flag(name: str, default: str) -> bool:
-    raw = os.environ.get(name, default).strip()
+def _env_flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip()
+    if raw == "":  # unset, or set to nothing (``SED_VALUE_CHECKS=``): the default
+        return default
     if raw not in ("0", "1"):
         raise ValueError(f"{name} must be '0' or '1', got {raw!r}; unset it or export {name}=0 or {name}=1.")
     return raw == "1"
 
 
-_USE_FUSED_ATTN = _env_flag("SED_FUSED_ATTN", "1")
-_VALUE_CHECKS = _env_flag("SED_VALUE_CHECKS", "0")
+def _as_switch(name: str, enable: object) -> bool:
+    # bool("0") is True: a string here would silently mean the opposite of what it says.
+    if not isinstance(enable, bool):
+        raise TypeError(f"{name}() takes True or False, got {enable!r} ({type(enable).__name__}).")
+    return enable
+
+
+_USE_FUSED_ATTN = _env_flag("SED_FUSED_ATTN", True)
+_VALUE_CHECKS = _env_flag("SED_VALUE_CHECKS", False)
 
 
 def use_fused_attn() -> bool:
@@ -62,12 +73,13 @@ def set_fused_attn(enable: bool = True) -> None:
         enable: ``True`` for the fused path, ``False`` for the exact math path.
     """
     global _USE_FUSED_ATTN
+    enable = _as_switch("set_fused_attn", enable)
     if enable and not _HAS_FUSED_ATTN:
         raise RuntimeError(
             "This PyTorch has no torch.nn.functional.scaled_dot_product_attention; "
-            "upgrade to torch>=2.1 or keep set_fused_attn(False)."
+            "upgrade to torch>=2.2 or keep set_fused_attn(False)."
         )
-    _USE_FUSED_ATTN = bool(enable)
+    _USE_FUSED_ATTN = enable
 
 
 def value_checks_enabled() -> bool:
@@ -82,7 +94,7 @@ def set_value_checks(enable: bool = True) -> None:
         enable: ``True`` to check every input of ``SeD`` and ``SemanticExtractor``.
     """
     global _VALUE_CHECKS
-    _VALUE_CHECKS = bool(enable)
+    _VALUE_CHECKS = _as_switch("set_value_checks", enable)
 
 
 @contextlib.contextmanager

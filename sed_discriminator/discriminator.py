@@ -1,25 +1,28 @@
 """SeD, the semantic-aware discriminator, in its patch (PatchGAN) and pixel (U-Net) variants.
 
 Module names equal those of the authors' code, so their checkpoints load through
-:func:`load_official_weights` and give the same outputs.
+:func:`~sed_discriminator.load_official_weights` and give the same outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import os
-from collections.abc import Mapping
+import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_image, check_semantic
+from ._checks import check_image, check_same_dtype, check_semantic
+from ._pickling import reduce_module
+from ._upsample import conv_upsampled
 from .attention import Attention
-from .sefb import SeFB
-from .spectral_norm import remap_legacy_spectral_norm_keys, spectral_norm
+from .sefb import GROUP_NORM_GROUPS, SeFB
+from .spectral_norm import spectral_norm
 
-__all__ = ["SeD", "VARIANTS", "MIN_INPUT_SIZE", "load_official_weights"]
+__all__ = ["SeD", "VARIANTS", "MIN_INPUT_SIZE", "CHANNELS_LAST_DEFAULT", "semantic_channel_step"]
 
 VARIANTS = ("patch", "pixel")
 MIN_INPUT_SIZE = 32
@@ -28,14 +31,29 @@ _LRELU_SLOPE = 0.2
 # Upscale factor of each SeFB (feature grid / semantic grid at a 256 px input).
 _UPSCALE = {"patch": {"att1": 4, "att2": 2, "att3": 2}, "pixel": {"att1": 8, "att2": 4, "att3": 2}}
 
+# Layout of the convolutions for channels_last=None, per (device type, variant), as measured
+# (docs/benchmarks.md). Device types not listed (CUDA included: not measured yet) use NCHW,
+# the reference's layout.
+CHANNELS_LAST_DEFAULT = {("cpu", "pixel"): True, ("cpu", "patch"): False}
+
+
+def semantic_channel_step(variant: str) -> int:
+    """The semantic channel counts ``SeD(variant)`` accepts are the multiples of this number.
+
+    Each SeFB needs ``semantic_channels`` divisible by GroupNorm's 32 groups and by its upscale
+    factor squared (patch: 4, 2, 2; pixel: 8, 4, 2), so patch takes multiples of 32, pixel of 64.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown SeD variant {variant!r}; choose one of {VARIANTS}.")
+    return math.lcm(GROUP_NORM_GROUPS, *(u * u for u in _UPSCALE[variant].values()))
+
 
 def _lrelu_(x: torch.Tensor) -> torch.Tensor:
     """LReLU in place, for tensors nothing else reads: a convolution's fresh output.
 
     A convolution's backward needs its input and weight, never its output, and the in-place
     LReLU's backward reads its own result (valid for a positive slope, double backward
-    included), so the pre-activation tensor need not be kept: one activation less per layer
-    in memory, and one allocation less per layer (which on CPU also means fewer page faults).
+    included), so the pre-activation tensor need not be kept: one activation less per layer.
     """
     return F.leaky_relu(x, _LRELU_SLOPE, inplace=True)
 
@@ -44,61 +62,16 @@ def _conv(c_in: int, c_out: int, kernel: int, stride: int, padding: int, bias: b
     return nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=bias)
 
 
-def _upsample(x: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    # Equals scale_factor=2 whenever the skip is exactly twice as large (all even sizes).
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-class _UpsampledFrom:
-    """A saved upsampled map, stored as its low-resolution source and rebuilt on demand."""
-
-    __slots__ = ("source", "size", "version")
-
-    def __init__(self, source: torch.Tensor, size: torch.Size) -> None:
-        self.source, self.size, self.version = source, size, source._version
-
-    def rebuild(self) -> torch.Tensor:
-        if self.source._version != self.version:
-            raise RuntimeError(
-                "A feature map that SeD needs for backward was modified in place after the forward; "
-                "clone it before changing it."
-            )
-        return _upsample(self.source, self.size)
-
-
-def _conv_upsampled(conv: nn.Conv2d, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    """``conv(upsample(x))`` that saves ``x`` for backward instead of the 4x larger upsampled map.
-
-    The convolution's backward needs its input; the bilinear upsampling is redone from ``x``
-    when that happens (in grad mode under ``create_graph``, so double backward works). Same
-    numbers as the plain composition, for one extra upsampling per backward: in the pixel SeD
-    at 512 px the three upsampled maps (224 MB) are not held for backward, their sources (48 MB) are.
-    """
-    up = _upsample(x, size)
-    if not torch.is_grad_enabled() or _compiling() or not _saved_tensor_hooks_enabled():
-        return conv(up)
-    key = (up.data_ptr(), up.shape, up.stride())
-
-    def pack(t: torch.Tensor):
-        return _UpsampledFrom(x, size) if (t.data_ptr(), t.shape, t.stride()) == key else t
-
-    def unpack(packed):
-        return packed.rebuild() if isinstance(packed, _UpsampledFrom) else packed
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        return conv(up)
-
-
-def _compiling() -> bool:
-    # Under torch.compile the compiler decides what to save and what to recompute.
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling is not None and is_compiling())
-
-
-def _saved_tensor_hooks_enabled() -> bool:
-    # Some wrappers forbid saved-tensor hooks (torch.autograd.graph.disable_saved_tensors_hooks).
-    check = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
-    return check is None or check()
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode inside the block (no spectral-norm power iteration), restored after."""
+    modes = [m.training for m in module.modules()]
+    module.train(False)
+    try:
+        yield
+    finally:
+        for m, mode in zip(module.modules(), modes):
+            m.training = mode
 
 
 class SeD(nn.Module):
@@ -115,15 +88,17 @@ class SeD(nn.Module):
         variant: ``"patch"`` (PatchGAN, P+SeD) or ``"pixel"`` (U-Net, U+SeD).
         in_channels: image channels.
         width: base width (64 in the paper); the levels use 1, 2, 4 and 8 times it.
-        semantic_channels: channels of the semantic map (1024 for CLIP RN50 layer3).
+        semantic_channels: channels of the semantic map (1024 for CLIP RN50 layer3); a multiple
+            of :func:`semantic_channel_step` (32 for patch, 64 for pixel).
         heads: attention heads of each SeFB.
         head_dim: width of each attention head.
-        semantic_fusion: ``False`` builds the same network without SeFBs (the P / U baselines);
-            ``forward`` then ignores ``semantic``.
-        channels_last: run the convolutions on ``torch.channels_last`` feature maps (the weights
-            and the state dict keep the default layout; inputs may have any layout). ``None``
-            picks what measured faster on the CPU: ``True`` for ``"pixel"``, ``False`` for
-            ``"patch"``. Outputs agree with the other layout to float rounding (about 1e-6).
+        semantic_fusion: ``False`` builds the same network without SeFBs (this library's
+            baselines without semantics); ``forward`` then ignores ``semantic``.
+        channels_last: run the convolutions on ``torch.channels_last`` feature maps (weights and
+            state dict keep the default layout; inputs may have any layout). ``None`` picks the
+            layout measured faster for the input's device type (:data:`CHANNELS_LAST_DEFAULT`:
+            on the CPU channels_last for ``"pixel"``, NCHW for ``"patch"``; NCHW on devices not
+            measured yet, CUDA included). Outputs agree across layouts to float rounding.
 
     Shape:
         - x: (B, in_channels, H, W) with H, W >= 32, float (values in [0, 1] in the paper's recipe)
@@ -136,9 +111,12 @@ class SeD(nn.Module):
         torch.Size([2, 1, 30, 30])
     """
 
+    _TRANSIENT: dict = {}  # instance attributes a pickle leaves out (with the value they get back)
+
     def __init__(
         self,
         variant: str = "patch",
+        *,
         in_channels: int = 3,
         width: int = 64,
         semantic_channels: int = 1024,
@@ -150,17 +128,30 @@ class SeD(nn.Module):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"Unknown SeD variant {variant!r}; choose one of {VARIANTS}.")
-        for arg, value in (("in_channels", in_channels), ("width", width), ("heads", heads), ("head_dim", head_dim)):
-            if not isinstance(value, int) or value < 1:
+        sizes = (("in_channels", in_channels), ("width", width), ("semantic_channels", semantic_channels),
+                 ("heads", heads), ("head_dim", head_dim))
+        for arg, value in sizes:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg} must be a positive integer, got {value!r}.")
+        if channels_last is not None and not isinstance(channels_last, bool):
+            raise TypeError(f"channels_last must be True, False or None, got {channels_last!r}.")
+        step = semantic_channel_step(variant)
+        if semantic_fusion and semantic_channels % step:
+            low = max(step, semantic_channels // step * step)
+            raise ValueError(
+                f"semantic_channels={semantic_channels} does not fit SeD({variant!r}): its SeFBs need a multiple "
+                f"of {step} (GroupNorm's {GROUP_NORM_GROUPS} groups and upscale factors "
+                f"{sorted(set(_UPSCALE[variant].values()))} squared), e.g. {low} or {low + step}. "
+                "Project the semantic map to such a width with a 1x1 convolution, or use another extractor."
+            )
         self.variant = variant
         self.in_channels = in_channels
         self.semantic_channels = semantic_channels
-        self.semantic_fusion = semantic_fusion
+        self.semantic_fusion = bool(semantic_fusion)
         self.width = width
         self.heads = heads
         self.head_dim = head_dim
-        self.channels_last = variant == "pixel" if channels_last is None else bool(channels_last)
+        self.channels_last = channels_last
         sn_names = self._build_patch(width) if variant == "patch" else self._build_pixel(width)
         if variant == "patch":
             self._init_normal()
@@ -177,10 +168,10 @@ class SeD(nn.Module):
         block = SeFB(
             feature_channels,
             _UPSCALE[self.variant][name],
-            self.semantic_channels,
-            self.heads,
-            self.head_dim,
-            conv_out_kernel,
+            semantic_channels=self.semantic_channels,
+            heads=self.heads,
+            head_dim=self.head_dim,
+            conv_out_kernel=conv_out_kernel,
         )
         setattr(self, name, block)
         return block.out_channels
@@ -240,6 +231,12 @@ class SeD(nn.Module):
         """The SeFBs by name (``att1``, ``att2``, ``att3``); empty without semantic fusion."""
         return {name: block for name, block in self.named_children() if isinstance(block, SeFB)}
 
+    def uses_channels_last(self, device: torch.device | str) -> bool:
+        """Whether the convolutions run channels_last for inputs on ``device`` (resolves ``channels_last=None``)."""
+        if self.channels_last is not None:
+            return self.channels_last
+        return CHANNELS_LAST_DEFAULT.get((torch.device(device).type, self.variant), False)
+
     # -- forward --------------------------------------------------------------------------------
 
     def _fuse(self, name: str, semantic: torch.Tensor | None, features: torch.Tensor, maps: dict | None) -> torch.Tensor:
@@ -247,8 +244,8 @@ class SeD(nn.Module):
         if block is None:
             return features
         if maps is None:
-            return torch.cat([features, block(semantic, features)], dim=1)
-        fused, maps[name] = block(semantic, features, return_attention=True)
+            return torch.cat([features, block(features, semantic)], dim=1)
+        fused, maps[name] = block(features, semantic, return_attention=True)
         return torch.cat([features, fused], dim=1)
 
     # Every activation below follows a convolution whose output nothing else reads, so it runs
@@ -266,65 +263,67 @@ class SeD(nn.Module):
         x1 = _lrelu_(self.conv1(x0))
         x2 = _lrelu_(self.conv2(x1))
         x3 = _lrelu_(self.conv31(self._fuse("att3", s, self.conv3(x2), maps)))
-        x4 = _lrelu_(_conv_upsampled(self.conv4, x3, x2.shape[-2:])) + x2
+        x4 = _lrelu_(conv_upsampled(self.conv4, x3, x2.shape[-2:])) + x2
         x4 = self.conv21(self._fuse("att2", s, x4, maps))
-        x5 = _lrelu_(_conv_upsampled(self.conv5, x4, x1.shape[-2:])) + x1
+        x5 = _lrelu_(conv_upsampled(self.conv5, x4, x1.shape[-2:])) + x1
         x5 = self.conv11(self._fuse("att1", s, x5, maps))
-        x6 = _lrelu_(_conv_upsampled(self.conv6, x5, x0.shape[-2:])) + x0
+        x6 = _lrelu_(conv_upsampled(self.conv6, x5, x0.shape[-2:])) + x0
         out = _lrelu_(self.conv7(x6))
         out = _lrelu_(self.conv8(out))
         return self.conv9(out)
 
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        # Every convolution follows the layout of its input, so converting the image suffices.
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def _check(self, x: torch.Tensor, semantic: torch.Tensor | None) -> None:
+    def _run(self, x: torch.Tensor, semantic: torch.Tensor | None, maps: dict | None) -> torch.Tensor:
         check_image(x, owner="SeD", channels=self.in_channels, min_size=MIN_INPUT_SIZE)
         if self.semantic_fusion:
             check_semantic(semantic, owner="SeD", channels=self.semantic_channels, batch=x.shape[0])
+        else:
+            semantic = None
+        first = self.conv_first if self.variant == "patch" else self.conv0
+        check_same_dtype(first.weight, owner="SeD", image=x, semantic_map=semantic)
+        if self.uses_channels_last(x.device):
+            # Every convolution follows the layout of its input, so converting the image suffices.
+            x = x.contiguous(memory_format=torch.channels_last)
+        forward = self._forward_patch if self.variant == "patch" else self._forward_pixel
+        return forward(x, semantic, maps)
 
     def forward(self, x: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for real/fake.
 
         Args:
-            x: images (B, C, H, W), float, H and W >= 32.
+            x: images (B, C, H, W), float, H and W >= 32, in the model's dtype (or under autocast).
             semantic: semantic map of the HR images (B, semantic_channels, hs, ws), e.g. from
                 :class:`~sed_discriminator.SemanticExtractor`. Not needed without semantic fusion.
 
         Returns:
             Patch logits (B, 1, h, w) or per-pixel logits (B, 1, H, W).
         """
-        self._check(x, semantic)
-        forward = self._forward_patch if self.variant == "patch" else self._forward_pixel
-        return forward(self._layout(x), semantic, None)
+        return self._run(x, semantic, None)
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor, semantic: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cross-attention probabilities of every SeFB, for visualisation (math path, no grad).
 
+        The forward runs in eval mode, so it leaves the spectral-norm state untouched (a
+        training-mode forward would advance its power iteration).
+
         Returns:
             ``{name: (B, heads, semantic tokens, image tokens)}`` for ``att1``..``att3``.
         """
-        self._check(x, semantic)
         maps: dict[str, torch.Tensor] = {}
-        forward = self._forward_patch if self.variant == "patch" else self._forward_pixel
-        forward(self._layout(x), semantic, maps)
+        with _eval_mode(self):
+            self._run(x, semantic, maps)
         return maps
 
     def extra_repr(self) -> str:
+        layout = "auto" if self.channels_last is None else self.channels_last
         return (
             f"variant={self.variant!r}, semantic_channels={self.semantic_channels}, "
-            f"semantic_fusion={self.semantic_fusion}, channels_last={self.channels_last}"
+            f"semantic_fusion={self.semantic_fusion}, channels_last={layout}"
         )
 
-    # -- pickling -----------------------------------------------------------------------------
-    # torch refuses to pickle parametrized modules (the spectral-norm convs), so a pickle holds
-    # the constructor arguments, the state dict and the per-module flags, and is rebuilt from them.
-    # Forward/backward hooks are not pickled. deepcopy keeps its usual attribute-by-attribute copy.
-
-    def __reduce__(self):
-        config = dict(
+    def _config(self) -> dict:
+        """The constructor arguments that rebuild this network (used by pickling)."""
+        return dict(
             variant=self.variant,
             in_channels=self.in_channels,
             width=self.width,
@@ -334,98 +333,13 @@ class SeD(nn.Module):
             semantic_fusion=self.semantic_fusion,
             channels_last=self.channels_last,
         )
-        flags = dict(
-            training=[m.training for m in self.modules()],
-            fused_attn=[m.fused_attn for m in self.modules() if isinstance(m, Attention)],
-            requires_grad=[p.requires_grad for p in self.parameters()],
-        )
-        extra = {k: v for k, v in self.__dict__.items() if k not in _MODULE_ATTRS}
-        return _unpickle_sed, (type(self), config, self.state_dict(), flags, extra)
+
+    def __reduce__(self):
+        return reduce_module(self, SeD.__init__, self._config())
 
     def __deepcopy__(self, memo: dict) -> SeD:
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         for key, value in self.__dict__.items():
-            clone.__dict__[key] = copy.deepcopy(value, memo)
+            clone.__dict__[key] = copy.deepcopy(value, memo) if key not in self._TRANSIENT else self._TRANSIENT[key]
         return clone
-
-
-_MODULE_ATTRS = frozenset(nn.Module().__dict__)
-
-
-def _unpickle_sed(cls: type, config: dict, state: dict, flags: dict, extra: dict) -> SeD:
-    model = cls.__new__(cls)
-    with torch.random.fork_rng(devices=[]):  # rebuilding must not consume the caller's random stream
-        SeD.__init__(model, **config)
-    model.load_state_dict(state, strict=True)
-    for module, mode in zip(model.modules(), flags["training"]):
-        module.training = mode
-    for module, fused in zip((m for m in model.modules() if isinstance(m, Attention)), flags["fused_attn"]):
-        module.fused_attn = fused
-    for param, requires_grad in zip(model.parameters(), flags["requires_grad"]):
-        param.requires_grad_(requires_grad)
-    model.__dict__.update(extra)
-    return model
-
-
-def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
-        out[key] = value
-    return out
-
-
-def load_official_weights(model: SeD, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> SeD:
-    """Load a checkpoint saved by the authors' code (or by this library) into ``model``, strictly.
-
-    Strips ``module.`` (DistributedDataParallel) and ``_orig_mod.`` (torch.compile) prefixes,
-    unwraps ``{"params": ...}``/``{"state_dict": ...}`` containers and renames the legacy
-    spectral-norm keys (``weight_orig``, ``weight_u``, ``weight_v``) to this library's
-    parametrization keys.
-
-    Args:
-        model: an :class:`SeD` of the checkpoint's variant and sizes.
-        source: a checkpoint path (read with ``weights_only=True``) or a state dict.
-
-    Returns:
-        ``model``, with the weights loaded.
-
-    Example:
-        >>> d = load_official_weights(SeD("patch"), "sed_patch.pth")  # doctest: +SKIP
-    """
-    if isinstance(source, (str, os.PathLike)):
-        from .extractor import read_state_dict
-
-        state: Mapping[str, torch.Tensor] = read_state_dict(source)
-    elif isinstance(source, Mapping):
-        state = source
-        for wrapper in ("state_dict", "params_ema", "params"):
-            if isinstance(state.get(wrapper), Mapping):
-                state = state[wrapper]
-                break
-    else:
-        raise TypeError(f"source must be a path or a state dict, got {type(source).__name__}.")
-    state = remap_legacy_spectral_norm_keys(_strip_prefixes(state))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        guess = "patch" if any(k.startswith("conv_first.") for k in state) else "pixel" if any(k.startswith("conv9.") for k in state) else None
-        hint = f" The checkpoint looks like the {guess!r} variant; the model is {model.variant!r}." if guess and guess != model.variant else ""
-        raise ValueError(
-            f"Checkpoint does not match SeD({model.variant!r}): {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}).{hint} Build the model with the "
-            "checkpoint's variant, width and semantic_channels."
-        )
-    shape_errors = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if shape_errors:
-        k = shape_errors[0]
-        raise ValueError(
-            f"Checkpoint tensor {k} has shape {tuple(state[k].shape)} but the model expects "
-            f"{tuple(expected[k].shape)} ({len(shape_errors)} such keys); match width, heads, head_dim and semantic_channels."
-        )
-    model.load_state_dict(state, strict=True)
-    return model

@@ -49,8 +49,22 @@ def _needs_real(kind: str, real_logits: torch.Tensor | None) -> torch.Tensor:
     return real_logits
 
 
+def _check_logits(owner: str, **logits: torch.Tensor | None) -> None:
+    # The mean over no element is NaN: an empty batch would train on NaN without a word.
+    for name, t in logits.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{owner}: {name} must be a tensor of logits, got {type(t).__name__}.")
+        if t.numel() == 0:
+            raise ValueError(
+                f"{owner}: {name} is empty (shape {tuple(t.shape)}), so the loss would be NaN. "
+                "Skip steps whose batch has no images (e.g. DataLoader(drop_last=True))."
+            )
+
+
 def generator_loss(
-    fake_logits: torch.Tensor, real_logits: torch.Tensor | None = None, kind: str = "vanilla", weight: float = 1.0
+    fake_logits: torch.Tensor, *, real_logits: torch.Tensor | None = None, kind: str = "vanilla", weight: float = 1.0
 ) -> torch.Tensor:
     """Adversarial loss of the generator.
 
@@ -68,6 +82,7 @@ def generator_loss(
         True
     """
     _check_kind(kind)
+    _check_logits("generator_loss", fake_logits=fake_logits, real_logits=real_logits)
     if kind == "vanilla":
         loss = _bce(fake_logits, 1.0)
     elif kind == "lsgan":
@@ -81,20 +96,29 @@ def generator_loss(
 
 
 def discriminator_loss(
-    real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "vanilla", weight: float = 1.0
+    fake_logits: torch.Tensor, *, real_logits: torch.Tensor, kind: str = "vanilla", weight: float = 1.0
 ) -> torch.Tensor:
     """Adversarial loss of the discriminator.
 
+    The logits being judged come first, the real ones by keyword, as everywhere in this library
+    (0.1 took ``(real, fake)`` positionally; that call now fails instead of training D backwards).
+
     Args:
-        real_logits: D's logits on real images.
         fake_logits: D's logits on generated images (detach the generator's output first).
+        real_logits: D's logits on real images.
         kind: one of :data:`LOSS_KINDS`.
-        weight: factor on the loss.
+        weight: factor on the loss (1 in the paper's recipe: the GAN weight applies to G only).
 
     Returns:
         A scalar tensor: the real term plus the fake term (their mean for ``"ragan"``).
+
+    Example:
+        >>> fake, real = torch.full((2, 1, 30, 30), -3.0), torch.full((2, 1, 30, 30), 3.0)
+        >>> discriminator_loss(fake, real_logits=real) < discriminator_loss(real, real_logits=fake)
+        tensor(True)
     """
     _check_kind(kind)
+    _check_logits("discriminator_loss", fake_logits=fake_logits, real_logits=real_logits)
     if kind == "vanilla":
         loss = _bce(real_logits, 1.0) + _bce(fake_logits, 0.0)
     elif kind == "lsgan":
@@ -120,14 +144,14 @@ class GeneratorLoss(nn.Module):
         - output: scalar
     """
 
-    def __init__(self, kind: str = "vanilla", weight: float = 1.0) -> None:
+    def __init__(self, kind: str = "vanilla", *, weight: float = 1.0) -> None:
         super().__init__()
         _check_kind(kind)
         self.kind = kind
         self.weight = weight
 
-    def forward(self, fake_logits: torch.Tensor, real_logits: torch.Tensor | None = None) -> torch.Tensor:
-        return generator_loss(fake_logits, real_logits, self.kind, self.weight)
+    def forward(self, fake_logits: torch.Tensor, *, real_logits: torch.Tensor | None = None) -> torch.Tensor:
+        return generator_loss(fake_logits, real_logits=real_logits, kind=self.kind, weight=self.weight)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, weight={self.weight}"
@@ -141,14 +165,14 @@ class DiscriminatorLoss(nn.Module):
         weight: factor on the loss.
     """
 
-    def __init__(self, kind: str = "vanilla", weight: float = 1.0) -> None:
+    def __init__(self, kind: str = "vanilla", *, weight: float = 1.0) -> None:
         super().__init__()
         _check_kind(kind)
         self.kind = kind
         self.weight = weight
 
-    def forward(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-        return discriminator_loss(real_logits, fake_logits, self.kind, self.weight)
+    def forward(self, fake_logits: torch.Tensor, *, real_logits: torch.Tensor) -> torch.Tensor:
+        return discriminator_loss(fake_logits, real_logits=real_logits, kind=self.kind, weight=self.weight)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, weight={self.weight}"
@@ -169,7 +193,10 @@ def r1_penalty(discriminator: Callable[..., torch.Tensor], real: torch.Tensor, *
     Returns:
         A scalar tensor.
     """
-    real = real.detach().requires_grad_(True)
+    if not isinstance(real, torch.Tensor) or real.ndim == 0 or real.shape[0] == 0:
+        shape = tuple(real.shape) if isinstance(real, torch.Tensor) else type(real).__name__
+        raise ValueError(f"r1_penalty needs a non-empty batch of real images, got {shape}; the penalty of no image is NaN.")
+    real = (real.clone() if real.is_inference() else real.detach()).requires_grad_(True)
     with math_attention():
         logits = discriminator(real, *args)
     (grad,) = torch.autograd.grad(logits.sum(), real, create_graph=True)

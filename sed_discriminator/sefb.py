@@ -11,8 +11,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
+from ._checks import check_features, check_same_dtype, check_semantic
 from .attention import Attention, TransformerBlock
 
 __all__ = ["SeFB", "channels_to_space", "semantic_grid_size"]
@@ -29,20 +31,20 @@ def channels_to_space(x: torch.Tensor, factor: int, channels_last: bool = False)
     Args:
         x: tensor of shape (B, C*u*u, h, w), in either memory layout.
         factor: the upscale factor u.
-        channels_last: lay the result out as ``torch.channels_last`` (same values).
+        channels_last: lay the result out as ``torch.channels_last`` (same values, one copy either way).
 
     Returns:
         Tensor of shape (B, C, h*u, w*u).
+
+    Example:
+        >>> channels_to_space(torch.rand(2, 64, 4, 4), 4).shape
+        torch.Size([2, 4, 16, 16])
     """
-    b, c, h, w = x.shape
-    if c % (factor * factor):
-        raise ValueError(f"channels_to_space needs channels divisible by {factor}^2, got {c}.")
-    c_out = c // (factor * factor)
-    x = x.reshape(b, c_out, factor, factor, h, w)  # (b, c, uw, uh, h, w)
+    if x.shape[1] % (factor * factor):
+        raise ValueError(f"channels_to_space needs channels divisible by {factor}^2, got {x.shape[1]}.")
     if channels_last:
-        out = x.permute(0, 4, 3, 5, 2, 1).reshape(b, h * factor, w * factor, c_out)
-        return out.permute(0, 3, 1, 2)
-    return x.permute(0, 1, 4, 3, 5, 2).reshape(b, c_out, h * factor, w * factor)
+        return rearrange(x, "b (c uw uh) h w -> b (h uh) (w uw) c", uw=factor, uh=factor).permute(0, 3, 1, 2)
+    return rearrange(x, "b (c uw uh) h w -> b c (h uh) (w uw)", uw=factor, uh=factor)
 
 
 def semantic_grid_size(feature_size: tuple[int, int], upscale: int, shrink: int = 0) -> tuple[int, int]:
@@ -68,15 +70,8 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 
 def _to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H*W, C) tokens, row-major over (H, W), without a copy in either layout.
-
-    A channels_last map is already laid out token by token, so its tokens are a plain
-    reshape; a contiguous map gives a transposed view (what the reference's rearrange gives).
-    """
-    b, c, h, w = x.shape
-    if _is_channels_last(x):
-        return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
-    return x.flatten(2).transpose(1, 2)
+    """(B, C, H, W) -> (B, H*W, C) tokens, row-major over (H, W): a view in either memory layout."""
+    return rearrange(x, "b c h w -> b (h w) c")
 
 
 def _resample(semantic: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -102,19 +97,20 @@ class SeFB(nn.Module):
     Args:
         feature_channels: channels Cf of the image features.
         upscale: factor u between the feature grid and the semantic grid.
-        semantic_channels: channels Cs of the semantic map (1024 for CLIP RN50 layer3).
+        semantic_channels: channels Cs of the semantic map (1024 for CLIP RN50 layer3); a multiple
+            of 32 (GroupNorm groups) and of ``upscale ** 2``.
         heads: attention heads.
         head_dim: width of each head.
         conv_out_kernel: 3 (keeps the size) or 4 (shrinks by one pixel, the patch D's last level).
 
     Shape:
-        - semantic: (B, Cs, hs, ws), any grid size
         - features: (B, Cf, H', W')
+        - semantic: (B, Cs, hs, ws), any grid size
         - output: (B, Cs / u^2, H', W')
 
     Example:
         >>> block = SeFB(feature_channels=128, upscale=4)
-        >>> block(torch.rand(2, 1024, 16, 16), torch.rand(2, 128, 64, 64)).shape
+        >>> block(torch.rand(2, 128, 64, 64), torch.rand(2, 1024, 16, 16)).shape
         torch.Size([2, 64, 64, 64])
     """
 
@@ -122,21 +118,20 @@ class SeFB(nn.Module):
         self,
         feature_channels: int,
         upscale: int,
+        *,
         semantic_channels: int = 1024,
         heads: int = 1,
         head_dim: int = 64,
         conv_out_kernel: int = 3,
     ) -> None:
         super().__init__()
-        if semantic_channels % GROUP_NORM_GROUPS:
+        step = math.lcm(GROUP_NORM_GROUPS, upscale * upscale)
+        if semantic_channels % step:
+            low = max(step, semantic_channels // step * step)
             raise ValueError(
-                f"semantic_channels must be a multiple of {GROUP_NORM_GROUPS} (GroupNorm groups), "
-                f"got {semantic_channels}."
-            )
-        if semantic_channels % (upscale * upscale):
-            raise ValueError(
-                f"semantic_channels={semantic_channels} is not divisible by upscale^2={upscale * upscale}; "
-                "choose semantic_channels as a multiple of it."
+                f"semantic_channels={semantic_channels} does not fit SeFB(upscale={upscale}): it must be a multiple "
+                f"of {step} (GroupNorm's {GROUP_NORM_GROUPS} groups and upscale^2={upscale * upscale}), "
+                f"e.g. {low} or {low + step}."
             )
         if conv_out_kernel not in (3, 4):
             raise ValueError(f"conv_out_kernel must be 3 or 4, got {conv_out_kernel}.")
@@ -144,6 +139,7 @@ class SeFB(nn.Module):
         out_channels = semantic_channels // (upscale * upscale)
         self.upscale = upscale
         self.shrink = conv_out_kernel - 3
+        self.feature_channels = feature_channels
         self.semantic_channels = semantic_channels
         self.out_channels = out_channels
         self.norm = nn.GroupNorm(GROUP_NORM_GROUPS, semantic_channels, eps=1e-6, affine=True)
@@ -155,32 +151,35 @@ class SeFB(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
         self.conv_out = nn.Conv2d(out_channels, out_channels, conv_out_kernel, 1, 1)
 
-    def set_fused_attn(self, enable: bool) -> None:
+    def set_fused_attn(self, enable: bool) -> SeFB:
         """Choose the fused (``True``) or math (``False``) attention path for this block."""
         for module in self.modules():
             if isinstance(module, Attention):
                 module.fused_attn = bool(enable)
+        return self
 
     def forward(
-        self, semantic: torch.Tensor, features: torch.Tensor, return_attention: bool = False
+        self, features: torch.Tensor, semantic: torch.Tensor, *, return_attention: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Fuse semantics into image features.
 
         Args:
-            semantic: semantic map (B, Cs, hs, ws).
             features: image features (B, Cf, H', W').
+            semantic: semantic map (B, Cs, hs, ws) of the same batch.
             return_attention: also return the cross-attention probabilities
                 (B, heads, gh*gw, H'*W'), computed on the math path.
         """
+        check_features(features, owner="SeFB", channels=self.feature_channels)
+        check_semantic(semantic, owner="SeFB", channels=self.semantic_channels, batch=features.shape[0], values=False)
+        check_same_dtype(self.proj_context.weight, owner="SeFB", features=features, semantic_map=semantic)
         height, width = features.shape[-2:]
         grid = semantic_grid_size((height, width), self.upscale, self.shrink)
         s = _resample(semantic, grid)
-        b = s.shape[0]
         q = _to_tokens(self.proj_in(self.norm(s)))
         context = _to_tokens(self.proj_context(features))
         block_out = self.transformer_blocks[0](q, context, return_attention=return_attention)
         t, attn = block_out if return_attention else (block_out, None)
-        t = t.transpose(1, 2).reshape(b, t.shape[-1], grid[0], grid[1])
+        t = rearrange(t, "b (h w) c -> b c h w", h=grid[0], w=grid[1])
         out = self.conv_out(channels_to_space(self.proj_out(t), self.upscale, _is_channels_last(features)))
         if out.shape[-2:] != (height, width):
             out = out[..., :height, :width]

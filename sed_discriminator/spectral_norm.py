@@ -13,6 +13,7 @@ The parametrization stores its state under the same names as
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import torch
@@ -68,7 +69,7 @@ class SpectralNorm(nn.Module):
         return self
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=weight.device.type, enabled=False):
+        with _autocast_disabled(weight.device.type):
             weight_mat = weight.flatten(1).to(self._u.dtype)
             if self.training:
                 self._power_method(weight_mat, self.n_power_iterations)
@@ -80,6 +81,12 @@ class SpectralNorm(nn.Module):
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         return value
+
+
+def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
+    # Devices without autocast (meta, used for shape inference) have nothing to disable.
+    available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda", "xpu", "mps", "hpu"))
+    return torch.autocast(device_type=device_type, enabled=False) if available(device_type) else contextlib.nullcontext()
 
 
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1) -> nn.Module:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._upsample import _compiling
 from .discriminator import SeD
 from .extractor import SemanticExtractor
 from .losses import LOSS_KINDS, discriminator_loss, generator_loss, r1_penalty
@@ -35,17 +37,27 @@ def _make_extractor(extractor: SemanticExtractor | str, pretrained: Any) -> Sema
     raise TypeError(f"extractor must be a SemanticExtractor or a preset name, got {type(extractor).__name__}.")
 
 
+def _check_channels(owner: str, semantic_channels: int, extractor: SemanticExtractor) -> None:
+    if semantic_channels != extractor.channels:
+        raise ValueError(
+            f"{owner}: the discriminator takes semantic_channels={semantic_channels} but extractor "
+            f"{extractor.preset.name!r} gives {extractor.channels}. Leave semantic_channels out to size the "
+            f"discriminator from the extractor, or build it with semantic_channels={extractor.channels}."
+        )
+
+
 class _HoldsExtractor(nn.Module):
     """Keeps ``self.extractor`` out of the module tree while ``.to()``/``.cuda()``/``.float()`` still reach it."""
 
-    extractor: SemanticExtractor
+    extractor: SemanticExtractor | None
 
-    def _attach_extractor(self, extractor: SemanticExtractor) -> None:
+    def _attach_extractor(self, extractor: SemanticExtractor | None) -> None:
         self.__dict__["extractor"] = extractor
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         super()._apply(fn, recurse)
-        self.extractor._apply(fn, recurse)
+        if self.extractor is not None:
+            self.extractor._apply(fn, recurse)
         return self
 
 
@@ -73,19 +85,43 @@ def frozen_parameters(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def _autograd_ready(x: torch.Tensor) -> torch.Tensor:
+    # A batch made under torch.inference_mode() cannot be saved for D's backward; a clone can.
+    return x.clone() if isinstance(x, torch.Tensor) and x.is_inference() and not torch.is_inference_mode_enabled() else x
+
+
+def _same_batch(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``b`` holds exactly the images of ``a`` (compared by value: immune to ``.data`` and numpy edits)."""
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+
+
+@dataclass
+class _CachedSemantics:
+    hr: torch.Tensor  # a private copy of the HR batch the semantics were computed from
+    semantic: torch.Tensor
+    used_by: set[str] = field(default_factory=set)
+
+
 class SeDAdversary(_HoldsExtractor):
     """The adversary of a GAN-SR loop: an SeD, its frozen extractor and the adversarial losses.
 
-    The semantics of an HR batch are computed once and reused by every call with the same HR
-    tensor (the paper uses the HR semantics for all three discriminator calls of a step).
+    The semantics of an HR batch are computed once per step and reused by the three
+    discriminator calls of the paper's recipe (fake for G; real and detached fake for D). They
+    are reused only for an HR batch equal in value to the one they were computed from, and
+    dropped once both :meth:`generator_loss` and :meth:`discriminator_loss` have used them, so
+    nothing of a step stays alive into the next one.
+
+    Weights: ``weight`` multiplies the generator's adversarial loss only (the paper: 0.01, next
+    to L1 at 1.0 and the perceptual loss at 0.1 or 1.0); the discriminator's loss is unweighted.
 
     Args:
         discriminator: an :class:`SeD` (or a DDP-wrapped one, or any module called as
-            ``d(x, semantic)``), or a variant name (``"patch"``/``"pixel"``) to build one.
+            ``d(x, semantic)``), or a variant name (``"patch"``/``"pixel"``) to build one sized
+            for the extractor.
         extractor: a :class:`SemanticExtractor` or a preset name.
         pretrained: weights of the extractor when it is built from a name.
         loss: adversarial loss kind, one of :data:`~sed_discriminator.losses.LOSS_KINDS`.
-        weight: factor on the generator's adversarial loss (0.01 in the paper's recipe).
+        weight: factor on the generator's adversarial loss (0.01, the paper's).
         batch_real_fake: ``False`` (default, the reference) calls the discriminator twice in
             :meth:`discriminator_loss`, on the real and on the fake batch. ``True`` makes one
             call on both batches concatenated (fewer, larger kernels: faster on GPUs at small
@@ -95,6 +131,7 @@ class SeDAdversary(_HoldsExtractor):
             normalises the fake call with weights one iteration further on). Training then
             follows a slightly different trajectory, not an equivalent one. It also holds the
             activations of both batches at once (same total as two calls before backward).
+            Real and fake batches must have the same shape.
 
     Example:
         >>> adversary = SeDAdversary("patch", pretrained=None)  # doctest: +SKIP
@@ -105,11 +142,11 @@ class SeDAdversary(_HoldsExtractor):
     def __init__(
         self,
         discriminator: nn.Module | str = "patch",
-        extractor: SemanticExtractor | str = "clip_rn50",
         *,
+        extractor: SemanticExtractor | str = "clip_rn50",
         pretrained: Any = "openai",
         loss: str = "vanilla",
-        weight: float = 1.0,
+        weight: float = 0.01,
         batch_real_fake: bool = False,
     ) -> None:
         super().__init__()
@@ -118,21 +155,34 @@ class SeDAdversary(_HoldsExtractor):
         ext = _make_extractor(extractor, pretrained)
         if isinstance(discriminator, str):
             discriminator = SeD(discriminator, semantic_channels=ext.channels)
+        bare = getattr(discriminator, "module", discriminator)  # DDP / DataParallel wrap the SeD
+        if getattr(bare, "semantic_fusion", False):
+            _check_channels("SeDAdversary", bare.semantic_channels, ext)
         self.discriminator = discriminator
         self._attach_extractor(ext)
         self.loss = loss
         self.weight = weight
         self.batch_real_fake = bool(batch_real_fake)
-        self._cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._cache: _CachedSemantics | None = None
 
     def semantics(self, hr: torch.Tensor) -> torch.Tensor:
-        """Semantic map of ``hr``, computed once per HR tensor (recomputed if it is modified in place)."""
+        """Semantic map of ``hr``; computed once for a batch of these values until the step is over."""
         cache = self._cache
-        if cache is not None and cache[0] is hr and cache[1] == hr._version:
-            return cache[2]
+        if cache is not None and _same_batch(cache.hr, hr):
+            return cache.semantic
         semantic = self.extractor(hr)
-        self._cache = (hr, hr._version, semantic)
+        self._cache = _CachedSemantics(hr.detach().clone(), semantic)
         return semantic
+
+    def clear_cache(self) -> None:
+        """Drop the HR batch and semantics kept for the current step."""
+        self._cache = None
+
+    def _used(self, by: str) -> None:
+        if self._cache is not None:
+            self._cache.used_by.add(by)
+            if self._cache.used_by >= {"generator", "discriminator"}:
+                self._cache = None
 
     def generator_loss(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         """Weighted adversarial loss of the generator for super-resolved ``sr`` against ``hr``.
@@ -140,37 +190,54 @@ class SeDAdversary(_HoldsExtractor):
         The discriminator's parameters get no gradient from it (they are frozen during the call).
         """
         semantic = self.semantics(hr)
+        hr = _autograd_ready(hr)
         with frozen_parameters(self.discriminator):
             fake = self.discriminator(sr, semantic)
             real = None
             if self.loss == "ragan":
                 with torch.no_grad():
                     real = self.discriminator(hr, semantic)
-        return generator_loss(fake, real, self.loss, self.weight)
+        self._used("generator")
+        return generator_loss(fake, real_logits=real, kind=self.loss, weight=self.weight)
 
     def discriminator_loss(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         """Adversarial loss of the discriminator on real ``hr`` and (detached) fake ``sr``.
 
         With ``batch_real_fake`` the two batches go through the discriminator in one call (see
-        the class docstring for how that differs in training mode); batches of different shapes
-        cannot be concatenated and take two calls.
+        the class docstring for how that differs in training mode).
         """
         semantic = self.semantics(hr)
-        if self.batch_real_fake and hr.shape == sr.shape:
+        sr, hr = _autograd_ready(sr), _autograd_ready(hr)
+        if self.batch_real_fake:
+            if hr.shape != sr.shape:
+                raise ValueError(
+                    f"batch_real_fake=True concatenates the real and fake batches, which needs equal shapes; got "
+                    f"hr {tuple(hr.shape)} and sr {tuple(sr.shape)}. Build SeDAdversary(batch_real_fake=False)."
+                )
             both = self.discriminator(torch.cat([hr, sr.detach()]), torch.cat([semantic, semantic]))
             real, fake = both.split(hr.shape[0])
         else:
             real = self.discriminator(hr, semantic)
             fake = self.discriminator(sr.detach(), semantic)
-        return discriminator_loss(real, fake, self.loss)
+        self._used("discriminator")
+        return discriminator_loss(fake, real_logits=real, kind=self.loss)
 
     def r1_penalty(self, hr: torch.Tensor) -> torch.Tensor:
-        """R1 penalty on the real batch, see :func:`~sed_discriminator.losses.r1_penalty`."""
-        return r1_penalty(self.discriminator, hr, self.semantics(hr))
+        """R1 penalty on the real batch, see :func:`~sed_discriminator.losses.r1_penalty`.
+
+        It reuses the step's semantics when called before :meth:`discriminator_loss` ends the
+        step (after it, they are computed again).
+        """
+        return r1_penalty(self.discriminator, _autograd_ready(hr), self.semantics(hr))
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both losses at once: ``(generator_loss, discriminator_loss)``."""
         return self.generator_loss(sr, hr), self.discriminator_loss(sr, hr)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"] = None  # a step's HR batch and semantics are not part of the model
+        return state
 
     def extra_repr(self) -> str:
         batched = ", batch_real_fake=True" if self.batch_real_fake else ""
@@ -181,15 +248,25 @@ class ConditionedSeD(_HoldsExtractor, SeD):
     """An SeD called with the image alone, for trainers that call ``net_d(x)``.
 
     Its parameters and state dict are exactly those of :class:`SeD` (official weights load
-    with :func:`~sed_discriminator.load_official_weights`); the extractor is not among them.
+    with :func:`~sed_discriminator.load_official_weights`); the extractor is not among them,
+    and a pickle (``torch.save(net_d)``) keeps how to rebuild the extractor, not its weights
+    nor the condition.
+
+    The rule of the condition: call :meth:`set_condition` with the step's HR batch before the
+    step's discriminator calls (or wrap them in ``with net_d.condition(gt):``). A condition is
+    valid until the discriminator's weights change (an optimizer step, ``load_state_dict``) or
+    a new one is set; a forward with a stale condition, or with a batch of another size, raises
+    instead of reusing the previous step's semantics.
 
     Args:
         variant: ``"patch"`` or ``"pixel"``.
-        extractor: a :class:`SemanticExtractor` or a preset name.
+        extractor: a :class:`SemanticExtractor` or a preset name; not built when
+            ``semantic_fusion=False``.
         pretrained: weights of the extractor when it is built from a name.
         semantic_source: ``"condition"`` (the paper: semantics of the HR batch given to
             :meth:`set_condition`) or ``"input"`` (semantics of whatever image is passed).
-        **kwargs: further :class:`SeD` arguments (width, heads, head_dim, semantic_fusion).
+        **kwargs: further :class:`SeD` keyword arguments (width, heads, head_dim, semantic_fusion,
+            channels_last); ``semantic_channels`` defaults to the extractor's.
 
     Example:
         >>> net_d = ConditionedSeD("patch", pretrained=None)  # doctest: +SKIP
@@ -198,43 +275,83 @@ class ConditionedSeD(_HoldsExtractor, SeD):
         torch.Size([8, 1, 30, 30])
     """
 
+    _TRANSIENT = {"_condition": None, "_condition_stamp": None}
+
     def __init__(
         self,
         variant: str = "patch",
+        *,
         extractor: SemanticExtractor | str = "clip_rn50",
         pretrained: Any = "openai",
-        *,
         semantic_source: str = "condition",
         **kwargs: Any,
     ) -> None:
         if semantic_source not in ("condition", "input"):
             raise ValueError(f"semantic_source must be 'condition' or 'input', got {semantic_source!r}.")
-        ext = _make_extractor(extractor, pretrained)
-        kwargs.setdefault("semantic_channels", ext.channels)
+        ext = _make_extractor(extractor, pretrained) if kwargs.get("semantic_fusion", True) else None
+        if ext is not None:
+            if "semantic_channels" in kwargs:
+                _check_channels("ConditionedSeD", kwargs["semantic_channels"], ext)
+            kwargs["semantic_channels"] = ext.channels
         SeD.__init__(self, variant, **kwargs)
         self._attach_extractor(ext)
         self.semantic_source = semantic_source
         self._condition: torch.Tensor | None = None
+        self._condition_stamp: tuple[int, ...] | None = None
 
-    def set_condition(self, hr: torch.Tensor) -> torch.Tensor:
-        """Compute and keep the semantics of the HR batch used by the following ``forward`` calls."""
+    def _weights_stamp(self) -> tuple[int, ...]:
+        # In-place updates (optimizer steps, load_state_dict) bump a tensor's version counter.
+        return tuple(p._version for p in self.parameters())
+
+    def set_condition(self, hr: torch.Tensor) -> torch.Tensor | None:
+        """Compute and keep the semantics of the HR batch used by the following ``forward`` calls.
+
+        Returns:
+            The semantic map, or ``None`` for a discriminator without semantic fusion (nothing to keep).
+        """
+        if self.extractor is None:
+            return None
         self._condition = self.extractor(hr)
+        self._condition_stamp = self._weights_stamp()
         return self._condition
 
     def clear_condition(self) -> None:
         """Forget the stored semantics (frees their memory)."""
         self._condition = None
+        self._condition_stamp = None
+
+    @contextlib.contextmanager
+    def condition(self, hr: torch.Tensor) -> Iterator[torch.Tensor | None]:
+        """``set_condition(hr)`` for the block, ``clear_condition()`` after it (also when it raises)."""
+        try:
+            yield self.set_condition(hr)
+        finally:
+            self.clear_condition()
+
+    def _stored_condition(self, batch: int) -> torch.Tensor:
+        if self._condition is None:
+            raise RuntimeError(
+                "ConditionedSeD has no condition: call net_d.set_condition(gt) with the HR batch "
+                "before the discriminator calls of each step (or build it with semantic_source='input')."
+            )
+        if not _compiling() and self._condition_stamp != self._weights_stamp():
+            raise RuntimeError(
+                "ConditionedSeD's condition is stale: the discriminator's weights changed (an optimizer step or "
+                "load_state_dict) since set_condition(). Call net_d.set_condition(gt) with this step's HR batch "
+                "before its discriminator calls."
+            )
+        if self._condition.shape[0] != batch:
+            raise RuntimeError(
+                f"ConditionedSeD's condition holds {self._condition.shape[0]} images but the input has {batch}: "
+                "call net_d.set_condition(gt) with the HR batch of these images."
+            )
+        return self._condition
 
     def forward(self, x: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         """Logits for ``x``; ``semantic`` overrides the stored condition when given."""
         if semantic is None and self.semantic_fusion:
             if self.semantic_source == "input":
                 semantic = self.extractor(x)
-            elif self._condition is None:
-                raise RuntimeError(
-                    "ConditionedSeD has no condition: call net_d.set_condition(gt) with the HR batch "
-                    "before the discriminator calls of each step (or build it with semantic_source='input')."
-                )
             else:
-                semantic = self._condition
+                semantic = self._stored_condition(x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else 0)
         return SeD.forward(self, x, semantic)

@@ -1,10 +1,11 @@
 """Guards the public API against silent removals, with tests/api_surface.json as the inventory.
 
-The inventory records every name of ``sed_discriminator.__all__``, its kind and the parameter
-names of its signature (constructor for classes). A test fails when a recorded name disappears,
-changes kind or loses a recorded parameter; adding names or parameters is fine, but new names
-must be added to the inventory (review the change, then regenerate it with
-``python tests/test_api_surface.py --update``).
+The inventory records every name of ``sed_discriminator.__all__``, its kind and its signature
+(constructor for classes): each parameter's name and kind (positional, keyword-only, ...) in
+order. A test fails when a recorded name disappears or changes kind, or when a signature changes
+in any way (a parameter added, removed, reordered, or made positional or keyword-only), so
+every such change is visible in review: review it, then regenerate the inventory with
+``python tests/test_api_surface.py --update``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def describe(obj: object) -> dict:
         kind, target = "function", obj
     else:
         return {"kind": type(obj).__name__}
-    params = [p for p in inspect.signature(target).parameters if p != "self"]
+    params = [[p.name, p.kind.name] for p in inspect.signature(target).parameters.values() if p.name != "self"]
     return {"kind": kind, "parameters": params}
 
 
@@ -61,8 +62,27 @@ def test_recorded_name_still_public(name: str) -> None:
     assert name in sed_discriminator.__all__, f"public name {name!r} disappeared from sed_discriminator.__all__"
     now = describe(getattr(sed_discriminator, name))
     assert now["kind"] == recorded["kind"], f"{name} changed from a {recorded['kind']} to a {now['kind']}"
-    lost = [p for p in recorded.get("parameters", []) if p not in now.get("parameters", [])]
-    assert not lost, f"{name} lost parameters {lost}"
+    assert now.get("parameters") == recorded.get("parameters"), (
+        f"the signature of {name} changed: {now.get('parameters')} (recorded: {recorded.get('parameters')}); "
+        "review the change, then run `python tests/test_api_surface.py --update`"
+    )
+
+
+def test_the_inventory_records_order_and_kind() -> None:
+    """The check sees a reordered signature and a keyword-only argument made positional."""
+
+    def original(x, semantic=None, *, kind="vanilla"):
+        pass
+
+    def reordered(semantic, x=None, *, kind="vanilla"):
+        pass
+
+    def positional(x, semantic=None, kind="vanilla"):
+        pass
+
+    assert describe(original) != describe(reordered)
+    assert describe(original) != describe(positional)
+    assert describe(original)["parameters"][2] == ["kind", "KEYWORD_ONLY"]
 
 
 def test_new_names_are_inventoried() -> None:

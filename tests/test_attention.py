@@ -132,11 +132,16 @@ def test_sed_set_fused_attn_toggles_every_attention() -> None:
     assert all(a.fused_attn for a in attns)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("variant", ["patch", "pixel"])
-def test_sed_fused_equals_math(variant: str, device: torch.device) -> None:
-    base = randomize_(sd.SeD(variant, **TINY)).to(device)
-    x = torch.rand(2, 3, 64, 64, device=device)
-    s = torch.randn(2, TINY["semantic_channels"], 4, 4, device=device)
+def test_sed_fused_equals_math(variant: str, dtype: torch.dtype, device: torch.device) -> None:
+    # In float32 the two kernels round differently, and a few parameter gradients of the pixel
+    # SeD (sums over 64x64 positions) then differ by ~2e-4 relative; float64 shows the paths are
+    # the same computation, float32 that the rounding stays at that level.
+    base = randomize_(sd.SeD(variant, **TINY)).to(device, dtype)
+    x = torch.rand(2, 3, 64, 64, device=device, dtype=dtype)
+    s = torch.randn(2, TINY["semantic_channels"], 4, 4, device=device, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
     results = []
     for fused in (True, False):
         model = copy.deepcopy(base).set_fused_attn(fused)  # a training forward moves u/v: start both alike
@@ -145,10 +150,11 @@ def test_sed_fused_equals_math(variant: str, device: torch.device) -> None:
         out.mean().backward()
         results.append((out.detach(), x_.grad, [p.grad.clone() for p in model.parameters()]))
     (o1, gx1, gp1), (o2, gx2, gp2) = results
-    torch.testing.assert_close(o1, o2, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gx1, gx2, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(o1, o2, atol=tol, rtol=tol)
+    torch.testing.assert_close(gx1, gx2, atol=tol / 10, rtol=tol * 10)
     for a, b in zip(gp1, gp2):
-        torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-4)
+        scale = max(1.0, b.abs().max().item())
+        assert (a - b).abs().max().item() <= (5e-4 if dtype == torch.float32 else tol) * scale
 
 
 def test_global_switch_affects_new_modules_only(restore_fused_flag) -> None:
@@ -168,6 +174,7 @@ _ENV_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     import sed_discriminator as sd
+    import sed_discriminator.config
     from sed_discriminator.attention import Attention
     torch.manual_seed(0)
     model = sd.SeD("patch", width=8, semantic_channels=64, head_dim=8).eval()
@@ -184,7 +191,7 @@ _ENV_SCRIPT = textwrap.dedent(
     torch.save(out, sys.argv[1])
     print(json.dumps({
         "use_fused_attn": sd.use_fused_attn(),
-        "value_checks": sd.value_checks_enabled(),
+        "value_checks": sed_discriminator.config.value_checks_enabled(),
         "module_flags": sorted({m.fused_attn for m in model.modules() if isinstance(m, Attention)}),
     }))
     """
@@ -221,3 +228,19 @@ def test_env_variables_in_subprocess(tmp_path: Path) -> None:
     bad = _run_env({"SED_FUSED_ATTN": "yes"}, tmp_path / "bad.pt")
     assert bad.returncode != 0
     assert "ValueError: SED_FUSED_ATTN must be '0' or '1', got 'yes'" in bad.stderr
+
+    empty = _run_env({"SED_FUSED_ATTN": "", "SED_VALUE_CHECKS": " "}, tmp_path / "empty.pt")  # set to nothing: defaults
+    assert empty.returncode == 0, empty.stderr
+    assert json.loads(empty.stdout.splitlines()[-1]) == fused_info
+
+
+@pytest.mark.parametrize("value", ["0", "1", 0, 1, None])
+def test_switches_take_booleans_only(value) -> None:
+    from sed_discriminator.config import set_value_checks, value_checks_enabled
+
+    before = (sd.use_fused_attn(), value_checks_enabled())
+    with pytest.raises(TypeError, match=r"set_value_checks\(\) takes True or False, got"):
+        set_value_checks(value)
+    with pytest.raises(TypeError, match=r"set_fused_attn\(\) takes True or False, got"):
+        sd.set_fused_attn(value)
+    assert (sd.use_fused_attn(), value_checks_enabled()) == before

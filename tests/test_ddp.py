@@ -65,7 +65,7 @@ def _train(rank: int, variant: str, extractor, out_dir: Path) -> None:
     g = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1))
     ddp_d, ddp_g = DDP(d), DDP(g)
     initial = _flat(d.parameters()).clone()
-    adversary = sd.SeDAdversary(ddp_d, extractor, weight=0.01)
+    adversary = sd.SeDAdversary(ddp_d, extractor=extractor, weight=0.01)
     opt_d = torch.optim.Adam(ddp_d.parameters(), lr=1e-3)
     opt_g = torch.optim.Adam(ddp_g.parameters(), lr=1e-3)
     data = torch.Generator().manual_seed(100 + rank)  # each rank sees its own batch

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import reference_sed as R
 import sed_discriminator as sd
+from sed_discriminator.config import set_value_checks, value_checks_enabled
 from conftest import TINY
 
 CS = TINY["semantic_channels"]
@@ -33,10 +34,10 @@ def patch_side(n: int) -> int:
 
 @pytest.fixture
 def value_checks():
-    before = sd.value_checks_enabled()
-    sd.set_value_checks(True)
+    before = value_checks_enabled()
+    set_value_checks(True)
     yield
-    sd.set_value_checks(before)
+    set_value_checks(before)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -180,6 +181,49 @@ def test_constructor_errors() -> None:
         sd.SeD("patch", width=0)
     with pytest.raises(ValueError, match="head_dim must be a positive integer, got 8.0"):
         sd.SeD("patch", head_dim=8.0)
+    with pytest.raises(TypeError, match="positional argument"):
+        sd.SeD("patch", 3, 64)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="channels_last must be True, False or None, got 'yes'"):
+        sd.SeD("patch", channels_last="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "variant, channels, step, suggestion",
+    [("patch", 48, 32, "e.g. 32 or 64"), ("pixel", 96, 64, "e.g. 64 or 128"), ("pixel", 32, 64, "e.g. 64 or 128")],
+)
+def test_semantic_channels_that_do_not_fit_say_which_do(variant, channels, step, suggestion) -> None:
+    from sed_discriminator.discriminator import semantic_channel_step
+
+    assert semantic_channel_step(variant) == step
+    with pytest.raises(ValueError, match=rf"semantic_channels={channels} does not fit SeD\('{variant}'\): "
+                                         rf"its SeFBs need a multiple of {step} .*{suggestion}"):
+        sd.SeD(variant, semantic_channels=channels)
+    sd.SeD(variant, semantic_channels=channels, semantic_fusion=False)  # no SeFB, no constraint
+
+
+@pytest.mark.parametrize("variant", ["patch", "pixel"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_inputs_of_another_dtype_than_the_model(variant: str, dtype: torch.dtype) -> None:
+    model = tiny(variant)
+    x, s = torch.rand(1, 3, 32, 32), torch.randn(1, CS, 2, 2)
+    with pytest.raises(ValueError, match=rf"SeD's weights are torch.float32 but its image is {dtype}\. Convert "
+                                         r"the input with .to\(torch.float32\), .*torch.autocast\('cpu'\)"):
+        model(x.to(dtype), s)
+    with pytest.raises(ValueError, match=rf"but its semantic map is {dtype}"):
+        model(x, s.to(dtype))
+    if dtype == torch.bfloat16:
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision is what autocast is for
+            assert torch.isfinite(model(x.to(dtype), s).float()).all()
+
+
+@pytest.mark.parametrize("variant", ["patch", "pixel"])
+def test_meta_device_for_shape_inference(variant: str) -> None:
+    with torch.device("meta"):
+        model = tiny(variant)
+        x, s = torch.empty(2, 3, 64, 48), torch.empty(2, CS, 4, 3)
+    out = model(x, s)
+    assert out.device.type == "meta"
+    assert out.shape == tiny(variant)(torch.rand(2, 3, 64, 48), torch.randn(2, CS, 4, 3)).shape
 
 
 def test_value_checks_nan(value_checks) -> None:
@@ -194,21 +238,21 @@ def test_value_checks_nan(value_checks) -> None:
 
 
 def test_value_checks_off_by_default_let_nan_through() -> None:
-    assert not sd.value_checks_enabled()
+    assert not value_checks_enabled()
     x = torch.rand(1, 3, 64, 64)
     x[0, 0, 0, 0] = float("nan")
     assert torch.isnan(tiny("patch")(x, torch.randn(1, CS, 4, 4))).any()
 
 
 def test_set_value_checks_round_trip() -> None:
-    before = sd.value_checks_enabled()
+    before = value_checks_enabled()
     try:
-        sd.set_value_checks(True)
-        assert sd.value_checks_enabled() is True
-        sd.set_value_checks(False)
-        assert sd.value_checks_enabled() is False
+        set_value_checks(True)
+        assert value_checks_enabled() is True
+        set_value_checks(False)
+        assert value_checks_enabled() is False
     finally:
-        sd.set_value_checks(before)
+        set_value_checks(before)
 
 
 # -- structure and init ------------------------------------------------------------------------
@@ -271,6 +315,17 @@ def test_attention_maps() -> None:
     for v in maps.values():
         assert v.grad_fn is None
         torch.testing.assert_close(v.sum(-1), torch.ones_like(v.sum(-1)), atol=1e-5, rtol=0)
+
+
+def test_attention_maps_leave_the_spectral_norm_state_alone() -> None:
+    model = tiny("patch").train()
+    model.conv1.train(False)  # mixed modes come back as they were
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.attention_maps(torch.rand(2, 3, 64, 64), torch.randn(2, CS, 4, 4))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert model.training and not model.conv1.training and model.conv2.training
+    model(torch.rand(2, 3, 64, 64), torch.randn(2, CS, 4, 4))  # a training forward does move them
+    assert not all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_extra_repr_names_the_variant() -> None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import reference_sed as R
 import sed_discriminator as sd
 from conftest import TINY
-from sed_discriminator.losses import LOSS_KINDS
+from sed_discriminator.losses import LOSS_KINDS, DiscriminatorLoss, GeneratorLoss
 
 LOG2 = math.log(2.0)
 
@@ -27,8 +27,8 @@ def test_kinds() -> None:
 )
 def test_zero_logits(kind: str, g_value: float, d_value: float) -> None:
     zeros = torch.zeros(2, 1, 30, 30)
-    assert sd.generator_loss(zeros, zeros, kind).item() == pytest.approx(g_value, abs=1e-6)
-    assert sd.discriminator_loss(zeros, zeros, kind).item() == pytest.approx(d_value, abs=1e-6)
+    assert sd.generator_loss(zeros, real_logits=zeros, kind=kind).item() == pytest.approx(g_value, abs=1e-6)
+    assert sd.discriminator_loss(zeros, real_logits=zeros, kind=kind).item() == pytest.approx(d_value, abs=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["vanilla", "lsgan", "hinge"])
@@ -36,7 +36,9 @@ def test_perfect_discriminator(kind: str) -> None:
     target_real = {"vanilla": 50.0, "lsgan": 1.0, "hinge": 1.0}[kind]
     target_fake = {"vanilla": -50.0, "lsgan": 0.0, "hinge": -1.0}[kind]
     real, fake = torch.full((4, 1, 8, 8), target_real), torch.full((4, 1, 8, 8), target_fake)
-    assert sd.discriminator_loss(real, fake, kind).item() == pytest.approx(0.0, abs=1e-6)
+    assert sd.discriminator_loss(fake, real_logits=real, kind=kind).item() == pytest.approx(0.0, abs=1e-6)
+    # the same logits with the roles swapped: the loss of a discriminator that is always wrong
+    assert sd.discriminator_loss(real, real_logits=fake, kind=kind).item() > 1.0
 
 
 def test_formulas_on_random_logits() -> None:
@@ -53,18 +55,20 @@ def test_formulas_on_random_logits() -> None:
         ),
     }
     for kind, (g_loss, d_loss) in expected.items():
-        torch.testing.assert_close(sd.generator_loss(fake, real, kind), g_loss)
-        torch.testing.assert_close(sd.discriminator_loss(real, fake, kind), d_loss)
-        torch.testing.assert_close(sd.generator_loss(fake, real, kind, weight=0.01), 0.01 * g_loss)
-        torch.testing.assert_close(sd.discriminator_loss(real, fake, kind, weight=3.0), 3.0 * d_loss)
+        torch.testing.assert_close(sd.generator_loss(fake, real_logits=real, kind=kind), g_loss)
+        torch.testing.assert_close(sd.discriminator_loss(fake, real_logits=real, kind=kind), d_loss)
+        torch.testing.assert_close(sd.generator_loss(fake, real_logits=real, kind=kind, weight=0.01), 0.01 * g_loss)
+        torch.testing.assert_close(sd.discriminator_loss(fake, real_logits=real, kind=kind, weight=3.0), 3.0 * d_loss)
 
 
 @pytest.mark.parametrize("kind", LOSS_KINDS)
 def test_module_equals_function(kind: str) -> None:
     real, fake = torch.randn(2, 1, 5, 5), torch.randn(2, 1, 5, 5)
-    g_mod, d_mod = sd.GeneratorLoss(kind, weight=0.5), sd.DiscriminatorLoss(kind, weight=2.0)
-    torch.testing.assert_close(g_mod(fake, real), sd.generator_loss(fake, real, kind, 0.5), atol=0, rtol=0)
-    torch.testing.assert_close(d_mod(real, fake), sd.discriminator_loss(real, fake, kind, 2.0), atol=0, rtol=0)
+    g_mod, d_mod = GeneratorLoss(kind, weight=0.5), DiscriminatorLoss(kind, weight=2.0)
+    expected_g = sd.generator_loss(fake, real_logits=real, kind=kind, weight=0.5)
+    expected_d = sd.discriminator_loss(fake, real_logits=real, kind=kind, weight=2.0)
+    torch.testing.assert_close(g_mod(fake, real_logits=real), expected_g, atol=0, rtol=0)
+    torch.testing.assert_close(d_mod(fake, real_logits=real), expected_d, atol=0, rtol=0)
     assert f"kind='{kind}'" in repr(g_mod) and "weight=2.0" in repr(d_mod)
 
 
@@ -75,25 +79,54 @@ def test_ragan_needs_real_logits() -> None:
     ):
         sd.generator_loss(torch.zeros(2, 1, 4, 4), kind="ragan")
     with pytest.raises(ValueError, match="needs real_logits"):
-        sd.GeneratorLoss("ragan")(torch.zeros(2, 1, 4, 4))
+        GeneratorLoss("ragan")(torch.zeros(2, 1, 4, 4))
 
 
 def test_unknown_kind() -> None:
     message = r"Unknown GAN loss kind 'wgan'; choose one of \('vanilla', 'lsgan', 'hinge', 'ragan'\)"
     for call in (
         lambda: sd.generator_loss(torch.zeros(1), kind="wgan"),
-        lambda: sd.discriminator_loss(torch.zeros(1), torch.zeros(1), kind="wgan"),
-        lambda: sd.GeneratorLoss("wgan"),
-        lambda: sd.DiscriminatorLoss("wgan"),
+        lambda: sd.discriminator_loss(torch.zeros(1), real_logits=torch.zeros(1), kind="wgan"),
+        lambda: GeneratorLoss("wgan"),
+        lambda: DiscriminatorLoss("wgan"),
     ):
         with pytest.raises(ValueError, match=message):
             call()
 
 
+def test_0_1_argument_order_fails_instead_of_training_backwards() -> None:
+    """0.1 took discriminator_loss(real, fake): positional logits after the first now raise."""
+    real, fake = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    with pytest.raises(TypeError, match="positional argument"):
+        sd.discriminator_loss(real, fake)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="positional argument"):
+        sd.generator_loss(fake, real, "ragan")  # type: ignore[misc]
+    with pytest.raises(TypeError, match="positional argument"):
+        DiscriminatorLoss()(real, fake)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_empty_batch_is_a_clear_error(kind: str) -> None:
+    empty, full = torch.zeros(0, 1, 4, 4), torch.zeros(2, 1, 4, 4)
+    message = r"is empty \(shape \(0, 1, 4, 4\)\), so the loss would be NaN"
+    with pytest.raises(ValueError, match="generator_loss: fake_logits " + message):
+        sd.generator_loss(empty, real_logits=full, kind=kind)
+    with pytest.raises(ValueError, match="discriminator_loss: real_logits " + message):
+        sd.discriminator_loss(full, real_logits=empty, kind=kind)
+    with pytest.raises(ValueError, match="discriminator_loss: fake_logits " + message):
+        DiscriminatorLoss(kind)(empty, real_logits=full)
+
+
+def test_r1_penalty_of_an_empty_batch_is_a_clear_error() -> None:
+    model = sd.SeD("patch", **TINY)
+    with pytest.raises(ValueError, match=r"r1_penalty needs a non-empty batch of real images, got \(0, 3, 32, 32\)"):
+        sd.r1_penalty(model, torch.zeros(0, 3, 32, 32), torch.zeros(0, TINY["semantic_channels"], 2, 2))
+
+
 def test_ragan_generator_loss_detaches_real() -> None:
     real = torch.randn(2, 1, 4, 4, requires_grad=True)
     fake = torch.randn(2, 1, 4, 4, requires_grad=True)
-    sd.generator_loss(fake, real, "ragan").backward()
+    sd.generator_loss(fake, real_logits=real, kind="ragan").backward()
     assert real.grad is None and fake.grad is not None
 
 

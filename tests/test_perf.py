@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import sed_discriminator as sd
 from sed_discriminator import SeD, SeDAdversary, SemanticExtractor
 from sed_discriminator.attention import Attention
-from sed_discriminator.extractor import CLIPResNetTrunk, ExtractorPreset, register_extractor
+from sed_discriminator.extractor import ExtractorPreset, register_extractor
 from sed_discriminator.sefb import _to_tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
@@ -60,7 +60,7 @@ def inputs(batch: int = 2, size: int = 64, seed: int = 1) -> tuple[torch.Tensor,
 @pytest.fixture(scope="module")
 def tiny_extractor() -> SemanticExtractor:
     register_extractor(
-        ExtractorPreset(name="_perf_tiny", channels=64, stride=16, build=lambda: CLIPResNetTrunk((1, 1, 1), width=4)),
+        ExtractorPreset(name="_perf_tiny", model="test_vit", layer=5, channels=64, stride=16),  # timm test model
         overwrite=True,
     )
     return SemanticExtractor("_perf_tiny", pretrained=None)
@@ -100,7 +100,7 @@ def test_r1_penalty_with_fused_path_equals_math_path(variant: str) -> None:
 
 
 def test_adversary_r1_penalty_with_fused_path(tiny_extractor: SemanticExtractor) -> None:
-    adversary = SeDAdversary(tiny_sed("patch", fused=True), tiny_extractor)
+    adversary = SeDAdversary(tiny_sed("patch", fused=True), extractor=tiny_extractor)
     hr, _ = inputs()
     penalty = adversary.r1_penalty(hr)
     penalty.backward()
@@ -162,10 +162,16 @@ def test_channels_last_matches_default_layout(variant: str, fused: bool) -> None
 
 
 def test_channels_last_default_per_variant() -> None:
-    assert SeD("pixel", **TINY).channels_last is True
-    assert SeD("patch", **TINY).channels_last is False
-    assert SeD("pixel", channels_last=False, **TINY).channels_last is False
-    assert "channels_last=True" in repr(SeD("pixel", **TINY))
+    assert SeD("pixel", **TINY).uses_channels_last("cpu") is True
+    assert SeD("patch", **TINY).uses_channels_last("cpu") is False
+    assert SeD("pixel", channels_last=False, **TINY).uses_channels_last("cpu") is False
+    assert SeD("patch", channels_last=True, **TINY).uses_channels_last("cpu") is True
+    # Devices whose layouts were not measured run the reference's NCHW layout.
+    assert SeD("pixel", **TINY).uses_channels_last("cuda") is False
+    assert SeD("pixel", **TINY).uses_channels_last("meta") is False
+    assert SeD("pixel", **TINY).channels_last is None
+    assert "channels_last=auto" in repr(SeD("pixel", **TINY))
+    assert "channels_last=False" in repr(SeD("pixel", channels_last=False, **TINY))
 
 
 @pytest.mark.parametrize("variant", ["patch", "pixel"])
@@ -232,7 +238,7 @@ def _conv_and_source(dtype=torch.float64):
 
 
 def test_conv_upsampled_equals_plain_composition_with_double_backward() -> None:
-    from sed_discriminator.discriminator import _conv_upsampled
+    from sed_discriminator._upsample import conv_upsampled as _conv_upsampled
 
     conv, x = _conv_and_source()
     size = torch.Size((10, 12))
@@ -253,7 +259,7 @@ def test_conv_upsampled_equals_plain_composition_with_double_backward() -> None:
 
 
 def test_conv_upsampled_rejects_a_source_modified_in_place() -> None:
-    from sed_discriminator.discriminator import _conv_upsampled
+    from sed_discriminator._upsample import conv_upsampled as _conv_upsampled
 
     conv, leaf = _conv_and_source()
     x = leaf * 1.0
@@ -308,7 +314,7 @@ def test_forward_leaves_inputs_untouched() -> None:
 
 def _adversaries(extractor: SemanticExtractor, variant: str):
     d = tiny_sed(variant)
-    return SeDAdversary(d, extractor), SeDAdversary(copy.deepcopy(d), extractor, batch_real_fake=True)
+    return SeDAdversary(d, extractor=extractor), SeDAdversary(copy.deepcopy(d), extractor=extractor, batch_real_fake=True)
 
 
 @pytest.mark.parametrize("variant", ["patch", "pixel"])
@@ -347,7 +353,7 @@ def test_batched_real_fake_in_training_is_one_power_iteration(tiny_extractor, va
     with torch.no_grad():
         twin(hr[:1], semantic[:1])  # exactly one power iteration
     twin.eval()
-    expected = sd.discriminator_loss(twin(hr, semantic), twin(sr, semantic))
+    expected = sd.discriminator_loss(twin(sr, semantic), real_logits=twin(hr, semantic))
     assert_close_scaled(batched.detach(), expected.detach(), 1e-6)
 
     reference = two.train().discriminator_loss(sr, hr)
@@ -358,7 +364,7 @@ def test_batched_real_fake_in_training_is_one_power_iteration(tiny_extractor, va
 
 
 def test_batched_real_fake_default_is_off(tiny_extractor) -> None:
-    adversary = SeDAdversary(tiny_sed("patch"), tiny_extractor)
+    adversary = SeDAdversary(tiny_sed("patch"), extractor=tiny_extractor)
     assert adversary.batch_real_fake is False
     calls = []
     adversary.discriminator.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
@@ -373,17 +379,17 @@ def test_batched_real_fake_default_is_off(tiny_extractor) -> None:
 
 
 def test_semantics_computed_once_per_step(tiny_extractor) -> None:
-    adversary = SeDAdversary(tiny_sed("patch"), tiny_extractor)
+    adversary = SeDAdversary(tiny_sed("patch"), extractor=tiny_extractor)
     calls = []
     handle = tiny_extractor.register_forward_hook(lambda m, i, o: calls.append(1))
     try:
         hr, _ = inputs(seed=2)
         sr, _ = inputs(seed=3)
         adversary.generator_loss(sr, hr)
-        adversary.discriminator_loss(sr, hr)
         adversary.r1_penalty(hr)
+        adversary.discriminator_loss(sr, hr)
         assert len(calls) == 1
-        adversary.discriminator_loss(sr, hr.clone())  # a new HR batch: computed again
+        adversary.discriminator_loss(sr, hr.flip(-1))  # a new HR batch: computed again
         assert len(calls) == 2
     finally:
         handle.remove()
@@ -448,7 +454,7 @@ def test_benchmark_harness_measures_tiny_configs(harness, cfg: dict) -> None:
 @pytest.mark.parametrize("layout", ["default", "nchw"])
 def test_benchmark_harness_builds_the_requested_layout(harness, layout: str) -> None:
     model = harness._build_disc({"variant": "pixel", "tiny": True, "layout": layout}, torch.device("cpu"))
-    assert model.channels_last is (layout == "default")
+    assert model.uses_channels_last("cpu") is (layout == "default")
     assert all(p.is_contiguous() for p in model.parameters())
 
 

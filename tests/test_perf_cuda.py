@@ -58,7 +58,7 @@ def _sefb_step(block: SeFB, dtype: torch.dtype, batch: int = 2) -> None:
     s = torch.randn(batch, 1024, 16, 16, device="cuda")
     f = torch.randn(batch, 128, 128, 128, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=dtype):
-        out = block(s, f)
+        out = block(f, s)
     out.float().square().mean().backward()
 
 
@@ -134,7 +134,7 @@ def test_amp_gradscaler_training_stays_finite(variant: str) -> None:
         fake = (real + 0.1 * torch.randn_like(real)).clamp(0, 1)
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.float16):
-            loss = sd.discriminator_loss(d(real, s), d(fake, s))
+            loss = sd.discriminator_loss(d(fake, s), real_logits=d(real, s))
         assert torch.isfinite(loss)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -166,7 +166,7 @@ def test_batched_real_fake_equals_two_calls_in_eval_mode_cuda() -> None:
 
     extractor = SemanticExtractor(pretrained=None).cuda()
     d = SeD("patch").cuda().eval()
-    two = SeDAdversary(d, extractor).eval()
-    one = SeDAdversary(copy.deepcopy(d), extractor, batch_real_fake=True).eval()
+    two = SeDAdversary(d, extractor=extractor).eval()
+    one = SeDAdversary(copy.deepcopy(d), extractor=extractor, batch_real_fake=True).eval()
     hr, sr = torch.rand(2, 2, 3, 256, 256, device="cuda").unbind(0)
     torch.testing.assert_close(one.discriminator_loss(sr, hr), two.discriminator_loss(sr, hr), atol=1e-5, rtol=1e-5)

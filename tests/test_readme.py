@@ -3,8 +3,8 @@
 - A block whose nearest preceding non-blank line is ``<!-- test: skip -->`` is not run.
 - The real CLIP RN50 weights cannot be downloaded in CI (no network), so before a block runs,
   ``pretrained="openai"`` (or ``'openai'``) in it is replaced with ``pretrained=<path>`` of a
-  randomly initialised clip_rn50 trunk checkpoint that this test writes (open_clip layout,
-  ``visual.`` prefix). Semantic maps are therefore meaningless here; only the code is tested.
+  randomly initialised clip_rn50 trunk checkpoint that this test writes (timm layout).
+  Semantic maps are therefore meaningless here; only the code is tested.
 - Blocks run in a temporary working directory; the process-wide switches (fused attention,
   value checks) are restored afterwards.
 """
@@ -96,10 +96,10 @@ def test_block_parser() -> None:
 def random_clip_checkpoint(tmp_path: Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        trunk = sd.get_extractor_preset("clip_rn50").build()
+        trunk = sd.SemanticExtractor("clip_rn50", pretrained=None).trunk  # timm layout
     path = tmp_path / "weights" / "RN50_random.pt"
     path.parent.mkdir()
-    torch.save({f"visual.{k}": v for k, v in trunk.state_dict().items()}, path)
+    torch.save(trunk.state_dict(), path)
     return path
 
 
@@ -111,7 +111,7 @@ def test_readme_python_blocks(random_clip_checkpoint: Path, tmp_path: Path, monk
         pytest.skip("README.md has no runnable ```python blocks")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    fused, checks = sd.use_fused_attn(), sd.value_checks_enabled()
+    fused, checks = sd.use_fused_attn(), sd.config.value_checks_enabled()
     namespace: dict = {"__name__": "__readme__"}
     try:
         for block in runnable:
@@ -124,4 +124,4 @@ def test_readme_python_blocks(random_clip_checkpoint: Path, tmp_path: Path, monk
                 ) from err
     finally:
         sd.set_fused_attn(fused)
-        sd.set_value_checks(checks)
+        sd.config.set_value_checks(checks)

@@ -34,7 +34,7 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rel: float
 
 def test_smoke_shape_and_output_channels() -> None:
     block = tiny_block(upscale=2)
-    out = block(torch.randn(2, CS, 4, 4), torch.randn(2, 12, 8, 8))
+    out = block(torch.randn(2, 12, 8, 8), torch.randn(2, CS, 4, 4))
     assert out.shape == (2, CS // 4, 8, 8)
     assert block.out_channels == CS // 4
 
@@ -43,16 +43,16 @@ def test_last_level_4x4_conv_out_lands_on_31() -> None:
     """Spec: the patch D's last SeFB maps a 16x16 grid with u=2 to 32x32 and its 4x4 conv_out to 31x31."""
     block = tiny_block(upscale=2, kernel=4)
     assert block.conv_out.kernel_size == (4, 4)
-    out = block(torch.randn(1, CS, 16, 16), torch.randn(1, 12, 31, 31))
+    out = block(torch.randn(1, 12, 31, 31), torch.randn(1, CS, 16, 16))
     assert out.shape == (1, CS // 4, 31, 31)
     assert semantic_grid_size((31, 31), 2, shrink=1) == (16, 16)
 
 
 def test_zero_initialised_proj_out_gives_conv_out_bias() -> None:
-    """proj_out starts at zero (spec), so a fresh block outputs conv_out's bias everywhere."""
+    """proj_out starts at zero (docs/reference.md section 2), so a fresh block outputs conv_out's bias everywhere."""
     block = tiny_block()
     assert torch.count_nonzero(block.proj_out.weight) == 0 and torch.count_nonzero(block.proj_out.bias) == 0
-    out = block(torch.randn(2, CS, 4, 4), torch.randn(2, 12, 8, 8))
+    out = block(torch.randn(2, 12, 8, 8), torch.randn(2, CS, 4, 4))
     expected = block.conv_out.bias.view(1, -1, 1, 1).expand_as(out)
     torch.testing.assert_close(out, expected)
 
@@ -67,7 +67,7 @@ def test_matches_reference_block(upscale: int, kernel: int, heads: int, head_dim
     g = torch.Generator().manual_seed(3)
     s = torch.randn(2, CS, 3, 5, generator=g)
     f = torch.randn(2, 12, 3 * upscale - (kernel - 3), 5 * upscale - (kernel - 3), generator=g)
-    torch.testing.assert_close(block(s, f), ref(s, f), atol=1e-5, rtol=0)
+    torch.testing.assert_close(block(f, s), ref(s, f), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("heads, head_dim", [(1, 32), (2, 40), (1, 64)])
@@ -83,7 +83,7 @@ def test_fused_equals_math_outputs_and_grads(heads: int, head_dim: int) -> None:
         block.set_fused_attn(fused)
         block.zero_grad()
         s_, f_ = s.clone().requires_grad_(), f.detach().clone().requires_grad_()
-        out = block(s_, f_)
+        out = block(f_, s_)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         results.append((out.detach(), s_.grad, f_.grad, {n: p.grad.clone() for n, p in block.named_parameters()}))
     (o1, gs1, gf1, gp1), (o2, gs2, gf2, gp2) = results
@@ -97,11 +97,11 @@ def test_fused_equals_math_outputs_and_grads(heads: int, head_dim: int) -> None:
 def test_return_attention_sums_to_one_and_keeps_output() -> None:
     block = randomize_(tiny_block(True, heads=2))
     s, f = torch.randn(3, CS, 4, 3), torch.randn(3, 12, 8, 6)
-    out, attn = block(s, f, return_attention=True)
+    out, attn = block(f, s, return_attention=True)
     assert attn.shape == (3, 2, 4 * 3, 8 * 6)
     assert (attn >= 0).all()
     torch.testing.assert_close(attn.sum(-1), torch.ones(3, 2, 12), atol=1e-5, rtol=0)
-    torch.testing.assert_close(out, block(s, f), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, block(f, s), atol=1e-5, rtol=1e-5)
 
 
 def test_semantic_grid_is_resampled_bilinear_antialiased() -> None:
@@ -111,13 +111,13 @@ def test_semantic_grid_is_resampled_bilinear_antialiased() -> None:
     needed = semantic_grid_size((8, 8), 2)
     assert needed == (4, 4)
     resampled = F.interpolate(big, size=needed, mode="bilinear", align_corners=False, antialias=True)
-    torch.testing.assert_close(block(big, f), block(resampled, f), atol=1e-6, rtol=0)
+    torch.testing.assert_close(block(f, big), block(f, resampled), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("feature_size", [(7, 7), (9, 5), (1, 1)])
 def test_odd_feature_sizes_are_covered_then_cropped(feature_size: tuple[int, int]) -> None:
     block = randomize_(tiny_block(upscale=2))
-    out = block(torch.randn(1, CS, 2, 2), torch.randn(1, 12, *feature_size))
+    out = block(torch.randn(1, 12, *feature_size), torch.randn(1, CS, 2, 2))
     assert out.shape == (1, CS // 4, *feature_size)
     assert torch.isfinite(out).all()
 
@@ -131,12 +131,31 @@ def test_semantic_grid_size(size, upscale, shrink, expected) -> None:
 
 
 def test_exceptions() -> None:
-    with pytest.raises(ValueError, match="must be a multiple of 32"):
+    with pytest.raises(ValueError, match=r"semantic_channels=48 does not fit SeFB\(upscale=2\): it must be a multiple of 32"):
         SeFB(8, 2, semantic_channels=48)
-    with pytest.raises(ValueError, match=r"not divisible by upscale\^2=64"):
+    with pytest.raises(ValueError, match=r"multiple of 64 \(GroupNorm's 32 groups and upscale\^2=64\), e.g. 64 or 128"):
         SeFB(8, 8, semantic_channels=32)
     with pytest.raises(ValueError, match="conv_out_kernel must be 3 or 4, got 5"):
         SeFB(8, 2, semantic_channels=64, conv_out_kernel=5)
+
+
+def test_constructor_arguments_after_upscale_are_keyword_only() -> None:
+    with pytest.raises(TypeError, match="positional argument"):
+        SeFB(8, 2, 64)  # type: ignore[misc]
+
+
+def test_direct_call_errors() -> None:
+    """Called directly, SeFB checks its inputs as SeD does instead of broadcasting or failing deep inside."""
+    block = tiny_block()
+    f, s = torch.randn(2, 12, 8, 8), torch.randn(2, CS, 4, 4)
+    with pytest.raises(ValueError, match=r"got an image batch of 2 but a semantic batch of 1"):
+        block(f, s[:1])
+    with pytest.raises(ValueError, match=r"image features of shape \(B, 12, H, W\).*features first"):
+        block(s, f)  # the 0.1 argument order
+    with pytest.raises(ValueError, match=r"built with semantic_channels=64 but the semantic map has 32 channels"):
+        block(f, torch.randn(2, 32, 4, 4))
+    with pytest.raises(ValueError, match=r"SeFB's weights are torch.float32 but its semantic map is torch.float16.*autocast"):
+        block(f, s.half())
 
 
 def test_set_fused_attn_reaches_both_attentions() -> None:
@@ -154,7 +173,7 @@ def test_gradcheck_float64(fused: bool) -> None:
     block.set_fused_attn(fused)
     s = torch.randn(1, 32, 2, 2, dtype=torch.float64, requires_grad=True)
     f = torch.randn(1, 4, 4, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(block, (s, f), fast_mode=True)
+    assert torch.autograd.gradcheck(block, (f, s), fast_mode=True)
 
 
 def test_gradgradcheck_math_path_float64() -> None:
@@ -163,4 +182,4 @@ def test_gradgradcheck_math_path_float64() -> None:
     block.set_fused_attn(False)
     s = torch.randn(1, 32, 2, 2, dtype=torch.float64)
     f = torch.randn(1, 4, 4, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda f: block(s, f), (f,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda f: block(f, s), (f,), fast_mode=True)

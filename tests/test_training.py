@@ -35,7 +35,7 @@ def batch(seed: int = 0, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def adversary(extractor, variant: str = "patch", **kwargs) -> sd.SeDAdversary:
-    return sd.SeDAdversary(sd.SeD(variant, semantic_channels=extractor.channels, **SIZES), extractor, **kwargs)
+    return sd.SeDAdversary(sd.SeD(variant, semantic_channels=extractor.channels, **SIZES), extractor=extractor, **kwargs)
 
 
 def bn_stats(ext: sd.SemanticExtractor) -> dict[str, torch.Tensor]:
@@ -45,21 +45,78 @@ def bn_stats(ext: sd.SemanticExtractor) -> dict[str, torch.Tensor]:
 # -- SeDAdversary ------------------------------------------------------------------------------
 
 
-def test_semantics_computed_once_per_hr_tensor(counted) -> None:
+def test_semantics_computed_once_per_step(counted) -> None:
     ext, calls = counted
     adv = adversary(ext)
     sr, hr = batch()
     adv.generator_loss(sr, hr)
-    adv.discriminator_loss(sr, hr)
-    adv(sr, hr)
+    adv.discriminator_loss(sr, hr.clone())  # equal values: the same step
     assert len(calls) == 1 and calls[0] is hr
+    assert adv._cache is None  # G and D have used them: nothing of the step is kept
+    adv.discriminator_loss(sr, hr)  # D first, then G (some loops do it this way)
+    adv.generator_loss(sr, hr)
+    assert len(calls) == 2 and adv._cache is None
     hr2 = hr.clone()
     adv.discriminator_loss(sr, hr2)
-    assert len(calls) == 2
     hr2.mul_(0.5)  # modified in place: recomputed
-    adv.discriminator_loss(sr, hr2)
-    assert len(calls) == 3
+    adv.generator_loss(sr, hr2)
+    assert len(calls) == 4
     torch.testing.assert_close(adv.semantics(hr2), ext(hr2))
+
+
+@pytest.mark.parametrize("edit", ["data", "numpy"])
+def test_semantics_cache_sees_edits_that_bypass_the_version_counter(counted, edit: str) -> None:
+    ext, calls = counted
+    adv = adversary(ext)
+    sr, hr = batch()
+    adv.discriminator_loss(sr, hr)
+    version = hr._version
+    if edit == "data":
+        hr.data.mul_(0.5)
+    else:
+        hr.numpy()[...] *= 0.5
+    assert hr._version == version  # the edit is invisible to autograd's version counter
+    adv.generator_loss(sr, hr)
+    assert len(calls) == 2
+    torch.testing.assert_close(adv.semantics(hr), ext(hr))
+
+
+def test_semantics_of_an_inference_mode_hr_batch(counted) -> None:
+    ext, calls = counted
+    adv = adversary(ext)
+    sr, _ = batch()
+    with torch.inference_mode():
+        hr = torch.rand(2, 3, 32, 32)
+    adv.generator_loss(sr, hr)
+    adv.discriminator_loss(sr, hr)
+    assert len(calls) == 1
+
+
+def test_adversary_keeps_no_hr_batch_between_steps(extractor) -> None:
+    import weakref
+
+    adv = adversary(extractor)
+    sr, hr = batch()
+    adv.generator_loss(sr, hr)
+    adv.discriminator_loss(sr, hr)
+    ref = weakref.ref(hr)
+    del hr
+    assert ref() is None and adv._cache is None
+    _, hr = batch(1)
+    adv.discriminator_loss(sr, hr)
+    assert adv._cache is not None
+    adv.clear_cache()
+    assert adv._cache is None
+
+
+def test_adversary_defaults_are_the_papers(extractor) -> None:
+    adv = sd.SeDAdversary(extractor=extractor)
+    assert adv.weight == 0.01 and adv.loss == "vanilla" and not adv.batch_real_fake
+    assert adv.discriminator.variant == "patch"
+    sr, hr = batch()
+    semantic = extractor(hr)
+    expected = 0.01 * nn.functional.softplus(-adv.discriminator(sr, semantic)).mean()
+    torch.testing.assert_close(adv.generator_loss(sr, hr), expected)
 
 
 @pytest.mark.parametrize("variant", ["patch", "pixel"])
@@ -157,13 +214,23 @@ def test_train_step_keeps_extractor_frozen(extractor) -> None:
 
 def test_adversary_constructor_errors(extractor) -> None:
     with pytest.raises(ValueError, match=r"Unknown GAN loss kind 'wgan'"):
-        sd.SeDAdversary(sd.SeD("patch", **SIZES), extractor, loss="wgan")
+        sd.SeDAdversary(sd.SeD("patch", **SIZES), extractor=extractor, loss="wgan")
     with pytest.raises(TypeError, match="extractor must be a SemanticExtractor or a preset name, got int"):
-        sd.SeDAdversary(sd.SeD("patch", **SIZES), 3)
+        sd.SeDAdversary(sd.SeD("patch", **SIZES), extractor=3)
+    with pytest.raises(TypeError, match="positional argument"):
+        sd.SeDAdversary(sd.SeD("patch", **SIZES), extractor)  # type: ignore[misc]
+    message = (r"the discriminator takes semantic_channels=64 but extractor 'clip_rn50' gives 1024\. "
+               r"Leave semantic_channels out .* semantic_channels=1024")
+    with pytest.raises(ValueError, match="SeDAdversary: " + message):
+        sd.SeDAdversary(sd.SeD("patch", semantic_channels=64, **SIZES), extractor=extractor)
+    with pytest.raises(ValueError, match="ConditionedSeD: " + message):
+        sd.ConditionedSeD("patch", extractor=extractor, semantic_channels=64, **SIZES)
+    with pytest.raises(ValueError, match=r"needs equal shapes; got hr \(2, 3, 32, 32\) and sr \(2, 3, 64, 64\)"):
+        adversary(extractor, batch_real_fake=True).discriminator_loss(torch.rand(2, 3, 64, 64), batch()[1])
 
 
 def test_adversary_builds_sed_from_variant_name(extractor) -> None:
-    adv = sd.SeDAdversary("pixel", extractor)
+    adv = sd.SeDAdversary("pixel", extractor=extractor)
     assert isinstance(adv.discriminator, sd.SeD) and adv.discriminator.variant == "pixel"
     assert adv.discriminator.semantic_channels == extractor.channels
 
@@ -172,7 +239,7 @@ def test_adversary_builds_sed_from_variant_name(extractor) -> None:
 
 
 def conditioned(extractor, variant: str = "patch", **kwargs) -> sd.ConditionedSeD:
-    return sd.ConditionedSeD(variant, extractor, **SIZES, **kwargs)
+    return sd.ConditionedSeD(variant, extractor=extractor, **SIZES, **kwargs)
 
 
 def test_conditioned_requires_a_condition(extractor) -> None:
@@ -246,7 +313,8 @@ def test_to_dtype_moves_the_extractor_along(extractor) -> None:
     net_d.set_condition(x)
     assert net_d(x).dtype == torch.float64
 
-    adv = sd.SeDAdversary(sd.SeD("patch", semantic_channels=1024, **SIZES), copy.deepcopy(extractor)).to(torch.float64)
+    adv = sd.SeDAdversary(sd.SeD("patch", semantic_channels=1024, **SIZES), extractor=copy.deepcopy(extractor))
+    adv = adv.to(torch.float64)
     assert all(p.dtype == torch.float64 for p in adv.extractor.parameters())
 
 
@@ -260,9 +328,88 @@ def test_conditioned_deepcopy_and_pickle(extractor) -> None:
         assert type(clone) is sd.ConditionedSeD and clone.semantic_source == "condition"
         assert list(clone.state_dict()) == list(net_d.state_dict())
         assert all(torch.equal(a, b) for a, b in zip(clone.state_dict().values(), net_d.state_dict().values()))
-        torch.testing.assert_close(clone(sr), net_d(sr), atol=0, rtol=0)  # the condition travels too
+        with pytest.raises(RuntimeError, match="has no condition"):  # a condition belongs to one step
+            clone(sr)
+        clone.set_condition(hr)
+        torch.testing.assert_close(clone(sr), net_d(sr), atol=0, rtol=0)
         clone.set_condition(sr)
         torch.testing.assert_close(clone(sr), sd.SeD.forward(net_d, sr, extractor(sr)), atol=0, rtol=0)
+
+
+def test_conditioned_condition_goes_stale_when_d_changes(extractor) -> None:
+    net_d = conditioned(extractor)
+    opt = torch.optim.SGD(net_d.parameters(), lr=0.1)
+    sr, hr = batch()
+    net_d.set_condition(hr)
+    (net_d(hr).mean() - net_d(sr).mean()).backward()  # every D call of the step: fine
+    opt.step()
+    stale = r"condition is stale: the discriminator's weights changed .* Call net_d\.set_condition\(gt\)"
+    with pytest.raises(RuntimeError, match=stale):
+        net_d(sr)  # the next step, set_condition forgotten
+    net_d.set_condition(hr)
+    net_d(sr)
+    net_d.load_state_dict(net_d.state_dict())
+    with pytest.raises(RuntimeError, match=stale):
+        net_d(sr)
+    net_d.set_condition(hr)
+    with pytest.raises(RuntimeError, match=r"condition holds 2 images but the input has 1: call net_d\.set_condition"):
+        net_d(sr[:1])
+
+
+def test_conditioned_condition_context_manager(extractor) -> None:
+    net_d = conditioned(extractor)
+    sr, hr = batch()
+    with net_d.condition(hr) as semantic:
+        torch.testing.assert_close(semantic, extractor(hr))
+        net_d(sr)
+    with pytest.raises(RuntimeError, match="has no condition"):
+        net_d(sr)
+    with pytest.raises(KeyError):
+        with net_d.condition(hr):
+            raise KeyError("inside")
+    assert net_d._condition is None
+
+
+def test_conditioned_without_fusion_builds_no_extractor(monkeypatch) -> None:
+    def no_extractor(*args, **kwargs):
+        raise AssertionError("SemanticExtractor must not be built")
+
+    monkeypatch.setattr(sd.training, "SemanticExtractor", no_extractor)
+    net_d = sd.ConditionedSeD("pixel", semantic_fusion=False, **SIZES)
+    assert net_d.extractor is None and not net_d.sefb_blocks()
+    x = torch.rand(2, 3, 32, 32)
+    assert net_d.set_condition(x) is None
+    assert net_d(x).shape == (2, 1, 32, 32)
+    assert net_d.to(torch.float64)(x.double()).dtype == torch.float64
+    pickle.loads(pickle.dumps(net_d))
+
+
+def test_whole_model_save_keeps_how_to_rebuild_the_extractor_not_its_weights(extractor, tmp_path) -> None:
+    net_d = conditioned(extractor)
+    sr, hr = batch()
+    net_d.set_condition(hr)
+    torch.save(net_d, tmp_path / "net_d.pth")
+    torch.save(sd.SeD("patch", semantic_channels=1024, **SIZES), tmp_path / "sed.pth")
+    torch.save(extractor.trunk.state_dict(), tmp_path / "trunk.pth")
+    size = (tmp_path / "net_d.pth").stat().st_size
+    assert size < (tmp_path / "sed.pth").stat().st_size + 100_000  # the discriminator plus a few bytes
+    assert (tmp_path / "trunk.pth").stat().st_size > 3 * size  # the trunk would dominate
+    with pytest.warns(UserWarning, match="RANDOM"):  # rebuilt from its arguments (random weights here)
+        loaded = torch.load(tmp_path / "net_d.pth", weights_only=False)
+    assert loaded._condition is None and loaded.extractor.preset.name == "clip_rn50"
+    loaded.set_condition(hr)
+    torch.testing.assert_close(loaded.eval()(sr), net_d.eval()(sr))
+
+
+def test_adversary_pickle_leaves_the_step_cache_out(extractor) -> None:
+    adv = adversary(extractor)
+    sr, hr = batch()
+    adv.discriminator_loss(sr, hr)
+    assert adv._cache is not None
+    with pytest.warns(UserWarning, match="RANDOM"):
+        clone = pickle.loads(pickle.dumps(adv))
+    assert clone._cache is None
+    torch.testing.assert_close(clone.discriminator_loss(sr, hr), adv.discriminator_loss(sr, hr))
 
 
 def test_adversary_deepcopy(extractor) -> None:
