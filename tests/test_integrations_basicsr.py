@@ -248,6 +248,105 @@ def test_data_parallel_is_refused_with_the_torchrun_command() -> None:
     assert isinstance(other, torch.nn.DataParallel)
 
 
+@pytest.mark.parametrize("gan_gt_usm", [True, False])
+def test_real_esrgan_step_conditions_on_the_batch_d_judges_as_real(gan_gt_usm: bool) -> None:
+    # RealESRGANModel.__init__ needs CUDA (DiffJPEG, USMSharp): set up its step's attributes by hand and
+    # run its real optimize_parameters on the CPU.
+    from basicsr.losses import build_loss
+
+    cls = sed_basicsr.SeDRealESRGANModel
+    model = cls.__new__(cls)
+    model.opt = {"dist": False, "l1_gt_usm": True, "percep_gt_usm": True, "gan_gt_usm": gan_gt_usm}
+    model.net_g = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(3, 3, 3, padding=1))
+    with pytest.warns(UserWarning, match="RANDOM"):
+        model.net_d = common.ConditionedSeD("patch", width=WIDTH, pretrained=None)
+    model.cri_pix, model.cri_ldl, model.cri_perceptual = build_loss({"type": "L1Loss", "loss_weight": 1.0}), None, None
+    model.cri_gan = build_loss({"type": "GANLoss", "gan_type": "vanilla", "loss_weight": 0.1})
+    model.optimizer_g = torch.optim.Adam(model.net_g.parameters(), 1e-4)
+    model.optimizer_d = torch.optim.Adam(model.net_d.parameters(), 1e-4)
+    model.net_d_iters, model.net_d_init_iters, model.ema_decay = 1, 0, 0
+    model.gt = torch.rand(2, 3, 32, 32)
+    model.gt_usm = (model.gt * 1.2).clamp(0, 1)
+    model.lq = torch.nn.functional.avg_pool2d(model.gt, 2)
+    seen = []
+    set_condition = model.net_d.set_condition
+    model.net_d.set_condition = lambda hr: (seen.append(hr), set_condition(hr))[1]
+    model.optimize_parameters(1)
+    assert len(seen) == 1 and seen[0] is (model.gt_usm if gan_gt_usm else model.gt)
+    assert model.net_d._condition is None and set(model.log_dict) >= {"l_g_gan", "l_d_real", "l_d_fake"}
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _arch_keys_are_valid(network_d: dict) -> None:
+    import inspect
+
+    from sed_discriminator import list_extractors, training
+
+    accepted = set(inspect.signature(training.ConditionedSeD.__init__).parameters) | set(
+        inspect.signature(SeD.__init__).parameters
+    )
+    keys = set(network_d) - {"type"}
+    assert keys <= accepted - {"self", "kwargs"}, keys - accepted
+    assert network_d["type"].lower() == "conditionedsed"
+    assert network_d["variant"] in ("patch", "pixel") and network_d["extractor"] in list_extractors()
+
+
+@pytest.mark.parametrize("name", ["train_RRDB_PSeD_x4.yml", "train_RRDB_USeD_x4.yml", "train_RealESRGAN_USeD_x4.yml"])
+def test_example_configs_parse_and_name_registered_types(name: str, tmp_path: Path, monkeypatch) -> None:
+    from basicsr.utils.options import parse_options
+    from basicsr.utils.registry import DATASET_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY
+
+    sed_basicsr.register()
+    path = EXAMPLES / "basicsr" / name
+    monkeypatch.setattr(sys, "argv", ["x", "-opt", str(path)])
+    opt, _ = parse_options(str(tmp_path), is_train=True)
+    assert opt["path"]["experiments_root"] == str(tmp_path / "experiments" / opt["name"])
+    assert opt["model_type"] in MODEL_REGISTRY and opt["network_g"]["type"] in ARCH_REGISTRY
+    _arch_keys_are_valid(opt["network_d"])
+    for dataset in opt["datasets"].values():
+        assert dataset["type"] in DATASET_REGISTRY or f"{dataset['type']}_basicsr" in DATASET_REGISTRY
+    train = opt["train"]
+    for key in ("pixel_opt", "perceptual_opt", "gan_opt"):
+        assert train[key]["type"] in LOSS_REGISTRY
+    for metric in opt.get("val", {}).get("metrics", {}).values():
+        assert metric["type"] in METRIC_REGISTRY
+    # the paper's adversarial loss and optimisers (docs/integrations.md)
+    assert train["gan_opt"]["gan_type"] == "vanilla" and train["gan_opt"]["loss_weight"] == 0.01
+    assert train["pixel_opt"]["loss_weight"] == 1.0
+    for optim in ("optim_g", "optim_d"):
+        assert train[optim]["type"] == "Adam" and train[optim]["lr"] == 1e-4 and train[optim]["betas"] == [0.9, 0.99]
+    assert train["perceptual_opt"]["layer_weights"] == {"conv1_2": 0.1, "conv2_2": 0.1, "conv3_4": 1, "conv4_4": 1,
+                                                        "conv5_4": 1}  # fmt: skip
+    if name.startswith("train_RRDB"):
+        assert opt["network_g"]["num_block"] == 23 and opt["datasets"]["train"]["gt_size"] == 256
+        assert opt["datasets"]["train"]["batch_size_per_gpu"] == 8
+        assert train["scheduler"]["milestones"] == [100000, 200000] and train["total_iter"] == 300000
+        weight = {"patch": 0.1, "pixel": 1.0}[opt["network_d"]["variant"]]
+        assert train["perceptual_opt"]["perceptual_weight"] == weight
+    else:  # every option Real-ESRGAN's model and dataset read is set
+        import inspect
+        import re
+
+        from basicsr.data import realesrgan_dataset
+
+        from sed_discriminator.integrations.basicsr import models
+
+        model_keys = set(re.findall(r"opt\['(\w+)'\]", inspect.getsource(inspect.getmodule(models._RealESRGANModel))))
+        data_keys = set(re.findall(r"opt\['(\w+)'\]", inspect.getsource(realesrgan_dataset)))
+        assert model_keys - {"dist", "rank", "world_size", "is_train"} <= set(opt), model_keys - set(opt)
+        optional = {"client_keys", "db_paths", "type"}  # lmdb backend only; the registry key
+        assert data_keys - optional <= set(opt["datasets"]["train"]), data_keys - set(opt["datasets"]["train"])
+
+
+def test_trainer_snippets_name_valid_arch_keys() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    _arch_keys_are_valid(yaml.safe_load((EXAMPLES / "trainner" / "network_d_sed.yml").read_text())["network_d"])
+    _arch_keys_are_valid(tomllib.loads((EXAMPLES / "neosr" / "network_d_sed.toml").read_text())["network_d"])
+
+
 @pytest.mark.slow
 def test_launcher_runs_as_python_m_from_outside_the_repository(images: Path, tmp_path: Path) -> None:
     opt = _options(images, "launched", "SeDESRGANModel", "patch", total_iter=1)
