@@ -94,8 +94,8 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
 
     Example:
         >>> conv = spectral_norm(nn.Conv2d(8, 8, 3))
-        >>> sorted(conv.state_dict())[:2]
-        ['bias', 'parametrizations.weight.original']
+        >>> sorted(conv.state_dict())
+        ['bias', 'parametrizations.weight.0._u', 'parametrizations.weight.0._v', 'parametrizations.weight.original']
     """
     parametrize.register_parametrization(module, name, SpectralNorm(getattr(module, name), n_power_iterations))
     return module

@@ -70,10 +70,13 @@ def frozen_parameters(module: nn.Module) -> Iterator[None]:
     flags are restored even when the block raises.
 
     Example:
-        >>> d = SeD("patch")
+        >>> d = SeD("patch", width=8, semantic_channels=64, head_dim=8)
+        >>> sr = torch.rand(2, 3, 64, 64, requires_grad=True)  # stands in for generator(lr)
         >>> with frozen_parameters(d):
-        ...     loss = generator_loss(d(sr, semantic))  # doctest: +SKIP
-        >>> loss.backward()  # gradients reach the generator only  # doctest: +SKIP
+        ...     loss = generator_loss(d(sr, torch.rand(2, 64, 4, 4)))
+        >>> loss.backward()  # gradients reach the generator only
+        >>> sr.grad is not None, d.conv1.parametrizations.weight.original.grad is None
+        (True, True)
     """
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:
@@ -134,9 +137,12 @@ class SeDAdversary(_HoldsExtractor):
             Real and fake batches must have the same shape.
 
     Example:
-        >>> adversary = SeDAdversary("patch", pretrained=None)  # doctest: +SKIP
-        >>> g_loss = adversary.generator_loss(sr, hr)  # doctest: +SKIP
-        >>> d_loss = adversary.discriminator_loss(sr, hr)  # doctest: +SKIP
+        >>> adversary = SeDAdversary("patch", pretrained=None)  # random CLIP weights: a smoke test only
+        >>> sr, hr = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+        >>> g_loss = adversary.generator_loss(sr, hr)  # 0.01 * BCE(D(sr), real)
+        >>> d_loss = adversary.discriminator_loss(sr, hr)  # BCE(D(hr), real) + BCE(D(sr), fake)
+        >>> g_loss.shape, d_loss.shape
+        (torch.Size([]), torch.Size([]))
     """
 
     def __init__(
@@ -269,10 +275,11 @@ class ConditionedSeD(_HoldsExtractor, SeD):
             channels_last); ``semantic_channels`` defaults to the extractor's.
 
     Example:
-        >>> net_d = ConditionedSeD("patch", pretrained=None)  # doctest: +SKIP
-        >>> net_d.set_condition(gt)  # once per step, before the D calls  # doctest: +SKIP
-        >>> net_d(output).shape  # doctest: +SKIP
-        torch.Size([8, 1, 30, 30])
+        >>> net_d = ConditionedSeD("patch", pretrained=None)  # random CLIP weights: a smoke test only
+        >>> gt, output = torch.rand(2, 3, 256, 256), torch.rand(2, 3, 256, 256)
+        >>> with net_d.condition(gt):  # or net_d.set_condition(gt) once per step, before the D calls
+        ...     net_d(output).shape
+        torch.Size([2, 1, 30, 30])
     """
 
     _TRANSIENT = {"_condition": None, "_condition_stamp": None}
