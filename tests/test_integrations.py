@@ -425,6 +425,16 @@ for source in (path, "legacy_d.pth"):
     _, loaded = build(mkdirs=False, pretrain_network_d=source, strict_load_d=True)
     now = loaded.net_d.state_dict()
     assert set(now) == set(saved) and all(torch.equal(now[k], saved[k]) for k in saved), source
+# AMP (autocast with the model's device type, here the CPU) and channels_last networks
+Config._config = None
+opt, _ = Config.load_config_from_file(os.getcwd(), is_train=True)
+opt.num_gpu, opt.use_amp, opt.use_channels_last = 0, True, True
+calls.clear()
+model = traiNNer.models.build_model(opt)
+assert model.use_amp and model.memory_format == torch.channels_last
+model.feed_data({"gt": gt, "lq": torch.nn.functional.avg_pool2d(gt, 2)})
+model.optimize_parameters(1, 0, True)
+assert calls == [True] * 3 and all(torch.isfinite(torch.as_tensor(v)) for v in model.log_dict.values())
 print("REAL-TRAINNER-OK")
 """
 

@@ -347,6 +347,29 @@ def test_trainer_snippets_name_valid_arch_keys() -> None:
     _arch_keys_are_valid(tomllib.loads((EXAMPLES / "neosr" / "network_d_sed.toml").read_text())["network_d"])
 
 
+def _import_integration(tmp_path: Path, fake_basicsr: str | None) -> subprocess.CompletedProcess:
+    code = "import sys\n"
+    if fake_basicsr is None:
+        code += "sys.modules['basicsr'] = None  # as if it were not installed\n"
+    else:
+        (tmp_path / "basicsr" / "models").mkdir(parents=True)
+        (tmp_path / "basicsr" / "__init__.py").write_text("")
+        (tmp_path / "basicsr" / "models" / "__init__.py").write_text(fake_basicsr)
+        code += f"sys.path.insert(0, {str(tmp_path)!r})\n"
+    code += "import sed_discriminator.integrations.basicsr\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_missing_or_broken_basicsr_says_what_to_install(tmp_path: Path) -> None:
+    proc = _import_integration(tmp_path, None)
+    assert proc.returncode != 0 and 'pip install "sed-discriminator[basicsr]"' in proc.stderr
+    # PyPI's basicsr 1.4.2 imports a module torchvision removed in 0.17
+    proc = _import_integration(tmp_path, "import torchvision.transforms.functional_tensor\n")
+    assert proc.returncode != 0
+    assert "PyPI's basicsr 1.4.2" in proc.stderr and "pip uninstall basicsr" in proc.stderr
+
+
 @pytest.mark.slow
 def test_launcher_runs_as_python_m_from_outside_the_repository(images: Path, tmp_path: Path) -> None:
     opt = _options(images, "launched", "SeDESRGANModel", "patch", total_iter=1)
