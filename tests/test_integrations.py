@@ -22,11 +22,16 @@ import pytest
 import torch
 from torch import nn
 
-from sed_discriminator import SeD, SemanticExtractor
+from sed_discriminator import SemanticExtractor
 from sed_discriminator.integrations import _common, neosr, trainner
 from sed_discriminator.integrations._common import ConditionedSeD, step_condition
 
 WIDTH = 8
+LEGACY_NAMES = (
+    ("parametrizations.weight.original", "weight_orig"),
+    ("parametrizations.weight.0._u", "weight_u"),
+    ("parametrizations.weight.0._v", "weight_v"),
+)
 PACKAGE = Path(_common.__file__).resolve().parents[1]
 
 
@@ -140,8 +145,7 @@ def test_arch_loads_legacy_spectral_norm_keys_strictly_also_under_a_prefix(extra
     state = source.state_dict()
     legacy = {}
     for key, value in state.items():
-        for new, old in (("parametrizations.weight.original", "weight_orig"), ("parametrizations.weight.0._u", "weight_u"),
-                         ("parametrizations.weight.0._v", "weight_v")):  # fmt: skip
+        for new, old in LEGACY_NAMES:
             key = key.replace(new, old)
         legacy[key] = value
     assert sum(k.endswith("weight_orig") for k in legacy) == 6
@@ -154,7 +158,8 @@ def test_arch_loads_legacy_spectral_norm_keys_strictly_also_under_a_prefix(extra
     wrapper = nn.Module()
     wrapper.module = _net_d(extractor)
     wrapper.load_state_dict({f"module.{k}": v for k, v in legacy.items()}, strict=True)
-    assert torch.equal(wrapper.module.conv1.parametrizations.weight.original, source.conv1.parametrizations.weight.original)
+    loaded, expected = wrapper.module.conv1.parametrizations.weight, source.conv1.parametrizations.weight
+    assert torch.equal(loaded.original, expected.original)
     with pytest.raises(RuntimeError, match="Unexpected key"):
         _net_d(extractor).load_state_dict({**legacy, "conv1.weight_w": torch.zeros(1)}, strict=True)
 
@@ -189,7 +194,7 @@ def test_step_condition_is_a_no_op_for_other_discriminators_and_clears_on_error(
 def test_data_parallel_is_refused_and_other_networks_are_not() -> None:
     net = nn.DataParallel(ConditionedSeD("patch", width=WIDTH, semantic_fusion=False))
     model = TrainnerLikeModel(net)
-    with pytest.raises(RuntimeError, match="DataParallel.*torchrun --nproc_per_node=N -m sed_discriminator.integrations.trainner"):
+    with pytest.raises(RuntimeError, match="DataParallel.*torchrun --nproc_per_node=N -m .*integrations.trainner"):
         trainner.hook_model(model)
     with pytest.raises(RuntimeError, match="DataParallel.*integrations.neosr"):
         neosr.hook_model(NeosrLikeModel(net))
@@ -282,8 +287,9 @@ def test_neosr_hook_holds_through_inference_mode_eval_calls_and_a_second_closure
     model.feed_data(_batch())
     model.optimize_parameters(1)
     assert len(rec.calls) == 6 and all(cond is not None for _, _, cond, _ in rec.calls)
-    assert [(training, inference) for training, inference, _, _ in rec.calls[:3]] == [(False, True), (False, False), (False, False)]
-    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))  # D trained
+    modes = [(training, inference) for training, inference, _, _ in rec.calls[:3]]
+    assert modes == [(False, True), (False, False), (False, False)]  # (train mode, inference mode) per call
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))  # D trained
     # neosr's generator GAN term: computed under inference_mode, it carries no gradient to G
     assert not model.l_g_gan.requires_grad
     assert net._condition is None
@@ -394,7 +400,10 @@ from sed_discriminator.integrations import trainner, _common
 trainner.use_clone(sys.argv[1]); trainner.install()
 calls = []
 forward = _common.ConditionedSeD.forward
-_common.ConditionedSeD.forward = lambda s, x, semantic=None: (calls.append(s._condition is not None), forward(s, x, semantic))[1]
+def spy(s, x, semantic=None):
+    calls.append(s._condition is not None)
+    return forward(s, x, semantic)
+_common.ConditionedSeD.forward = spy
 sys.argv = ["train.py", "-opt", "opt.yml"]
 from traiNNer.utils.config import Config
 from traiNNer.utils import make_exp_dirs
@@ -418,8 +427,13 @@ model.save(0, 2)
 path = os.path.join(opt.path.resume_models, "net_d_2.safetensors")
 saved = load_file(path)
 SeD("patch", width=8).load_state_dict(saved, strict=True)
-legacy = {k.replace("parametrizations.weight.original", "weight_orig").replace("parametrizations.weight.0._u", "weight_u")
-          .replace("parametrizations.weight.0._v", "weight_v"): v for k, v in saved.items()}
+names = {"parametrizations.weight.original": "weight_orig", "parametrizations.weight.0._u": "weight_u",
+         "parametrizations.weight.0._v": "weight_v"}
+legacy = {}
+for k, v in saved.items():
+    for a, b in names.items():
+        k = k.replace(a, b)
+    legacy[k] = v
 torch.save({"params": legacy}, "legacy_d.pth")
 for source in (path, "legacy_d.pth"):
     _, loaded = build(mkdirs=False, pretrain_network_d=source, strict_load_d=True)
@@ -475,8 +489,13 @@ assert calls == [(True, False, True, False), (True, False, False, True), (True, 
 model.save(0, 2)
 saved = torch.load(os.path.join(opt["path"]["models"], "net_d_2.pth"), weights_only=True)["params"]
 SeD("patch", width=8).load_state_dict(saved, strict=True)
-legacy = {k.replace("parametrizations.weight.original", "weight_orig").replace("parametrizations.weight.0._u", "weight_u")
-          .replace("parametrizations.weight.0._v", "weight_v"): v for k, v in saved.items()}
+names = {"parametrizations.weight.original": "weight_orig", "parametrizations.weight.0._u": "weight_u",
+         "parametrizations.weight.0._v": "weight_v"}
+legacy = {}
+for k, v in saved.items():
+    for a, b in names.items():
+        k = k.replace(a, b)
+    legacy[k] = v
 torch.save({"params": legacy}, "legacy_d.pth")
 opt, _ = parse_options(os.getcwd(), is_train=True)
 opt["root_path"] = os.getcwd()

@@ -58,9 +58,11 @@ def _options(root: Path, name: str, model_type: str, variant: str, *, total_iter
                 "batch_size_per_gpu": 2, "dataset_enlarge_ratio": 1, "prefetch_mode": None,
             }
         },
-        "network_g": {"type": "MSRResNet", "num_in_ch": 3, "num_out_ch": 3, "num_feat": 8, "num_block": 1, "upscale": 2},
+        "network_g": {"type": "MSRResNet", "num_in_ch": 3, "num_out_ch": 3, "num_feat": 8, "num_block": 1,
+                      "upscale": 2},
         "network_d": {"type": "ConditionedSeD", "variant": variant, "width": WIDTH, "pretrained": None},
-        "path": {"pretrain_network_g": None, "strict_load_g": True, "resume_state": None, "pretrain_network_d": pretrain_d},
+        "path": {"pretrain_network_g": None, "strict_load_g": True, "resume_state": None,
+                 "pretrain_network_d": pretrain_d},
         "train": {
             "ema_decay": 0, "optim_g": dict(adam), "optim_d": dict(adam),
             "scheduler": {"type": "MultiStepLR", "milestones": [100000], "gamma": 0.5},

@@ -198,9 +198,11 @@ def add_to_registry(registry: Any, key: str, obj: Any) -> None:
     existing = table.get(key)
     if existing is obj:
         return
-    if existing is not None and (
-        getattr(existing, "__module__", None) != obj.__module__ or getattr(existing, "__qualname__", None) != obj.__qualname__
-    ):
+    same_definition = (getattr(existing, "__module__", None), getattr(existing, "__qualname__", None)) == (
+        obj.__module__,
+        obj.__qualname__,
+    )
+    if existing is not None and not same_definition:
         where = f"{getattr(existing, '__module__', '?')}.{getattr(existing, '__qualname__', '?')}"
         raise ValueError(
             f"The {registry._name!r} registry already holds another {key!r} ({where}); sed-discriminator cannot "

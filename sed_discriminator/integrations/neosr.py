@@ -30,8 +30,13 @@ from ._common import ConditionedSeD, add_to_registry, check_no_data_parallel, wr
 
 __all__ = ["ConditionedSeD", "hook_model", "install", "main", "register", "use_clone"]
 
-LAUNCH_HINT = "torchrun --nproc_per_node=N -m sed_discriminator.integrations.neosr <clone> -opt <options.toml> --launcher pytorch"
-_USAGE = "usage: python -m sed_discriminator.integrations.neosr <path of your neosr clone> -opt <options.toml> [train.py flags]"
+LAUNCH_HINT = (
+    "torchrun --nproc_per_node=N -m sed_discriminator.integrations.neosr <clone> -opt <options.toml> --launcher pytorch"
+)
+_USAGE = (
+    "usage: python -m sed_discriminator.integrations.neosr <path of your neosr clone> -opt <options.toml> "
+    "[train.py flags]"
+)
 
 
 def use_clone(path: str | os.PathLike) -> Path:

@@ -32,9 +32,13 @@ from ._common import ConditionedSeD, add_to_registry, check_no_data_parallel, wr
 __all__ = ["ConditionedSeD", "hook_model", "install", "main", "register", "use_clone"]
 
 LAUNCH_HINT = (
-    "torchrun --nproc_per_node=N -m sed_discriminator.integrations.trainner <clone> -opt <options.yml> --launcher pytorch"
+    "torchrun --nproc_per_node=N -m sed_discriminator.integrations.trainner <clone> -opt <options.yml> "
+    "--launcher pytorch"
 )
-_USAGE = "usage: python -m sed_discriminator.integrations.trainner <path of your traiNNer-redux clone> -opt <options.yml> [train.py flags]"
+_USAGE = (
+    "usage: python -m sed_discriminator.integrations.trainner <path of your traiNNer-redux clone> "
+    "-opt <options.yml> [train.py flags]"
+)
 
 
 def use_clone(path: str | os.PathLike) -> Path:

@@ -25,7 +25,9 @@ from .._common import check_no_data_parallel, step_condition
 
 __all__ = ["SeDSRGANModel", "SeDESRGANModel", "SeDRealESRGANModel", "LAUNCH_HINT"]
 
-LAUNCH_HINT = "torchrun --nproc_per_node=N -m sed_discriminator.integrations.basicsr -opt <options.yml> --launcher pytorch"
+LAUNCH_HINT = (
+    "torchrun --nproc_per_node=N -m sed_discriminator.integrations.basicsr -opt <options.yml> --launcher pytorch"
+)
 
 
 def _real_esrgan_base() -> type | None:
@@ -65,7 +67,9 @@ class _ConditionedSteps:
         return None
 
 
-def load_sed_checkpoint(model: SeD, path: str | os.PathLike, *, strict: bool = True, param_key: str | None = "params") -> None:
+def load_sed_checkpoint(
+    model: SeD, path: str | os.PathLike, *, strict: bool = True, param_key: str | None = "params"
+) -> None:
     """Load a discriminator file into ``model`` the way BasicSR's ``pretrain_network_d`` does, for an SeD.
 
     ``param_key`` picks the entry of the file (BasicSR falls back to ``params`` when it is
