@@ -313,14 +313,14 @@ def test_eval_mode_calls_leave_spectral_norm_power_iteration_still(extractor: Se
 # -- the launchers, against stand-in clones --------------------------------------------------------
 
 _STAND_IN_TRAIN = """
-import json, sys
+import json, os, sys
 import torch
 from {package}.models import build_model
 model = build_model({{"argv": sys.argv[1:]}})
 for it in (1, 2):
     model.feed_data({{"gt": torch.rand(2, 3, 32, 32), "lq": torch.rand(2, 3, 16, 16)}})
     model.optimize_parameters(*{step_args})
-json.dump({{"argv": sys.argv, "conditioned": getattr(model.optimize_parameters, "__sed_conditioned__", False),
+json.dump({{"argv": sys.argv, "cwd": os.getcwd(), "conditioned": getattr(model.optimize_parameters, "__sed_conditioned__", False),
            "arch": "{arch}" in __import__("{package}.utils.registry", fromlist=["x"]).ARCH_REGISTRY._obj_map}},
           open(sys.argv[-1], "w"))
 """
@@ -353,6 +353,7 @@ def stand_in_models(extractor: SemanticExtractor, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setitem(sys.modules, "tests_stand_in", module)
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.chdir(tmp_path)  # the launchers change into the clone; restored afterwards
     yield
     for name in [n for n in sys.modules if n.split(".")[0] in ("traiNNer", "neosr")]:
         del sys.modules[name]
@@ -363,7 +364,9 @@ def test_trainner_launcher_registers_hooks_and_runs_the_clones_train_py(stand_in
     out = tmp_path / "out.json"
     trainner.main([str(clone), "-opt", "x.yml", str(out)])
     result = __import__("json").loads(out.read_text())
-    assert result == {"argv": [str(clone / "train.py"), "-opt", "x.yml", str(out)], "conditioned": True, "arch": True}
+    # run in the clone, as its own `python train.py`; the relative -opt path still names the file it named
+    argv = [str(clone / "train.py"), "-opt", str(tmp_path / "x.yml"), str(out)]
+    assert result == {"argv": argv, "cwd": str(clone), "conditioned": True, "arch": True}
     trainner.install()  # again: no second wrapper, no duplicate registration
     import traiNNer.models
 
@@ -376,7 +379,8 @@ def test_neosr_launcher_sets_argv_before_importing_neosr(stand_in_models, tmp_pa
     out = tmp_path / "out.json"
     neosr.main([str(clone), "-opt", "x.toml", str(out)])
     result = __import__("json").loads(out.read_text())
-    assert result == {"argv": [str(clone / "train.py"), "-opt", "x.toml", str(out)], "conditioned": True, "arch": True}
+    argv = [str(clone / "train.py"), "-opt", str(tmp_path / "x.toml"), str(out)]
+    assert result == {"argv": argv, "cwd": str(clone), "conditioned": True, "arch": True}
 
 
 def test_launchers_reject_a_folder_that_is_not_a_clone(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ one training step, and :class:`ConditionedSeD` is what a trainer's registry buil
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -209,3 +210,12 @@ def add_to_registry(registry: Any, key: str, obj: Any) -> None:
             "register its own under that name. Rename or remove the other one."
         )
     table[key] = obj
+
+
+def absolute_option_path(args: list[str]) -> list[str]:
+    """``args`` with the value of ``-opt`` made absolute, for launchers that change into the trainer's clone."""
+    out = list(args)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "-opt":
+            out[i + 1] = os.path.abspath(out[i + 1])
+    return out

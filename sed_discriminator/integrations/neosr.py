@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._common import ConditionedSeD, add_to_registry, check_no_data_parallel, wrap_step
+from ._common import ConditionedSeD, absolute_option_path, add_to_registry, check_no_data_parallel, wrap_step
 
 __all__ = ["ConditionedSeD", "hook_model", "install", "main", "register", "use_clone"]
 
@@ -110,6 +110,10 @@ def install() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run a neosr clone's ``train.py`` with SeD registered and its training step hooked.
 
+    The working directory becomes the clone, as for the clone's own ``python train.py`` (its
+    relative paths, e.g. datasets in the config, are read from there); a relative ``-opt``
+    path is taken from the directory the launcher was started in.
+
     Args:
         argv: ``[clone, *train.py arguments]``; ``None`` reads ``sys.argv[1:]``.
     """
@@ -117,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0].startswith("-"):
         raise SystemExit(f"{_USAGE}\n(the first argument must be the clone's path)")
     clone = use_clone(args[0])
-    sys.argv = [str(clone / "train.py"), *args[1:]]  # before neosr is imported: it parses the options then
+    args = absolute_option_path(args[1:])
+    os.chdir(clone)  # as for the clone's own `python train.py`: it reads files relative to the clone
+    sys.argv = [str(clone / "train.py"), *args]  # before neosr is imported: it parses the options then
     install()
     runpy.run_path(str(clone / "train.py"), run_name="__main__")
 

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._common import ConditionedSeD, add_to_registry, check_no_data_parallel, wrap_step
+from ._common import ConditionedSeD, absolute_option_path, add_to_registry, check_no_data_parallel, wrap_step
 
 __all__ = ["ConditionedSeD", "hook_model", "install", "main", "register", "use_clone"]
 
@@ -117,6 +117,10 @@ def install() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run a traiNNer-redux clone's ``train.py`` with SeD registered and its training step hooked.
 
+    The working directory becomes the clone, as for the clone's own ``python train.py`` (its
+    relative paths, e.g. datasets in the config, are read from there); a relative ``-opt``
+    path is taken from the directory the launcher was started in.
+
     Args:
         argv: ``[clone, *train.py arguments]``; ``None`` reads ``sys.argv[1:]``.
     """
@@ -124,8 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0].startswith("-"):
         raise SystemExit(f"{_USAGE}\n(the first argument must be the clone's path)")
     clone = use_clone(args[0])
+    args = absolute_option_path(args[1:])
+    os.chdir(clone)  # as for the clone's own `python train.py`: it reads files relative to the clone
     install()
-    sys.argv = [str(clone / "train.py"), *args[1:]]
+    sys.argv = [str(clone / "train.py"), *args]
     runpy.run_path(str(clone / "train.py"), run_name="__main__")
 
 
