@@ -191,6 +191,15 @@ def test_step_condition_is_a_no_op_for_other_discriminators_and_clears_on_error(
     assert net._condition is None
 
 
+def test_bare_discriminator_looks_through_compile_and_ddp_wrappers() -> None:
+    net = ConditionedSeD("patch", width=WIDTH, semantic_fusion=False)
+    compiled = torch.compile(net)  # neosr's `compile = true` compiles net_d; nothing is compiled before a call
+    assert _common.bare_discriminator(compiled) is net
+    assert _common.bare_discriminator(nn.Conv2d(3, 1, 3)) is None and _common.bare_discriminator(None) is None
+    with pytest.raises(RuntimeError, match="DataParallel"):
+        _common.bare_discriminator(nn.DataParallel(compiled))
+
+
 def test_data_parallel_is_refused_and_other_networks_are_not() -> None:
     net = nn.DataParallel(ConditionedSeD("patch", width=WIDTH, semantic_fusion=False))
     model = TrainnerLikeModel(net)
