@@ -68,7 +68,7 @@ class ConditionedSeD(training.ConditionedSeD):
             semantic is None
             and self.semantic_fusion
             and self.semantic_source == "condition"
-            and getattr(self, "_condition", None) is None
+            and getattr(self, "_condition", False) is None  # the parent's stored condition (unset: None)
         ):
             raise RuntimeError(
                 "ConditionedSeD was called without the HR condition of the step: the trainer's model class must set "
