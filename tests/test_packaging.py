@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # What an unpacked sdist needs to run its own tests: the tests import benchmarks/ and examples/.
 SDIST_TREES = ("sed_discriminator", "tests", "benchmarks", "examples", "docs")
-SDIST_FILES = ("LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml")
+SDIST_FILES = ("LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml", "conftest.py")
 _OPENAI = re.compile(r"""pretrained\s*=\s*(["'])openai\1""")
 # A markdown link or image whose target is not an absolute URL: broken on the package index, which
 # neither has the repository's files nor gives headings anchors.
