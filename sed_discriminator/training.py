@@ -322,6 +322,11 @@ class ConditionedSeD(_HoldsExtractor, SeD):
         self._condition_stamp = self._weights_stamp()
         return self._condition
 
+    @property
+    def has_condition(self) -> bool:
+        """Whether semantics are stored (set and not cleared; they may still be stale, see the class docstring)."""
+        return self._condition is not None
+
     def clear_condition(self) -> None:
         """Forget the stored semantics (frees their memory)."""
         self._condition = None

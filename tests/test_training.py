@@ -359,9 +359,12 @@ def test_conditioned_condition_goes_stale_when_d_changes(extractor) -> None:
 def test_conditioned_condition_context_manager(extractor) -> None:
     net_d = conditioned(extractor)
     sr, hr = batch()
+    assert not net_d.has_condition
     with net_d.condition(hr) as semantic:
+        assert net_d.has_condition
         torch.testing.assert_close(semantic, extractor(hr))
         net_d(sr)
+    assert not net_d.has_condition
     with pytest.raises(RuntimeError, match="has no condition"):
         net_d(sr)
     with pytest.raises(KeyError):
