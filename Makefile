@@ -21,8 +21,9 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not ddp"
 
 # A few minutes on CPU: ESRGAN + SeD on the photos scikit-image ships; outputs in runs/demo.
+# Again into the same folder: make demo ARGS=--overwrite (start over) or ARGS=--resume (continue).
 demo: $(STAMP)
-	$(PY) examples/retrofit_esrgan.py --preset demo
+	$(PY) examples/retrofit_esrgan.py --preset demo $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

@@ -86,16 +86,19 @@ DEMO_PRESET: dict[str, Any] = dict(
     workers=1,
     cache_images=True,
     allow_random_weights=True,
-    overwrite=True,
     num_samples=2,
     sample_size=160,
 )
 
-# Settings that define the networks: a resumed run must use the checkpoint's.
-_ARCH_KEYS = ("discriminator", "d_width", "scale", "extractor")
+# Settings that define the networks: a resumed run must use the checkpoint's (G's width and depth
+# are compared as given: with --generator-weights, the architecture came from that file).
+_ARCH_KEYS = ("discriminator", "d_width", "scale", "extractor", "num_feat", "num_blocks")
 # Settings that define the data order: changing them on resume changes what the run sees.
 _ORDER_KEYS = ("seed", "batch_size", "patch_size", "downsample")
 
+
+# What a run writes into --out: an existing one is a run that --overwrite or --resume must name.
+RUN_OUTPUTS = ("checkpoints", "samples", "log.csv", "loss_curves.png", "config.json", "generator_final.pth")
 
 # DDP's switch for re-broadcasting buffers at every forward (renamed in torch 2.14).
 _NO_BUFFER_SYNC = (
@@ -142,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--discriminator", choices=list(DISCRIMINATORS), default="sed-patch",
                    help="; ".join(f"{k}: {v}" for k, v in DISCRIMINATORS.items()))
     g.add_argument("--d-width", type=int, default=64, help="discriminator base width")
-    g.add_argument("--extractor", default="clip_rn50", help="SeD's semantic extractor preset")
-    g.add_argument("--extractor-weights", default="openai", help="open_clip tag, local file, or 'random'")
+    g.add_argument("--extractor", default="clip_rn50",
+                   help="SeD's semantic extractor: a preset (docs/extractors.md) or timm:NAME")  # fmt: skip
+    g.add_argument("--extractor-weights", default="default",
+                   help="'default' (the preset's own weights), a timm tag, a local file, or 'random'")  # fmt: skip
     g.add_argument("--vgg-weights", default="imagenet",
                    help="'imagenet' (torchvision), a local vgg19 .pth, or 'random'")
     g.add_argument("--allow-random-weights", action="store_true",
@@ -174,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder: checkpoints/, samples/, log.csv, loss_curves.png")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue from the newest valid checkpoint of --out (or from PATH)")
-    g.add_argument("--overwrite", action="store_true", help="delete the checkpoints, samples and log already in --out")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete the outputs of an earlier run in --out (checkpoints, samples, logs) and start again")
     g.add_argument("--run-steps", type=int, default=None,
                    help="stop (with a checkpoint) after N steps of this invocation, e.g. to fit a job time limit")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -213,6 +219,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     if args.preset is None and not args.hr_dir:
         raise UsageError("Pass --hr-dir FOLDER with your HR training images (or --preset demo for a demo run).")
+    if args.scale < 1:
+        raise UsageError(f"--scale must be at least 1, got {args.scale}.")
+    if args.resume is not None and args.overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite deletes it: pass one of them.")
     if args.patch_size % args.scale:
         raise UsageError(f"--patch-size {args.patch_size} must be a multiple of --scale {args.scale}.")
     if args.discriminator != "vgg" and args.patch_size < 32:
@@ -224,6 +234,115 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
     if args.run_steps is not None and args.run_steps < 1:
         raise UsageError("--run-steps must be at least 1.")
+    if args.num_samples > 0 and args.sample_size < _min_val_side(args.scale):
+        raise UsageError(
+            f"--sample-size {args.sample_size} is too small for x{args.scale}: validation PSNR ignores a "
+            f"{args.scale} px border, so the samples need at least {_min_val_side(args.scale)} px "
+            "(or pass --num-samples 0)."
+        )
+
+
+def _min_val_side(scale: int) -> int:
+    # The centre crop is cut to a multiple of the scale and PSNR drops `scale` px on each side:
+    # three LR pixels leave one HR pixel block to compare.
+    return 3 * scale
+
+
+def check_val_images(paths: list[Path], args: argparse.Namespace) -> None:
+    """Each validation image the samples use must hold a centre crop that PSNR can score (checked at start).
+
+    Raises:
+        sr_data.DataError: naming each image that is unreadable or too small, and the fix.
+    """
+    need = _min_val_side(args.scale)
+    small = []
+    for path in paths[: args.num_samples]:
+        height, width = sr_data.image_size(path)  # unreadable: DataError naming the file
+        if min(height, width) < need:
+            small.append(f"{path} ({width}x{height} px)")
+    if small:
+        raise sr_data.DataError(
+            f"Validation image(s) too small for x{args.scale} samples (at least {need}x{need} px: PSNR ignores a "
+            f"{args.scale} px border): " + ", ".join(small) + ". Remove them from --val-dir or pass another --val-dir."
+        )
+
+
+# ------------------------------------------------------------------------------- the run folder
+
+
+def _is_output(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+def open_run_folder(
+    args: argparse.Namespace, info: sr_dist.DistInfo
+) -> tuple[ckpt.RunLock | None, tuple[Path, dict[str, Any]] | None]:
+    """Lock ``--out``, clean what killed runs left there, and check it against ``--resume`` / ``--overwrite``.
+
+    Rank 0 holds :class:`~sr_kit.checkpoint.RunLock` for the whole run, so two runs never write
+    into one folder. Holding it, every temporary file there is a leftover and is removed. A
+    folder that holds any output of an earlier run (:data:`RUN_OUTPUTS`) is an error unless
+    ``--resume`` continues that run or ``--overwrite`` deletes those outputs (and nothing else).
+
+    Returns:
+        ``(lock, resume)``: the lock (``None`` on other ranks) and ``(path, state)`` of the
+        checkpoint to resume, or ``None``.
+    """
+    out = Path(args.out)
+    ckpt_dir = out / "checkpoints"
+    lock = None
+    if info.is_main:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {str(out)!r} is a file; pass a folder.")
+        try:
+            lock = ckpt.RunLock(out)
+        except ckpt.RunFolderBusy as err:
+            raise UsageError(str(err)) from None
+    try:
+        if info.is_main:  # rank 0 alone decides and deletes; the others wait at the barrier
+            removed = ckpt.remove_stale_temporaries([out, ckpt_dir, out / "samples"], single_writer=lock.held)
+            if removed:
+                names = ", ".join(p.name for p in removed[:5]) + (" ..." if len(removed) > 5 else "")
+                print(f"Removed {len(removed)} temporary file(s) left by an interrupted run: {names}", file=sys.stderr)
+            existing = [name for name in RUN_OUTPUTS if _is_output(out / name)]
+            if args.resume is None and existing and not args.overwrite:
+                newest = ckpt.list_checkpoints(ckpt_dir)
+                newest_text = f" (newest checkpoint: {newest[-1][1].name})" if newest else ""
+                raise UsageError(
+                    f"{out} already holds the outputs of a run: {', '.join(existing)}{newest_text}. Pass --resume to "
+                    "continue that run, --overwrite to delete these outputs and start again, or choose another --out."
+                )
+            if args.resume is None and existing:
+                for name in existing:
+                    target = out / name
+                    shutil.rmtree(target) if target.is_dir() else target.unlink()
+                print(f"--overwrite: deleted {', '.join(existing)} in {out}.", file=sys.stderr)
+        sr_dist.barrier(info)
+        resume = None
+        if args.resume is not None:
+            if args.resume == "auto":
+                resume = ckpt.find_resumable(ckpt_dir)
+            else:
+                resume = Path(args.resume), ckpt.load_checkpoint(args.resume)
+            _check_resume_config(args, resume[1]["config"], info)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock, resume
+
+
+def _check_resume_config(args: argparse.Namespace, saved: dict[str, Any], info: sr_dist.DistInfo) -> None:
+    keys = _ARCH_KEYS + (("patch_size",) if saved.get("discriminator") == "vgg" else ())  # VGG D is sized by it
+    arch = [f"--{k.replace('_', '-')} {saved.get(k)!r} (checkpoint) vs {getattr(args, k)!r} (command line)"
+            for k in keys if k in saved and saved[k] != getattr(args, k)]  # fmt: skip
+    if arch:
+        raise UsageError("The checkpoint was trained with other networks; resume with its settings:\n  "
+                         + "\n  ".join(arch))  # fmt: skip
+    order = [k for k in _ORDER_KEYS if k in saved and saved[k] != getattr(args, k)]
+    if order and info.is_main:
+        warnings.warn(f"Resuming with changed {order}: the data order differs from an uninterrupted run.",
+                      stacklevel=3)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- the trainer
@@ -263,7 +382,9 @@ def _autocast(device: torch.device, amp: str):
 class Trainer:
     """Everything of one run: networks, optimisers, data stream, logging and checkpoints."""
 
-    def __init__(self, args: argparse.Namespace, info: sr_dist.DistInfo) -> None:
+    def __init__(
+        self, args: argparse.Namespace, info: sr_dist.DistInfo, resume: tuple[Path, dict[str, Any]] | None = None
+    ) -> None:
         self.args = args
         self.info = info
         self.device = info.device
@@ -271,9 +392,8 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.random_weights: list[str] = []
         self.step = 0
-        self.resumed_from: Path | None = None
-
-        resume_state = self._prepare_run_folder()
+        self.committing = False  # inside the optimiser steps of a step: the state is half updated
+        self.resumed_from, resume_state = resume if resume is not None else (None, None)
         torch.manual_seed(args.seed)  # identical initial weights on every rank
 
         self.dataset, self.val_paths = self._build_data()
@@ -301,52 +421,14 @@ class Trainer:
         self.loader = sr_data.make_loader(
             self.dataset, self.stream, args.batch_size, args.workers, pin_memory=self.device.type == "cuda"
         )
-        self.val_pairs = (
-            sr_data.center_crops(self.val_paths, args.sample_size, args.scale, args.num_samples, args.downsample)
-            if info.is_main
-            else []
-        )
+        self.val_pairs = []
+        if info.is_main:
+            check_val_images(self.val_paths, args)
+            self.val_pairs = sr_data.center_crops(
+                self.val_paths, args.sample_size, args.scale, args.num_samples, args.downsample
+            )
 
     # -- set-up -------------------------------------------------------------------------------
-
-    def _prepare_run_folder(self) -> dict[str, Any] | None:
-        args, info = self.args, self.info
-        state = None
-        if args.resume is not None:
-            if args.resume == "auto":
-                path, state = ckpt.find_resumable(self.ckpt_dir)
-            else:
-                path, state = Path(args.resume), ckpt.load_checkpoint(args.resume)
-            self.resumed_from = path
-            self._check_resume_config(state["config"])
-            return state
-        existing = ckpt.list_checkpoints(self.ckpt_dir)
-        if existing and not args.overwrite:
-            raise UsageError(
-                f"{self.out} already holds checkpoints (newest: {existing[-1][1].name}). Pass --resume to continue "
-                "that run, --overwrite to start again from scratch, or choose another --out."
-            )
-        if info.is_main:
-            if args.overwrite:
-                for sub in ("checkpoints", "samples"):
-                    shutil.rmtree(self.out / sub, ignore_errors=True)
-                for name in ("log.csv", "loss_curves.png", "generator_final.pth"):
-                    (self.out / name).unlink(missing_ok=True)
-            self.out.mkdir(parents=True, exist_ok=True)
-        sr_dist.barrier(info)
-        return None
-
-    def _check_resume_config(self, saved: dict[str, Any]) -> None:
-        args = self.args
-        arch = [f"--{k.replace('_', '-')} {saved.get(k)!r} (checkpoint) vs {getattr(args, k)!r}"
-                for k in _ARCH_KEYS if k in saved and saved[k] != getattr(args, k)]
-        if arch:
-            raise UsageError("The checkpoint was trained with other networks; use its settings:\n  "
-                             + "\n  ".join(arch))
-        order = [k for k in _ORDER_KEYS if k in saved and saved[k] != getattr(args, k)]
-        if order and self.info.is_main:
-            warnings.warn(f"Resuming with changed {order}: the data order differs from an uninterrupted run.",
-                          stacklevel=2)
 
     def _build_data(self) -> tuple[sr_data.SRTrainDataset, list[Path]]:
         args = self.args
@@ -499,7 +581,18 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------
 
+    def _buffers(self) -> list[torch.Tensor]:
+        # What the forward passes change before the optimiser steps: spectral-norm vectors, BatchNorm
+        # statistics (of modules in training mode: the frozen extractor's never change).
+        modules = [m for model in (self.g, self.d) for m in model.modules() if m.training]
+        return [b for m in modules for b in m.buffers(recurse=False)]
+
     def train_step(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
+        """One step: the forward and backward passes of G and D first, then all optimiser steps.
+
+        Until the optimiser steps, an exception leaves the run as it was after the previous step
+        (the buffers the forwards updated are restored), so that state can still be saved.
+        """
         args, device = self.args, self.device
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
         lr = lr.to(device, non_blocking=True).contiguous(memory_format=fmt)
@@ -507,56 +600,68 @@ class Trainer:
         gan_phase = self.step >= args.psnr_steps
         d_raw = self.d
         logs: dict[str, float] = {}
-
-        # Generator: L1 (+ perceptual + adversarial after the PSNR stage).
-        with _autocast(device, args.amp):
-            sr = self.g_train(lr)
-            l_pix = args.pixel_weight * F.l1_loss(sr.float(), hr.float())
-            l_total = l_pix
-            logs["l_pix"] = l_pix.item()
-            if gan_phase:
-                if self.perceptual is not None:
-                    l_percep = args.perceptual_weight * self.perceptual(sr, hr)
-                    l_total = l_total + l_percep
-                    logs["l_percep"] = l_percep.item()
-                if self.extractor is not None:
-                    d_raw.set_condition(hr)  # HR semantics for the three D calls of this step
-                # The G-side D call bypasses DDP: D's parameters get no gradient from it.
-                with frozen_parameters(d_raw):
-                    fake = d_raw(sr)
-                    real = d_raw(hr).detach() if args.gan_loss == "ragan" else None
-                real = None if real is None else real.float()
-                l_gan = generator_loss(fake.float(), real, args.gan_loss, args.gan_weight)
-                l_total = l_total + l_gan
-                logs["l_gan"] = l_gan.item()
-        self.opt_g.zero_grad(set_to_none=True)
-        self.scaler_g.scale(l_total).backward()
-        self.scaler_g.step(self.opt_g)
-        self.scaler_g.update()
-        logs["l_g_total"] = l_total.item()
-        if self.ema is not None:
-            self.ema.update(self.g)
-
-        # Discriminator: real vs (detached) fake.
-        if gan_phase:
+        buffers = self._buffers()
+        saved = [b.clone() for b in buffers]
+        try:
+            if self.extractor is not None and gan_phase:
+                d_raw.set_condition(hr)  # HR semantics for the three D calls of this step
+            # Generator: L1 (+ perceptual + adversarial after the PSNR stage).
             with _autocast(device, args.amp):
-                real = self.d_train(hr)
-                fake = self.d_train(sr.detach())
-                l_d = discriminator_loss(real.float(), fake.float(), args.gan_loss)
-            self.opt_d.zero_grad(set_to_none=True)
-            self.scaler_d.scale(l_d).backward()
-            self.scaler_d.step(self.opt_d)
-            self.scaler_d.update()
-            logs["l_d"] = l_d.item()
-            logs["d_real"] = torch.sigmoid(real.detach().float()).mean().item()
-            logs["d_fake"] = torch.sigmoid(fake.detach().float()).mean().item()
+                sr = self.g_train(lr)
+                l_pix = args.pixel_weight * F.l1_loss(sr.float(), hr.float())
+                l_total = l_pix
+                logs["l_pix"] = l_pix.item()
+                if gan_phase:
+                    if self.perceptual is not None:
+                        l_percep = args.perceptual_weight * self.perceptual(sr, hr)
+                        l_total = l_total + l_percep
+                        logs["l_percep"] = l_percep.item()
+                    # The G-side D call bypasses DDP: D's parameters get no gradient from it.
+                    with frozen_parameters(d_raw):
+                        fake = d_raw(sr)
+                        real = d_raw(hr).detach() if args.gan_loss == "ragan" else None
+                    real = None if real is None else real.float()
+                    l_gan = generator_loss(fake.float(), real_logits=real, kind=args.gan_loss, weight=args.gan_weight)
+                    l_total = l_total + l_gan
+                    logs["l_gan"] = l_gan.item()
+            self.opt_g.zero_grad(set_to_none=True)
+            self.scaler_g.scale(l_total).backward()
+            logs["l_g_total"] = l_total.item()
+
+            # Discriminator: real vs (detached) fake; G's update does not change what D sees.
+            if gan_phase:
+                with _autocast(device, args.amp):
+                    real = self.d_train(hr)
+                    fake = self.d_train(sr.detach())
+                    l_d = discriminator_loss(fake_logits=fake.float(), real_logits=real.float(), kind=args.gan_loss)
+                self.opt_d.zero_grad(set_to_none=True)
+                self.scaler_d.scale(l_d).backward()
+                logs["l_d"] = l_d.item()
+                logs["d_real"] = torch.sigmoid(real.detach().float()).mean().item()
+                logs["d_fake"] = torch.sigmoid(fake.detach().float()).mean().item()
+        except BaseException:
+            with torch.no_grad():
+                for buffer, value in zip(buffers, saved):
+                    buffer.copy_(value)
+            raise
+        finally:
             if self.extractor is not None:
                 d_raw.clear_condition()
+
+        self.committing = True
+        self.scaler_g.step(self.opt_g)
+        self.scaler_g.update()
+        if self.ema is not None:
+            self.ema.update(self.g)
+        if gan_phase:
+            self.scaler_d.step(self.opt_d)
+            self.scaler_d.update()
         self.sched_g.step()
         with warnings.catch_warnings():  # D's optimiser has not stepped yet during the PSNR stage
             warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"), UserWarning)
             self.sched_d.step()
         self.step += 1
+        self.committing = False
         return logs
 
     @torch.no_grad()
@@ -611,9 +716,6 @@ def _fmt_time(seconds: float) -> str:
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run (or resume) training; returns a summary (rank 0's view)."""
     check_args(args)
-    if args.preset == "demo" and not args.hr_dir:
-        train_dir, val_dir = sr_data.export_demo_photos(Path(args.out) / "data")
-        args.hr_dir, args.val_dir = str(train_dir), args.val_dir or str(val_dir)
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.backends.cudnn.benchmark)  # fmt: skip
     if args.deterministic:
@@ -623,15 +725,51 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
     started = time.time()
-    info = None
+    info = lock = None
     try:
         info = sr_dist.init_distributed(args.device)
-        return _run(Trainer(args, info), started)
+        lock, resume = open_run_folder(args, info)  # before anything is written into --out
+        if args.preset == "demo" and not args.hr_dir:
+            train_dir, val_dir = sr_data.export_demo_photos(Path(args.out) / "data")
+            args.hr_dir, args.val_dir = str(train_dir), args.val_dir or str(val_dir)
+        return _run(Trainer(args, info, resume), started)
     finally:
+        if lock is not None:
+            lock.release()
         if info is not None:
             sr_dist.shutdown(info)
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.benchmark = previous[2]
+
+
+def _write_config(trainer: Trainer) -> None:
+    path = trainer.out / "config.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(vars(trainer.args), indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_after_error(trainer: Trainer, err: BaseException, last_saved: int) -> None:
+    """On an error between steps, save what the steps since the last checkpoint did (then the caller re-raises)."""
+    step = trainer.step
+    if step == 0 or step == last_saved or isinstance(err, ckpt.CheckpointError):
+        return  # nothing new to save, or the save is what failed
+    where = f"Error after step {step} ({type(err).__name__})"
+    if trainer.committing:
+        print(f"{where} during the optimiser steps: the state is half updated and is not saved. The newest "
+              "checkpoint is the one to --resume from.", file=sys.stderr, flush=True)  # fmt: skip
+        return
+    if trainer.info.distributed:
+        print(f"{where} in process {trainer.info.rank}: a checkpoint needs every process, so none is saved; "
+              "--resume continues from the newest one.", file=sys.stderr, flush=True)  # fmt: skip
+        return
+    print(f"{where}: saving a checkpoint of step {step} before exiting.", file=sys.stderr, flush=True)
+    try:
+        path = trainer.save_checkpoint()
+    except Exception as save_err:  # report, but let the original error through
+        print(f"  ... that save failed too ({type(save_err).__name__}: {save_err}).", file=sys.stderr, flush=True)
+        return
+    print(f"  saved {path}; fix the problem, then add --resume to the same command.", file=sys.stderr, flush=True)
 
 
 def _run(trainer: Trainer, started: float) -> dict[str, Any]:
@@ -639,7 +777,7 @@ def _run(trainer: Trainer, started: float) -> dict[str, Any]:
     main = info.is_main
     if main:
         _print_header(trainer)
-        (trainer.out / "config.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+        _write_config(trainer)
     log = CsvLog(trainer.out / "log.csv", trainer.step if trainer.resumed_from else None) if main else None
     start_step = trainer.step
     stop_at = args.total_steps if args.run_steps is None else min(args.total_steps, start_step + args.run_steps)
@@ -654,73 +792,82 @@ def _run(trainer: Trainer, started: float) -> dict[str, Any]:
 
     bar = tqdm(total=args.total_steps, initial=start_step, disable=not main or args.no_progress,
                unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)  # fmt: skip
+    # The signal handlers stay in place until the end: a SIGTERM during the final save or the
+    # export is noted, not fatal.
     with StopFlag() as stop:
-        batches = iter(trainer.loader)
-        while trainer.step < stop_at:
-            lr, hr = next(batches)
-            logs = trainer.train_step(lr, hr)
-            for key, value in logs.items():
-                sums[key] = sums.get(key, 0.0) + value
-                counts[key] = counts.get(key, 0) + 1
-            step = trainer.step
-            bar.update(1)
-            if sr_dist.any_rank(stop.signum is not None, info):  # every rank stops after the same step
-                interrupted = stop.signum or signal.SIGTERM
-            last = step == stop_at or interrupted is not None
-            sample_now = (args.sample_every > 0 and step % args.sample_every == 0) or last
-            if step % args.log_every == 0 or sample_now:
-                keys = sorted(sums)
-                means = torch.tensor([sums[k] / counts[k] for k in keys], dtype=torch.float64)
-                means = sr_dist.mean_over_ranks(means, info)
-                last_logs = dict(zip(keys, means.tolist()))
-                elapsed = (time.time() - tick) / max(1, step - tick_step)
-                row: dict[str, Any] = {
-                    "step": step,
-                    "phase": "gan" if step > args.psnr_steps else "psnr",
-                    "lr_g": trainer.opt_g.param_groups[0]["lr"],
-                    **last_logs,
-                    "sec_per_step": elapsed,
-                    "img_per_sec": args.batch_size * info.world_size / elapsed,
-                }
-                if main:
-                    if sample_now:
-                        row["val_psnr"] = trainer.write_samples()
-                        log.append(row)
-                        plot_losses(trainer.out / "log.csv", trainer.out / "loss_curves.png")
-                    else:
-                        log.append(row)
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in last_logs.items() if k in ("l_pix", "l_g_total", "l_d")}
-                                    | {"img/s": f"{row['img_per_sec']:.1f}"})  # fmt: skip
-                sums, counts, tick, tick_step = {}, {}, time.time(), step
-            if step % args.checkpoint_every == 0:
-                trainer.save_checkpoint()
-                last_saved = step
-            if interrupted is not None:
-                break
-    bar.close()
+        try:
+            batches = iter(trainer.loader)
+            while trainer.step < stop_at:
+                lr, hr = next(batches)
+                logs = trainer.train_step(lr, hr)
+                for key, value in logs.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                    counts[key] = counts.get(key, 0) + 1
+                step = trainer.step
+                bar.update(1)
+                if sr_dist.any_rank(stop.signum is not None, info):  # every rank stops after the same step
+                    interrupted = stop.signum or signal.SIGTERM
+                last = step == stop_at or interrupted is not None
+                sample_now = (args.sample_every > 0 and step % args.sample_every == 0) or last
+                if step % args.log_every == 0 or sample_now:
+                    keys = sorted(sums)
+                    means = torch.tensor([sums[k] / counts[k] for k in keys], dtype=torch.float64)
+                    means = sr_dist.mean_over_ranks(means, info)
+                    last_logs = dict(zip(keys, means.tolist()))
+                    elapsed = (time.time() - tick) / max(1, step - tick_step)
+                    row: dict[str, Any] = {
+                        "step": step,
+                        "phase": "gan" if step > args.psnr_steps else "psnr",
+                        "lr_g": trainer.opt_g.param_groups[0]["lr"],
+                        **last_logs,
+                        "sec_per_step": elapsed,
+                        "img_per_sec": args.batch_size * info.world_size / elapsed,
+                    }
+                    if main:
+                        if sample_now:
+                            row["val_psnr"] = trainer.write_samples()
+                            log.append(row)
+                            plot_losses(trainer.out / "log.csv", trainer.out / "loss_curves.png")
+                        else:
+                            log.append(row)
+                        bar.set_postfix({k: f"{v:.3g}" for k, v in last_logs.items()
+                                         if k in ("l_pix", "l_g_total", "l_d")}
+                                        | {"img/s": f"{row['img_per_sec']:.1f}"})  # fmt: skip
+                    sums, counts, tick, tick_step = {}, {}, time.time(), step
+                if step % args.checkpoint_every == 0:
+                    trainer.save_checkpoint()
+                    last_saved = step
+                if interrupted is not None:
+                    break
+            bar.close()
 
-    final_ckpt = None
-    if trainer.step != last_saved:
-        final_ckpt = trainer.save_checkpoint()
-    elif main:
-        final_ckpt = trainer.ckpt_dir / ckpt.checkpoint_name(trainer.step)
-    summary: dict[str, Any] = {
-        "step": trainer.step,
-        "checkpoint": final_ckpt,
-        "interrupted": interrupted,
-        "losses": last_logs,
-        "seconds": time.time() - started,
-        "random_weights": trainer.random_weights,
-        "out": trainer.out,
-    }
-    if main:
-        finished = trainer.step >= args.total_steps
-        if finished:
-            summary["generator"] = trainer.export_generator()
-        if trainer.val_pairs and (not (trainer.out / "samples" / f"step_{trainer.step:08d}.png").exists()):
-            trainer.write_samples()
-        plot_losses(trainer.out / "log.csv", trainer.out / "loss_curves.png")
-        _print_summary(trainer, summary, finished)
+            final_ckpt = None
+            if trainer.step != last_saved:
+                final_ckpt = trainer.save_checkpoint()
+                last_saved = trainer.step
+            elif main:
+                final_ckpt = trainer.ckpt_dir / ckpt.checkpoint_name(trainer.step)
+        except Exception as err:  # a second Ctrl-C (KeyboardInterrupt) stops at once, without a save
+            bar.close()
+            _save_after_error(trainer, err, last_saved)
+            raise
+        summary: dict[str, Any] = {
+            "step": trainer.step,
+            "checkpoint": final_ckpt,
+            "interrupted": interrupted,
+            "losses": last_logs,
+            "seconds": time.time() - started,
+            "random_weights": trainer.random_weights,
+            "out": trainer.out,
+        }
+        if main:
+            finished = trainer.step >= args.total_steps
+            if finished:
+                summary["generator"] = trainer.export_generator()
+            if trainer.val_pairs and (not (trainer.out / "samples" / f"step_{trainer.step:08d}.png").exists()):
+                trainer.write_samples()
+            plot_losses(trainer.out / "log.csv", trainer.out / "loss_curves.png")
+            _print_summary(trainer, summary, finished)
     return summary
 
 
@@ -773,13 +920,23 @@ def _print_summary(trainer: Trainer, summary: dict[str, Any], finished: bool) ->
 # -------------------------------------------------------------------------------------------- main
 
 
+def _user_message(err: BaseException) -> str:
+    """The message of ``err``; for an error raised in a DataLoader worker, its own message without the traceback."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    name = type(err).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 done, 2 usage/data error, 128+N after signal N)."""
     args = parse_args(argv)
     try:
         summary = train(args)
     except (UsageError, sr_data.DataError, WeightsUnavailable, ckpt.CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_user_message(err)}", file=sys.stderr)
         return 2
     return 128 + summary["interrupted"] if summary["interrupted"] else 0
 

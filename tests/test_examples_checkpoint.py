@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
 
-from examples_helpers import one_thread  # noqa: F401  (examples/ on sys.path; autouse fixture)
+from examples_helpers import lock_held_elsewhere, one_thread  # noqa: F401  (examples/ on sys.path; autouse fixture)
 import numpy as np
 import pytest
 import torch
@@ -26,11 +27,82 @@ def test_failure_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path,
         raise OSError(28, "No space left on device")  # ...when the disk fills up
 
     monkeypatch.setattr(torch, "save", dies_half_way)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(C.DiskFullError, match=r"the disk holding .* is full .*No space left.*intact"):
         C.atomic_save(_state(2), path)
     monkeypatch.undo()
     assert C.load_checkpoint(path)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file left behind
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_real_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / C.checkpoint_name(1)
+    C.atomic_save(_state(1), path)
+    monkeypatch.setattr(C, "_open_for_writing", lambda tmp: open("/dev/full", "wb"))  # every write: ENOSPC
+    with pytest.raises(C.DiskFullError, match=r"step_00000001\.pt: the disk holding .* is full"):
+        C.atomic_save(_state(2), path)
+    monkeypatch.undo()
+    assert C.load_checkpoint(path)["step"] == 1
+
+
+def test_torch_writer_error_is_reported_as_a_full_disk_only_when_space_ran_out(tmp_path, monkeypatch):
+    lost_errno = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(lost_errno))
+    monkeypatch.setattr(C, "_free_bytes", lambda folder: 4096)
+    with pytest.raises(C.DiskFullError, match="is full"):
+        C.atomic_save(_state(1), tmp_path / "a.pt")
+    monkeypatch.setattr(C, "_free_bytes", lambda folder: 10 << 30)
+    with pytest.raises(RuntimeError, match="unexpected pos") as caught:
+        C.atomic_save(_state(1), tmp_path / "a.pt")
+    assert not isinstance(caught.value, C.DiskFullError)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _damage(path, how):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    if how == "flip64":
+        data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    else:
+        data[middle - 2048 : middle + 2048] = bytes(4096)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flip64", "zero4k"])
+def test_damaged_checkpoint_fails_its_checksum_and_resume_takes_the_previous_one(tmp_path, how):
+    for step in (1, 2):
+        C.atomic_save({**_state(step), "weights": torch.rand(64, 64)}, tmp_path / C.checkpoint_name(step))
+    newest = tmp_path / C.checkpoint_name(2)
+    _damage(newest, how)
+    if how == "flip64":  # torch.load alone reads the damaged weights without a word
+        assert torch.load(newest, weights_only=True)["step"] == 2
+    with pytest.raises(C.CheckpointError, match=r"step_00000002\.pt is damaged: the checksum \(CRC-32\)"):
+        C.load_checkpoint(newest)
+    with pytest.warns(UserWarning, match=r"(?s)step_00000002\.pt is damaged.*Resuming from .*step_00000001\.pt"):
+        path, state = C.find_resumable(tmp_path)
+    assert state["step"] == 1 and path.name == C.checkpoint_name(1)
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    dead, alive = 2**22 + 12345, os.getppid()  # above Linux's pid_max: no such process
+    names = [f".{C.checkpoint_name(3)}.tmp-{dead}", f".{C.checkpoint_name(4)}.tmp-{alive}", ".log.csv.tmp",
+             ".latest.tmp.png"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_bytes(b"left by a kill -9")
+    C.atomic_save(_state(1), tmp_path / C.checkpoint_name(1))
+    removed = C.remove_stale_temporaries([tmp_path, tmp_path / "missing"], single_writer=False)
+    assert [p.name for p in removed] == [names[0]]  # another writer may still own the others
+    removed = C.remove_stale_temporaries([tmp_path], single_writer=True)
+    assert sorted(p.name for p in removed) == sorted(names[1:])
+    assert [p.name for p in tmp_path.iterdir()] == [C.checkpoint_name(1)]
+
+
+def test_run_lock_admits_one_run_per_folder(tmp_path):
+    with lock_held_elsewhere(tmp_path) as holder:
+        with pytest.raises(C.RunFolderBusy, match=rf"Another run is writing to .*PID {holder.pid} on"):
+            C.RunLock(tmp_path)
+    with C.RunLock(tmp_path) as again:  # the holder has ended: the next run gets it
+        assert again.held
 
 
 def test_interrupted_save_under_a_new_name_is_invisible(tmp_path, monkeypatch):

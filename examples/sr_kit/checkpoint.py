@@ -1,20 +1,32 @@
-"""One-file training checkpoints: written atomically, the last K kept, RNG states included.
+"""One-file training checkpoints: written atomically, verified on load, the last K kept, RNG states included.
 
 A checkpoint is a dict saved with :func:`torch.save` and read back with ``weights_only=True``
 (so only tensors and plain Python containers are stored: the numpy RNG state is converted).
 The writer puts it in a temporary file of the same folder, flushes and fsyncs it, then
 renames it over the final name (atomic on POSIX and Windows) and fsyncs the folder: a crash
 or a full disk during the save leaves the previous checkpoints untouched.
+
+``torch.save`` writes a zip archive that holds a CRC-32 of every record, but ``torch.load``
+never checks them: a file damaged on disk or in a copy loads with wrong weights. The reader
+here checks every CRC first (:func:`verify_archive`), so damage is an error that names the file.
+
+One run writes into its folder at a time: :class:`RunLock` holds an exclusive lock on
+``.lock`` in the run folder while a run uses it, which makes every temporary file found
+there at start-up a leftover of a killed run (:func:`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
+import socket
 import warnings
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -25,6 +37,14 @@ _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint (the message says which files were tried and why they failed)."""
+
+
+class DiskFullError(CheckpointError):
+    """A save failed because the disk (or the quota) is full; the previous file is intact."""
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process holds the lock of the run folder."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -41,26 +61,185 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _open_for_writing(path: Path) -> BinaryIO:
+    return open(path, "wb")
+
+
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+_LOW_SPACE = 1 << 20  # bytes: what is left when a write stopped for want of space
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        usage = os.statvfs(folder)
+    except (AttributeError, OSError):  # no statvfs on Windows
+        return None
+    return usage.f_bavail * usage.f_frsize
+
+
+def _disk_full(err: BaseException, folder: Path) -> bool:
+    """Whether ``err`` (or an exception it chains) says the disk is full.
+
+    torch's archive writer can replace the ``ENOSPC`` of a failed write with
+    ``[enforce fail at inline_container.cc] unexpected pos``; the free space tells then.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in _DISK_FULL:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    if "unexpected pos" in str(err):
+        free = _free_bytes(folder)
+        return free is not None and free < _LOW_SPACE
+    return False
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj)`` to ``path`` through a temporary file, fsync and rename.
 
     If anything fails (an exception during pickling, a full disk, a signal) the temporary file
     is removed and ``path`` keeps its previous content (or stays absent).
+
+    Raises:
+        DiskFullError: the disk or the quota is full (the message names the folder and says
+            that the earlier files are intact); other errors are raised as they are.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as handle:
+        with _open_for_writing(tmp) as handle:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except Exception as err:
+        full = _disk_full(err, path.parent)  # before the unlink gives the space back
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise DiskFullError(
+                f"Cannot write {path}: the disk holding {path.parent} is full ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else 'No space left on device'}). Nothing was replaced: the "
+                "files already there are intact. Free some space (or raise the quota), then run again with --resume."
+            ) from err
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path
+
+
+_TEMPORARY = re.compile(r"^\..+\.tmp(-\d+)?(\.[A-Za-z0-9]+)?$")  # .step_N.pt.tmp-PID, .log.csv.tmp, .latest.tmp.png
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else (or we cannot tell: keep the file)
+    return True
+
+
+def remove_stale_temporaries(folders: Iterable[str | os.PathLike], *, single_writer: bool) -> list[Path]:
+    """Delete the temporary files that interrupted writes left in ``folders`` (not recursive).
+
+    Args:
+        folders: folders to clean.
+        single_writer: this process holds the run folder's :class:`RunLock`, so every temporary
+            file is a leftover; otherwise only those whose writer PID is no longer alive on this host.
+
+    Returns:
+        The deleted paths.
+    """
+    removed = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            match = _TEMPORARY.match(path.name)
+            if not match or not path.is_file():
+                continue
+            pid = int(match.group(1)[1:]) if match.group(1) else None
+            if single_writer or (pid is not None and pid != os.getpid() and not _pid_alive(pid)):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+class RunLock:
+    """Exclusive lock on ``folder/.lock`` while a run writes into ``folder`` (a POSIX record lock).
+
+    The lock belongs to this process: DataLoader workers forked from it do not inherit it, so
+    it ends with the process however it ends (a ``kill -9`` included). A second lock taken in
+    the same process is not refused (POSIX locks do not conflict within one process).
+
+    Args:
+        folder: the run folder (created if missing).
+
+    Attributes:
+        held: whether the lock is held; false where the file system has no locks (then a
+            warning says that concurrent runs into the folder are not detected).
+
+    Raises:
+        RunFolderBusy: another process holds it (the message names its PID and host).
+
+    Example:
+        >>> with RunLock("runs/x"):  # doctest: +SKIP
+        ...     train()
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / ".lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.held = False
+        self._handle = open(self.path, "a+")
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            self._unsupported("this platform has no fcntl locks")
+            return
+        try:
+            fcntl.lockf(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):  # e.g. a network file system without locks
+                self._unsupported(f"{type(err).__name__}: {err}")
+                return
+            self._handle.seek(0)
+            owner = self._handle.read().strip() or "unknown"
+            self._handle.close()
+            raise RunFolderBusy(
+                f"Another run is writing to {str(self.path.parent)!r} (lock {self.path.name} held by {owner}). Wait "
+                "for it to end or stop it, or choose another --out: two runs in one folder overwrite each other."
+            ) from None
+        self.held = True
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+        self._handle.flush()
+
+    def _unsupported(self, reason: str) -> None:
+        warnings.warn(
+            f"Cannot lock {self.path} ({reason}): a second run started into the same folder would not be detected.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def release(self) -> None:
+        """Unlock (the file stays: deleting it would let two processes lock different files)."""
+        if not self._handle.closed:
+            self._handle.close()  # closing the descriptor releases the lock
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -86,12 +265,36 @@ def prune_checkpoints(folder: str | os.PathLike, keep: int) -> list[Path]:
     return doomed
 
 
+def verify_archive(path: str | os.PathLike) -> None:
+    """Check the CRC-32 of every record of the zip archive that ``torch.save`` wrote.
+
+    Raises:
+        CheckpointError: not a zip archive (truncated, or not written by ``torch.save``), or a
+            record whose bytes no longer match their CRC (damaged on disk or in a copy).
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as err:
+        reason = f"{type(err).__name__}: {err}"
+        raise CheckpointError(f"{path} cannot be read, it is truncated or damaged ({reason}).") from err
+    if bad is not None:
+        raise CheckpointError(
+            f"{path} is damaged: the checksum (CRC-32) of its record {bad!r} does not match its bytes. "
+            "Use an earlier checkpoint, or copy the file again if it came from elsewhere."
+        )
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a checkpoint written by :func:`atomic_save` (``weights_only=True``).
 
+    The archive's checksums are verified first (:func:`verify_archive`), so a damaged file is an
+    error instead of wrong weights.
+
     Raises:
-        CheckpointError: the file is unreadable, truncated, or not a checkpoint of this script.
+        CheckpointError: the file is unreadable, truncated, damaged, or not a checkpoint of this script.
     """
+    verify_archive(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -105,7 +308,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def find_resumable(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """The newest checkpoint of ``folder`` that loads; broken newer ones are reported, not used.
+    """The newest checkpoint of ``folder`` that loads and passes its checksums (newer broken ones: a warning).
 
     Raises:
         CheckpointError: no checkpoint in ``folder``, or none of them loads.

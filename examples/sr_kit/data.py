@@ -118,20 +118,41 @@ def check_distinct_stems(paths: Sequence[Path], what: str) -> None:
         )
 
 
+def _integer_white(img) -> float:
+    """The sample value of white in a PIL integer-mode ("I;16...", "I") image, from the file's bit depth."""
+    bits = None
+    tags = getattr(img, "tag_v2", None)  # TIFF: BitsPerSample (a 12-bit camera file says 12, not 16)
+    if tags is not None and 258 in tags:
+        value = tags[258]
+        bits = int(value[0] if isinstance(value, tuple) else value)
+    elif img.mode.startswith("I;16") or img.format == "PNG":  # PNG integer grey is always 16-bit
+        bits = 16
+    if bits is None or not 1 <= bits <= 16:
+        raise ValueError(
+            f"{bits or 32}-bit integer images are not supported (mode {img.mode}); save it with 8 or 16 bits per sample"
+        )
+    return float(2**bits - 1)
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an image file to an (H, W, 3) uint8 RGB array (grey and RGBA are converted).
 
+    16-bit grey images are scaled by the bit depth the file declares (65535 is white), never
+    by their values: a dark 16-bit image stays dark.
+
     Raises:
-        DataError: the file cannot be decoded; the message names it.
+        DataError: the file cannot be decoded or has an unsupported sample format; the message names it.
     """
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ("I;16", "I;16B", "I"):
-                arr = np.asarray(img, dtype=np.float64)
-                arr = np.clip(arr / (65535.0 if arr.max() > 255 else 255.0) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            if img.mode == "F":
+                raise ValueError("floating-point images are not supported; save it with 8 or 16 bits per sample")
+            if img.mode.startswith("I"):
+                arr = np.asarray(img, dtype=np.float64) / _integer_white(img)
+                arr = np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8)
                 return np.repeat(arr[..., None], 3, axis=2)
             return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
     except Exception as err:  # PIL raises many types for broken files
@@ -585,9 +606,19 @@ class SampleStream(Sampler[SampleKey]):
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker set-up: one intra-op thread, and seeded numpy / random for any user code."""
-    import random
+    """DataLoader worker set-up: no SIGINT / SIGTERM, one intra-op thread, seeded numpy / random for any user code.
 
+    SLURM, ``kill -TERM -PGID`` and Ctrl-C signal the whole process group. The workers ignore
+    these signals and leave them to the main process, which finishes its step and saves a
+    checkpoint (a worker killed by them would make the main process fail without saving). A
+    worker still stops when the main process ends: the DataLoader tells it to, and it exits
+    by itself when its parent dies.
+    """
+    import random
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     torch.set_num_threads(1)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
@@ -639,17 +670,32 @@ def _skimage_photo(name: str) -> np.ndarray:
 def export_demo_photos(root: str | os.PathLike) -> tuple[Path, Path]:
     """Write the scikit-image photos as PNG into ``root/train`` and ``root/val``; returns both folders.
 
-    Photos already there are reused; other images in these two folders (left by an older
-    version of the demo) are removed, so the folders hold exactly the demo's photos.
+    Photos already there are reused. The folders must hold exactly the demo's photos: in
+    folders this function made (it leaves a ``.sed-demo-photos`` mark in ``root``), other
+    images (left by an older version of the demo) are removed; in folders it did not make,
+    they are an error and nothing is deleted.
+
+    Raises:
+        DataError: ``root/train`` or ``root/val`` existed before and holds other images.
     """
     root = Path(root)
+    mark = root / ".sed-demo-photos"
+    ours = mark.exists() or not any((root / sub).exists() for sub in ("train", "val"))
+    root.mkdir(parents=True, exist_ok=True)
+    if ours:
+        mark.touch()
     folders = []
     for sub, names in (("train", DEMO_TRAIN), ("val", DEMO_VAL)):
         folder = root / sub
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob("*.png"):
-            if stale.stem not in names:
-                stale.unlink()
+        foreign = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.stem not in names)
+        if foreign and not ours:
+            raise DataError(
+                f"{str(folder)!r} holds images the demo did not write ({', '.join(p.name for p in foreign[:5])}); "
+                "the demo trains on its own photos only. Move them away, or pass another --out."
+            )
+        for stale in foreign:
+            stale.unlink()
         for name in names:
             target = folder / f"{name}.png"
             if not target.exists():

@@ -4,6 +4,11 @@ Pretrained weights (CLIP RN50 for SeD's semantics, torchvision's VGG19 for the p
 loss) are never replaced by random ones silently: :func:`load_extractor` and
 :func:`load_vgg19_features` raise :class:`WeightsUnavailable` with the fix, unless the caller
 allows random weights, in which case they print a banner that is hard to miss.
+
+Both treat a failure the same way. Weights that cannot be had (a missing file, no network,
+an empty cache) may be replaced by random ones when allowed. A weight file that exists but
+does not load (empty, truncated, damaged, text, another model's) is always an error,
+:class:`DamagedWeights`, naming the file: allowing random weights does not cover a broken download.
 """
 
 from __future__ import annotations
@@ -26,6 +31,24 @@ from torch import nn
 
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights could not be loaded, and random ones were not allowed."""
+
+
+class DamagedWeights(WeightsUnavailable):
+    """A weight file exists but does not load (random weights are not used in its place)."""
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
+
+
+def _damaged(path: str, what: str, flag: str, err: BaseException) -> DamagedWeights:
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    detail = "it is empty" if size == 0 else f"it is truncated, damaged or not a weight file ({_first_line(err)})"
+    return DamagedWeights(
+        f"{flag} {path!r} cannot be loaded as {what} weights: {detail}. Download the file again, or pass another "
+        f"one with {flag}. (--allow-random-weights stands in for weights that are missing, not for a broken file.)"
+    )
 
 
 def banner(lines: Sequence[str], stream=None) -> None:
@@ -90,16 +113,20 @@ def load_extractor(name: str = "clip_rn50", weights: str = "openai", allow_rando
         ``(extractor, is_random)``.
 
     Raises:
-        WeightsUnavailable: the weights could not be loaded and ``allow_random`` is false.
+        DamagedWeights: ``weights`` is a file that does not load (whatever ``allow_random`` says).
+        WeightsUnavailable: the weights could not be had and ``allow_random`` is false.
     """
     from sed_discriminator import SemanticExtractor
 
     if weights != "random":
-        if not os.path.exists(weights):
+        local = os.path.exists(weights)
+        if not local:
             _go_offline_if_unreachable()
         try:
             return SemanticExtractor(name, pretrained=weights), False
-        except (RuntimeError, OSError) as err:
+        except Exception as err:  # offline, empty cache, missing or broken file, ...
+            if local:
+                raise _damaged(weights, f"the {name} extractor's", "--extractor-weights", err) from err
             if not allow_random:
                 raise WeightsUnavailable(
                     f"{err}\n\nTo train anyway with RANDOM semantic weights (a smoke run, not a result), "
@@ -316,22 +343,26 @@ def load_vgg19_features(weights: str = "imagenet", allow_random: bool = False) -
         ``(features, is_random)``.
 
     Raises:
-        WeightsUnavailable: the weights could not be loaded and ``allow_random`` is false.
+        DamagedWeights: ``weights`` is a file that does not load (whatever ``allow_random`` says).
+        WeightsUnavailable: the weights could not be had and ``allow_random`` is false.
     """
     features = _vgg19_features()
     if weights == "random":
         _random_banner("VGG19 of the perceptual loss", "--vgg-weights random was given.")
         return features, True
+    if weights != "imagenet" and os.path.exists(weights):
+        try:
+            _load_vgg19_file(features, weights)
+        except Exception as err:
+            raise _damaged(weights, "VGG19", "--vgg-weights", err) from err
+        return features, False
     try:
-        if weights == "imagenet":
-            from torchvision.models import VGG19_Weights
+        if weights != "imagenet":
+            raise FileNotFoundError(f"No VGG19 weight file at {weights!r}")
+        from torchvision.models import VGG19_Weights
 
-            state = VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-        else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        state = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}
-        features.load_state_dict(state)
-    except Exception as err:  # URLError offline, bad files, ...
+        _load_vgg19_state(features, VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False))
+    except Exception as err:  # URLError offline, a missing file, ...
         if not allow_random:
             hub = Path(torch.hub.get_dir()) / "checkpoints"
             raise WeightsUnavailable(
@@ -344,6 +375,23 @@ def load_vgg19_features(weights: str = "imagenet", allow_random: bool = False) -
         _random_banner("VGG19 of the perceptual loss", reason)
         return _vgg19_features(), True
     return features, False
+
+
+def _load_vgg19_state(features: nn.Sequential, state: Mapping[str, torch.Tensor]) -> None:
+    if not isinstance(state, Mapping):
+        raise TypeError(f"expected a state dict, found a {type(state).__name__}")
+    state = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}
+    features.load_state_dict(state)
+
+
+def _load_vgg19_file(features: nn.Sequential, path: str) -> None:
+    import zipfile
+
+    from .checkpoint import verify_archive
+
+    if zipfile.is_zipfile(path):
+        verify_archive(path)  # torch.load does not check the archive's CRCs
+    _load_vgg19_state(features, torch.load(path, map_location="cpu", weights_only=True))
 
 
 class VGGPerceptualLoss(nn.Module):

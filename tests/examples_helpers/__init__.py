@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +72,18 @@ def train(tmp_path: Path, out: str, *extra: str, hr: Path | None = None) -> int:
 
     hr = hr or hr_folder(tmp_path)
     return retrofit_esrgan.main(["--hr-dir", str(hr), "--out", str(tmp_path / out), *TINY_ARGS, *extra])
+
+
+@contextmanager
+def lock_held_elsewhere(folder: Path) -> Iterator[subprocess.Popen]:
+    """Another process holds the :class:`~sr_kit.checkpoint.RunLock` of ``folder`` inside the block."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from sr_kit.checkpoint import RunLock; "
+            "lock = RunLock(sys.argv[2]); print('locked', flush=True); sys.stdin.read()")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code, str(EXAMPLES), str(folder)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        proc.stdin.close()  # the holder exits, and its lock with it
+        proc.wait(timeout=60)
