@@ -20,7 +20,7 @@ from ._pickling import reduce_module
 from ._upsample import conv_upsampled
 from .attention import Attention
 from .sefb import GROUP_NORM_GROUPS, SeFB
-from .spectral_norm import spectral_norm
+from .spectral_norm import LEGACY_KEY_LEAVES, remap_legacy_spectral_norm_keys, spectral_norm
 
 __all__ = ["SeD", "VARIANTS", "MIN_INPUT_SIZE", "CHANNELS_LAST_DEFAULT", "semantic_channel_step"]
 
@@ -320,6 +320,16 @@ class SeD(nn.Module):
             f"variant={self.variant!r}, semantic_channels={self.semantic_channels}, "
             f"semantic_fusion={self.semantic_fusion}, channels_last={layout}"
         )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # The authors' checkpoints carry the legacy spectral-norm keys (weight_orig/_u/_v). This runs
+        # before the children load, on the dict they load from: renaming in place lets load_state_dict
+        # (and a trainer's own loader) read them, strictly.
+        legacy = [k for k in state_dict if k.startswith(prefix) and k.rpartition(".")[2] in LEGACY_KEY_LEAVES]
+        if legacy:
+            renamed = remap_legacy_spectral_norm_keys({k[len(prefix) :]: state_dict.pop(k) for k in legacy})
+            state_dict.update({prefix + k: v for k, v in renamed.items()})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _config(self) -> dict:
         """The constructor arguments that rebuild this network (used by pickling)."""

@@ -21,13 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["SpectralNorm", "spectral_norm", "remap_legacy_spectral_norm_keys"]
+__all__ = ["SpectralNorm", "spectral_norm", "remap_legacy_spectral_norm_keys", "LEGACY_KEY_LEAVES"]
 
 _LEGACY_SUFFIXES = {
     "weight_orig": "parametrizations.weight.original",
     "weight_u": "parametrizations.weight.0._u",
     "weight_v": "parametrizations.weight.0._v",
 }
+LEGACY_KEY_LEAVES = frozenset(_LEGACY_SUFFIXES)
 
 
 class SpectralNorm(nn.Module):

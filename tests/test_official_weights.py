@@ -119,3 +119,24 @@ def test_rejects_other_sources(tmp_path: Path) -> None:
     torch.save([1, 2, 3], path)
     with pytest.raises(ValueError, match="holds a list, not a state dict"):
         sd.load_official_weights(sd.SeD("patch", **TINY), path)
+
+
+@pytest.mark.parametrize("variant", ["patch", "pixel"])
+def test_plain_load_state_dict_takes_legacy_spectral_norm_keys(variant: str) -> None:
+    """A trainer's own loader (load_state_dict, strict) reads the authors' checkpoint layout too."""
+    source = sd.SeD(variant, width=8, semantic_channels=64, head_dim=8)
+    legacy = {}
+    for key, value in source.state_dict().items():
+        for new, old in (("parametrizations.weight.original", "weight_orig"), ("parametrizations.weight.0._u", "weight_u"),
+                         ("parametrizations.weight.0._v", "weight_v")):
+            key = key.replace(new, old)
+        legacy[key] = value
+    assert any(k.endswith(".weight_orig") for k in legacy)
+    target = sd.SeD(variant, width=8, semantic_channels=64, head_dim=8)
+    target.load_state_dict(legacy, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    wrapper = torch.nn.Sequential(sd.SeD(variant, width=8, semantic_channels=64, head_dim=8))  # under a prefix
+    wrapper.load_state_dict({f"0.{k}": v for k, v in legacy.items()}, strict=True)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        target.load_state_dict({k: v for k, v in legacy.items() if not k.endswith("weight_u")}, strict=True)
+

@@ -21,17 +21,15 @@ from ..spectral_norm import remap_legacy_spectral_norm_keys
 
 __all__ = ["ConditionedSeD", "bare_discriminator", "check_no_data_parallel", "step_condition"]
 
-_LEGACY_LEAVES = ("weight_orig", "weight_u", "weight_v")
-
 
 class ConditionedSeD(training.ConditionedSeD):
     """:class:`sed_discriminator.ConditionedSeD` as a trainer's registry builds it from a config.
 
-    The same network, arguments, parameters and state dict. Two additions for trainers:
+    The same network, arguments, parameters and state dict (whose ``load_state_dict``, like every
+    SeD's, also takes the authors' legacy spectral-norm keys, so a trainer's own loader such as
+    ``pretrain_network_d`` reads their checkpoints strictly). Additions for trainers:
 
-    - ``load_state_dict`` also takes the legacy spectral-norm keys (``weight_orig``,
-      ``weight_u``, ``weight_v``) of the authors' checkpoints, so a trainer's own loader
-      (``pretrain_network_d``) reads them, strictly;
+    - ``map_state_dict`` gives the keys a state dict loads under (traiNNer-redux checks keys with it);
     - a call without a condition says which model type of the trainer sets it;
     - ``pretrained=False`` (TOML has no null) means ``pretrained=None``: random extractor weights.
 
@@ -50,14 +48,6 @@ class ConditionedSeD(training.ConditionedSeD):
         if kwargs.get("pretrained", "") is False:  # TOML (neosr) has no null: `pretrained = false` means random
             kwargs["pretrained"] = None
         super().__init__(variant, **kwargs)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        # Runs before the children load, on the dict they are loaded from: rename in place.
-        legacy = [k for k in state_dict if k.startswith(prefix) and k.rpartition(".")[2] in _LEGACY_LEAVES]
-        if legacy:
-            renamed = remap_legacy_spectral_norm_keys({k[len(prefix) :]: state_dict.pop(k) for k in legacy})
-            state_dict.update({prefix + k: v for k, v in renamed.items()})
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def map_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The keys this network loads ``state_dict`` under (traiNNer-redux checks keys with it)."""
