@@ -20,7 +20,6 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-import torch
 import torch.nn.functional as F
 
 __all__ = [

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+import runpy
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -209,3 +212,52 @@ def absolute_option_path(args: list[str]) -> list[str]:
         if arg == "-opt":
             out[i + 1] = os.path.abspath(out[i + 1])
     return out
+
+
+def hook_build_model(models: Any, hook_model: Callable[[Any], Any]) -> None:
+    """Make ``models.build_model`` (a trainer's model factory) pass every model it builds through ``hook_model``.
+
+    Safe to call again: a factory that is hooked already stays as it is.
+    """
+    original = models.build_model
+    if getattr(original, "__sed_conditioned__", False):
+        return
+
+    def build_model(opt: Any) -> Any:
+        return hook_model(original(opt))
+
+    build_model.__wrapped__ = original  # type: ignore[attr-defined]
+    build_model.__sed_conditioned__ = True  # type: ignore[attr-defined]
+    build_model.__doc__ = original.__doc__
+    models.build_model = build_model
+
+
+def run_train_script(clone: Path, args: list[str], install: Callable[[], None]) -> None:
+    """Run a trainer clone's ``train.py`` with ``args`` as its own ``python train.py`` would, after ``install()``.
+
+    The working directory becomes the clone (the trainers read files relative to it); a relative
+    ``-opt`` path is taken from the directory the launcher was started in.
+    """
+    args = absolute_option_path(args)
+    os.chdir(clone)
+    sys.argv = [str(clone / "train.py"), *args]  # before the trainer is imported: neosr parses the options then
+    install()
+    runpy.run_path(str(clone / "train.py"), run_name="__main__")
+
+
+def add_clone_to_path(path: str | os.PathLike, *, package: str, trainer: str, repository: str) -> Path:
+    """Put a trainer's clone first on ``sys.path`` and return its absolute path.
+
+    Raises:
+        FileNotFoundError: ``path`` is not such a clone (no ``train.py`` and ``<package>/``).
+    """
+    clone = Path(path).expanduser().resolve()
+    if not (clone / "train.py").is_file() or not (clone / package / "__init__.py").is_file():
+        raise FileNotFoundError(
+            f"{clone} is not a {trainer} clone (it needs train.py and the {package}/ package). Pass the folder "
+            f"you cloned {repository} into."
+        )
+    if str(clone) not in sys.path:
+        sys.path.insert(0, str(clone))
+    return clone
+

@@ -22,12 +22,19 @@ traiNNer-redux is not on the package index: nothing here imports it before :func
 from __future__ import annotations
 
 import os
-import runpy
 import sys
 from pathlib import Path
 from typing import Any
 
-from ._common import ConditionedSeD, absolute_option_path, add_to_registry, check_no_data_parallel, wrap_step
+from ._common import (
+    ConditionedSeD,
+    add_clone_to_path,
+    add_to_registry,
+    check_no_data_parallel,
+    hook_build_model,
+    run_train_script,
+    wrap_step,
+)
 
 __all__ = ["ConditionedSeD", "hook_model", "install", "main", "register", "use_clone"]
 
@@ -47,15 +54,7 @@ def use_clone(path: str | os.PathLike) -> Path:
     Raises:
         FileNotFoundError: ``path`` is not a traiNNer-redux clone (no ``train.py`` and ``traiNNer/``).
     """
-    clone = Path(path).expanduser().resolve()
-    if not (clone / "train.py").is_file() or not (clone / "traiNNer" / "__init__.py").is_file():
-        raise FileNotFoundError(
-            f"{clone} is not a traiNNer-redux clone (it needs train.py and the traiNNer/ package). Pass the folder "
-            "you cloned github.com/the-database/traiNNer-redux into."
-        )
-    if str(clone) not in sys.path:
-        sys.path.insert(0, str(clone))
-    return clone
+    return add_clone_to_path(path, package="traiNNer", trainer="traiNNer-redux", repository="github.com/the-database/traiNNer-redux")
 
 
 def register() -> None:
@@ -101,17 +100,7 @@ def install() -> None:
     import traiNNer.models as models
 
     register()
-    original = models.build_model
-    if getattr(original, "__sed_conditioned__", False):
-        return
-
-    def build_model(opt: Any) -> Any:
-        return hook_model(original(opt))
-
-    build_model.__wrapped__ = original  # type: ignore[attr-defined]
-    build_model.__sed_conditioned__ = True  # type: ignore[attr-defined]
-    build_model.__doc__ = original.__doc__
-    models.build_model = build_model
+    hook_build_model(models, hook_model)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,12 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0].startswith("-"):
         raise SystemExit(f"{_USAGE}\n(the first argument must be the clone's path)")
-    clone = use_clone(args[0])
-    args = absolute_option_path(args[1:])
-    os.chdir(clone)  # as for the clone's own `python train.py`: it reads files relative to the clone
-    install()
-    sys.argv = [str(clone / "train.py"), *args]
-    runpy.run_path(str(clone / "train.py"), run_name="__main__")
+    run_train_script(use_clone(args[0]), args[1:], install)
 
 
 if __name__ == "__main__":
