@@ -9,6 +9,7 @@
 #  3. benchmarks a full discriminator step (semantics, real + fake, backward, Adam) at batch 8
 #     on 256/512/1024 patches: math fp32 (baseline) vs fused fp32 vs fused bf16 (each in the
 #     variant's default layout and the other one; + real/fake batched), both variants;
+#  3b. times the semantic extractors' forward (fp32, bf16) next to 0.1's CLIP RN50 trunk;
 #  4. prints one table (tests + benchmark + targets) and writes it, with the logs and the JSON,
 #     to $OUT (when set) or benchmarks/results/cuda.
 # Everything is bounded so that the whole script ends within 8 minutes.
@@ -67,13 +68,20 @@ grep -E "SDPA ops that ran" "$DEST/pytest_cuda.log" | tee -a "$LOG" || true
 
 # -- 3. benchmark -----------------------------------------------------------------------------
 ELAPSED=$(( $(date +%s) - START ))
-BUDGET=$(( 420 - ELAPSED ))          # leave ~1 min for the report and the process exits
+BUDGET=$(( 420 - 120 - ELAPSED ))    # leave ~1 min for the report and 2 min for the extractor benchmark
 [ $BUDGET -lt 60 ] && BUDGET=60
 say "benchmark, batch 8, 256/512/1024, budget ${BUDGET}s"
 timeout $(( BUDGET + 30 )) $PY benchmarks/bench_sed.py --device cuda --suites gpu --batch 8 \
     --sizes 256 512 1024 --budget-s "$BUDGET" --out "$DEST" >"$DEST/bench.log" 2>&1
 BENCH_RC=$?
 say "benchmark exit $BENCH_RC"
+
+# -- 3b. semantic extractors: forward at batch 8 x 256, fp32 / bf16, next to the 0.1 CLIP trunk --
+say "extractor benchmark (clip_rn50, clip_convnext_base, dinov2_vitb14), budget 100s"
+timeout 120 $PY benchmarks/bench_extractors.py --device cuda --batch 8 --size 256 --repeats 5 \
+    --extractors clip_rn50 clip_convnext_base dinov2_vitb14 --budget-s 100 --out "$DEST" \
+    >"$DEST/bench_extractors.log" 2>&1
+say "extractor benchmark exit $?"
 
 # -- 4. one table -----------------------------------------------------------------------------
 {
@@ -88,6 +96,7 @@ say "benchmark exit $BENCH_RC"
         echo "benchmark produced no table; last lines of its log:"
         tail -n 20 "$DEST/bench.log"
     fi
+    [ -f "$DEST/extractors.md" ] && { echo; cat "$DEST/extractors.md"; }
     echo "total time: $(( $(date +%s) - START )) s"
 } | tee "$DEST/gpu_check_summary.md"
 [ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ]

@@ -114,8 +114,7 @@ def register_extractor(preset: ExtractorPreset, overwrite: bool = False) -> Extr
     if preset.name.startswith(TIMM_PREFIX):
         raise ValueError(f"Preset names may not start with {TIMM_PREFIX!r}: that prefix names timm models directly.")
     if preset.channels is None or preset.stride is None:
-        with torch.device("meta"):
-            model = _create_model(preset.model)  # type: ignore[arg-type]
+        model = _create_model(preset.model, meta=True)  # type: ignore[arg-type]
         layer = _check_layer(preset.layer, model, preset.model)  # type: ignore[arg-type]
         info = model.feature_info[layer]
         preset = replace(preset, layer=layer, channels=int(info["num_chs"]), stride=int(info["reduction"]))
@@ -195,8 +194,19 @@ for _preset in (
     register_extractor(_preset)
 
 
-def _create_model(model: str) -> nn.Module:
-    """A randomly initialised timm model; ViTs take any input size (see :class:`SemanticExtractor`)."""
+def _create_model(model: str, meta: bool = False) -> nn.Module:
+    """A randomly initialised timm model; ViTs take any input size (see :class:`SemanticExtractor`).
+
+    ``meta=True`` builds it on the ``meta`` device (no memory, no initialisation) where the timm
+    version allows, else on the CPU.
+    """
+    if meta:
+        try:
+            with torch.device("meta"):
+                return _create_model(model)
+        except (NotImplementedError, RuntimeError) as err:  # older timm initialises some weights by copying
+            if "meta" not in str(err):
+                raise
     import timm
 
     try:
@@ -424,8 +434,7 @@ class SemanticExtractor(nn.Module):
             elif source is None:
                 self.trunk = _create_model(model_name)
             else:  # weights come from a file: no random initialisation to pay for
-                with torch.device("meta"):
-                    self.trunk = _create_model(model_name)
+                self.trunk = _create_model(model_name, meta=True)
             if preset.build is None:
                 self._model_name = model_name
                 self._layer = _check_layer(preset.layer, self.trunk, model_name)
@@ -491,6 +500,9 @@ class SemanticExtractor(nn.Module):
             prune(indices=[self._layer], prune_norm=not self._tokens, prune_head=True)
         except (NotImplementedError, AssertionError, TypeError):
             pass  # a model that cannot be pruned runs whole; the outputs are the same
+        head = getattr(self.trunk, "head", None)
+        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+            self.trunk.head = nn.Identity()  # e.g. CLIP's attention pool, which older timm versions keep
 
     def _load(self, source: str | None, hub_file: str | None) -> str | None:
         if source is None:

@@ -93,8 +93,7 @@ def test_list_extractors_rows() -> None:
 def test_preset_rows_match_timm(name: str) -> None:
     """channels/stride in the registry are the timm model's own feature_info at the preset's level."""
     preset = get_extractor_preset(name)
-    with torch.device("meta"):
-        model = timm.create_model(preset.model, pretrained=False)
+    model = extractor_module._create_model(preset.model, meta=True)
     info = model.feature_info[preset.layer]
     assert (info["num_chs"], info["reduction"]) == (preset.channels, preset.stride)
     assert preset.model in timm.list_pretrained(preset.model)
@@ -110,8 +109,8 @@ def test_unknown_names_and_layers() -> None:
         sd.SemanticExtractor("clip_vit", pretrained=None)
     with pytest.raises(ValueError, match=r"timm has no model 'not_a_model' \(timm .*\); list them with timm\.list_models"):
         sd.SemanticExtractor("timm:not_a_model", pretrained=None)
-    with pytest.raises(ValueError, match=r"layer=7 does not exist in timm model 'test_resnet.r160_in1k'; its levels are \{0: 32 ch @ stride 2, .*4: 96 ch @ stride 32\}"):
-        sd.SemanticExtractor("timm:test_resnet.r160_in1k", pretrained=None, layer=7)
+    with pytest.raises(ValueError, match=r"layer=7 does not exist in timm model 'test_vit[.\w]*'; its levels are \{0: 64 ch @ stride 16, .*5: 64 ch @ stride 16\}"):
+        sd.SemanticExtractor("timm:test_vit", pretrained=None, layer=7)
     with pytest.raises(ValueError, match="'timm:' needs a model name"):
         sd.SemanticExtractor("timm:", pretrained=None)
 
@@ -409,9 +408,12 @@ def test_offline_error_is_fast_and_says_what_to_do(monkeypatch, tmp_path: Path, 
         sd.SemanticExtractor(name, cache_dir=tmp_path)
     assert time.perf_counter() - start < 5.0
     message = str(info.value)
-    model = {TIMM_NAME: "test_vit.r160_in1k"}.get(name) or get_extractor_preset(name).model
+    model = get_extractor_preset(name).model
+    if "." not in model:
+        model = f"{model}.{timm.models.get_pretrained_cfg(model).tag}"
     assert f"weights of timm model {model}" in message and f"not in the Hugging Face cache ({tmp_path})" in message
-    assert f"download https://huggingface.co/timm/{model}/resolve/main/model.safetensors" in message
+    repo = timm.models.get_pretrained_cfg(model).hf_hub_id  # timm's repo for these weights
+    assert f"download https://huggingface.co/{repo}/resolve/main/" in message
     assert f"pass its path: SemanticExtractor({name!r}, pretrained='/path/to/file')" in message
     assert not any(tmp_path.iterdir())
 
@@ -508,12 +510,10 @@ def test_input_range_and_normalisation_overrides(rn50) -> None:
 
 
 def test_vit_normalisation_comes_from_the_model() -> None:
-    with torch.device("meta"):
-        cfg = timm.create_model("vit_base_patch16_siglip_224.webli").pretrained_cfg
+    cfg = timm.models.get_pretrained_cfg("vit_base_patch16_siglip_224.webli").to_dict()
     assert tuple(cfg["mean"]) == (0.5, 0.5, 0.5)
     ext = random_extractor("timm:test_vit")
-    with torch.device("meta"):
-        expected = timm.create_model("test_vit").pretrained_cfg["mean"]
+    expected = timm.models.get_pretrained_cfg("test_vit").mean
     assert tuple(ext.mean.flatten().tolist()) == pytest.approx(tuple(expected))
 
 
