@@ -5,7 +5,8 @@
 - :mod:`sr_kit.models`: ESRGAN's RRDBNet through spandrel, the discriminators the script can
   train (SeD, the plain P / U baselines, ESRGAN's VGG-style one), the VGG19 perceptual loss and
   pretrained-weight loading with an explicit random-weight fallback.
-- :mod:`sr_kit.checkpoint`: one-file checkpoints written atomically, keep-last-K, RNG states, EMA.
+- :mod:`sr_kit.checkpoint`: one-file checkpoints written atomically and verified on load,
+  keep-last-K, RNG states, a lock per run folder.
 - :mod:`sr_kit.metrics`: PSNR / SSIM on the Y channel (as the paper measures) and optional LPIPS.
 - :mod:`sr_kit.plots`: the LR | SR | HR sample grid and the loss curves.
 - :mod:`sr_kit.dist`: torchrun / DistributedDataParallel set-up.

@@ -132,7 +132,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-_TEMPORARY = re.compile(r"^\..+\.tmp(-\d+)?(\.[A-Za-z0-9]+)?$")  # .step_N.pt.tmp-PID, .log.csv.tmp, .latest.tmp.png
+# Temporary files of atomic_save (".step_N.pt.tmp-PID") and of the script's other atomic writes.
+_TEMPORARY = re.compile(
+    r"^\.[^/]+\.(pt|pth)\.tmp(-\d+)$|^\.(log\.csv|config\.json)\.tmp$|^\.(loss_curves|latest|step_\d+)\.tmp\.png$"
+)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -164,7 +167,7 @@ def remove_stale_temporaries(folders: Iterable[str | os.PathLike], *, single_wri
             match = _TEMPORARY.match(path.name)
             if not match or not path.is_file():
                 continue
-            pid = int(match.group(1)[1:]) if match.group(1) else None
+            pid = int(match.group(2)[1:]) if match.group(2) else None
             if single_writer or (pid is not None and pid != os.getpid() and not _pid_alive(pid)):
                 path.unlink(missing_ok=True)
                 removed.append(path)
@@ -317,7 +320,7 @@ def find_resumable(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     if not candidates:
         raise CheckpointError(
             f"Nothing to resume: no step_*.pt checkpoint in {str(folder)!r}. "
-            "Check --out, or pass the file with --resume PATH."
+            "Check --out, or pass the file with --resume PATH (or start again: --overwrite instead of --resume)."
         )
     failures = []
     for _, path in reversed(candidates):
