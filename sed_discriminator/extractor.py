@@ -532,6 +532,8 @@ class SemanticExtractor(nn.Module):
 
     def _trunk_weights(self, state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
         expected = self.trunk.state_dict()
+        if state and all(k.startswith("trunk.") for k in state):  # a SemanticExtractor's own state_dict()
+            state = {k[len("trunk.") :]: v for k, v in state.items()}
         if self.preset.model is not None:
             if _is_clip_resnet(self.trunk) and "conv1.weight" in state and "layer1.0.conv1.weight" in state:
                 # open_clip's image tower alone, without the ``visual.`` prefix

@@ -332,6 +332,17 @@ def test_open_clip_checkpoint_layouts(checkpoints, open_clip_resnet, fmt: str) -
     torch.testing.assert_close(ext(x), _reference_layer3(open_clip_resnet, x), atol=1e-6, rtol=1e-6)
 
 
+def test_extractor_state_dicts_load(checkpoints, open_clip_resnet, tmp_path: Path) -> None:
+    """0.1's ``SemanticExtractor.state_dict()`` (open_clip names under ``trunk.``) and this version's."""
+    old = tmp_path / "extractor_0.1.pth"
+    torch.save({f"trunk.{k}": v for k, v in _open_clip_trunk(open_clip_resnet).items()}, old)
+    new = tmp_path / "extractor_0.2.pth"
+    torch.save(load_quietly("clip_rn50", old).state_dict(), new)
+    x = torch.rand(1, 3, 64, 48)
+    for path in (old, new):
+        torch.testing.assert_close(load_quietly("clip_rn50", path)(x), _reference_layer3(open_clip_resnet, x), atol=1e-6, rtol=1e-6)
+
+
 def test_openai_torchscript_archive(checkpoints, open_clip_resnet) -> None:
     ext = load_quietly("clip_rn50", checkpoints["openai_torchscript_fp16"])
     rounded = _openai_style_fp16(open_clip_resnet).visual.float()
