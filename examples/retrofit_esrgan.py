@@ -938,6 +938,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, sr_data.DataError, WeightsUnavailable, ckpt.CheckpointError) as err:
         print(f"error: {_user_message(err)}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in ckpt.DISK_FULL_ERRNOS:
+            raise
+        print(f"error: the disk holding --out {args.out!r} is full ({err}); free some space, then add --resume.",
+              file=sys.stderr)  # fmt: skip
+        return 2
     return 128 + summary["interrupted"] if summary["interrupted"] else 0
 
 

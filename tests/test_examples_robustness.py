@@ -94,14 +94,36 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_bit_for_bit
     _assert_same_checkpoint(_ckpt(tmp_path, "run", step + 1), _ckpt(tmp_path, "straight", step + 1))
 
 
-def test_workers_ignore_the_stop_signals():
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+class _Pids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, index):
+        return os.getpid()
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the sender of a signal is known on Linux only")
+def test_a_worker_ignores_sigterm_from_others_but_not_from_its_parent():
+    loader = torch.utils.data.DataLoader(_Pids(), batch_size=1, num_workers=1, worker_init_fn=D.seed_worker)
+    batches = iter(loader)
+    pid = int(next(batches))
+    subprocess.run(["kill", "-TERM", str(pid)], check=True)  # like SLURM's: another process sends it
+    subprocess.run(["kill", "-INT", str(pid)], check=True)
+    assert int(next(batches)) == pid  # still serving
+    os.kill(pid, signal.SIGTERM)  # the DataLoader's way to end a worker that does not stop
+    deadline = time.time() + 60
+    while time.time() < deadline and os.path.exists(f"/proc/{pid}") and "Z" not in _state(pid):
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}") or "Z" in _state(pid)  # gone (or a zombie until reaped)
+    del batches
+
+
+def _state(pid):
     try:
-        D.seed_worker(0)
-        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in before)
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 # ------------------------------------------------------------------- 2, 3. folders of earlier runs
@@ -368,3 +390,15 @@ def test_an_error_from_a_worker_is_reported_with_its_own_message():
     assert retrofit_esrgan._user_message(caught.value) == (
         "Cannot read image 'hr/img01.png': OSError: image file is truncated"
     )
+
+
+def test_a_full_disk_outside_a_checkpoint_save_is_reported_as_such(tmp_path, monkeypatch, capsys):
+    import retrofit_esrgan
+
+    def full(self, row):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(retrofit_esrgan.CsvLog, "append", full)
+    assert train(tmp_path, "run", "--discriminator", "patch") == 2
+    err = capsys.readouterr().err
+    assert "error: the disk holding --out" in err and "is full" in err and "Traceback" not in err

@@ -65,7 +65,7 @@ def _open_for_writing(path: Path) -> BinaryIO:
     return open(path, "wb")
 
 
-_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)  # no space, quota, file size
 _LOW_SPACE = 1 << 20  # bytes: what is left when a write stopped for want of space
 
 
@@ -87,7 +87,7 @@ def _disk_full(err: BaseException, folder: Path) -> bool:
     cause: BaseException | None = err
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if isinstance(cause, OSError) and cause.errno in _DISK_FULL:
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
             return True
         cause = cause.__cause__ or cause.__context__
     if "unexpected pos" in str(err):

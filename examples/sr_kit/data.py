@@ -605,20 +605,41 @@ class SampleStream(Sampler[SampleKey]):
             epoch, offset = epoch + 1, 0
 
 
+def _leave_stop_signals_to_the_parent() -> None:
+    # SIGINT is ignored. SIGTERM is ignored too, except from the parent: the DataLoader ends a
+    # worker that does not stop by itself with SIGTERM, and a worker deaf to it would make the
+    # main process wait for it forever at exit. Where the sender cannot be known, it is ignored.
+    import signal
+    import threading
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not (hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")):  # not Linux
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+
+    def wait_for_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)  # what torch's own worker handler does for its parent's SIGTERM
+
+    threading.Thread(target=wait_for_sigterm, name="sigterm-from-parent", daemon=True).start()
+
+
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker set-up: no SIGINT / SIGTERM, one intra-op thread, seeded numpy / random for any user code.
+    """DataLoader worker set-up: stop signals left to the main process, one intra-op thread, seeded numpy / random.
 
     SLURM, ``kill -TERM -PGID`` and Ctrl-C signal the whole process group. The workers ignore
-    these signals and leave them to the main process, which finishes its step and saves a
-    checkpoint (a worker killed by them would make the main process fail without saving). A
-    worker still stops when the main process ends: the DataLoader tells it to, and it exits
-    by itself when its parent dies.
+    SIGINT, and SIGTERM from anyone but their parent, leaving the signal to the main process,
+    which finishes its step and saves a checkpoint (a worker killed by it would make the main
+    process fail without saving). A worker still stops when the main process ends: the
+    DataLoader tells it to (and sends it SIGTERM if it does not), and it exits by itself when
+    its parent dies.
     """
     import random
-    import signal
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+    _leave_stop_signals_to_the_parent()
     torch.set_num_threads(1)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
