@@ -150,7 +150,7 @@ class SeDAdversary(_HoldsExtractor):
         discriminator: nn.Module | str = "patch",
         *,
         extractor: SemanticExtractor | str = "clip_rn50",
-        pretrained: Any = "openai",
+        pretrained: Any = "default",
         loss: str = "vanilla",
         weight: float = 0.01,
         batch_real_fake: bool = False,
@@ -289,7 +289,7 @@ class ConditionedSeD(_HoldsExtractor, SeD):
         variant: str = "patch",
         *,
         extractor: SemanticExtractor | str = "clip_rn50",
-        pretrained: Any = "openai",
+        pretrained: Any = "default",
         semantic_source: str = "condition",
         **kwargs: Any,
     ) -> None:

@@ -164,9 +164,11 @@ def test_training_forward_outputs_and_spectral_norm(
         assert_matches(f"{variant}_train_sn_u/{conv}", sn_u(model, conv), u)
         # The fixture's u vectors still move in one step, so matching them shows one iteration ran.
         assert relative_error(before[f"module.{conv}.weight_u"], u) > 10 * TOLERANCE
-    if not channels_last:  # float32 gradients only agree in the reference's layout (module docstring)
-        (out**2).mean().backward()
-        assert_matches(f"{variant}_train_grad_x (float32, NCHW)", x.grad, golden[f"{variant}_train_grad_x"])
+    # Input gradients are compared in float64 (test_input_gradients_in_float64), as the fixture's notes
+    # say: in float32 a LeakyReLU input within rounding of zero can flip side under another kernel's
+    # rounding order and move whole receptive fields of the gradient (seen: 1.3e-2 for the patch SeD).
+    (out**2).mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.shape == golden[f"{variant}_train_grad_x"].shape
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
