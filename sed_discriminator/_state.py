@@ -322,7 +322,7 @@ def _torch_load(path: str, trust_pickle: bool) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Unsupported global" in str(err):
+        if re.search(r"Unsupported (global|class)", str(err)):  # the wording of torch >= 2.4 / older
             raise ValueError(
                 f"Weight file {path!r} holds Python objects other than tensors (a whole pickled model?), which "
                 "weights-only loading refuses to run. Save model.state_dict() instead; or, only if you trust the "

@@ -56,9 +56,10 @@ def random_extractor(name: str, **kwargs) -> sd.SemanticExtractor:
 
 
 def load_quietly(name: str, path: Path | str, **kwargs) -> sd.SemanticExtractor:
+    """Load the tests' own files, trusted also on torch < 2.10 (the rule itself: tests/test_untrusted.py)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a loaded extractor must not warn about random weights
-        return sd.SemanticExtractor(name, pretrained=path, **kwargs)
+        return sd.SemanticExtractor(name, pretrained=path, **{"trust_pickle": True, **kwargs})
 
 
 @pytest.fixture(scope="module", params=[*PRESETS, TIMM_NAME])
@@ -216,7 +217,7 @@ def test_pickle_rebuilds_from_a_local_file(rn50, tmp_path: Path) -> None:
     ext = load_quietly("clip_rn50", path, input_range=(-1, 1), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     assert ext.config == dict(name="clip_rn50", pretrained=str(path), cache_dir=None, input_range=(-1.0, 1.0),
                               layer=None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                              trust_pickle=False)  # fmt: skip
+                              trust_pickle=True)  # fmt: skip
     buffer = io.BytesIO()
     torch.save(ext, buffer)
     assert buffer.tell() < 10_000  # torch.save's zip container around a few hundred bytes of arguments
@@ -346,8 +347,8 @@ def test_extractor_state_dicts_load(checkpoints, open_clip_resnet, tmp_path: Pat
 
 def test_openai_torchscript_archive(checkpoints, open_clip_resnet) -> None:
     with pytest.raises(ValueError, match=r"RN50\.pt': it is a TorchScript archive .*torch\.jit\.load runs the code .*trust_pickle=True"):
-        sd.SemanticExtractor("clip_rn50", pretrained=checkpoints["openai_torchscript_fp16"])  # runs code: opt in
-    ext = load_quietly("clip_rn50", checkpoints["openai_torchscript_fp16"], trust_pickle=True)
+        load_quietly("clip_rn50", checkpoints["openai_torchscript_fp16"], trust_pickle=False)  # runs code: opt in
+    ext = load_quietly("clip_rn50", checkpoints["openai_torchscript_fp16"])
     rounded = _openai_style_fp16(open_clip_resnet).visual.float()
     x = torch.rand(1, 3, 64, 64)
     out = ext(x)
@@ -374,19 +375,19 @@ def test_wrong_model_checkpoint_errors(open_clip_resnet, tmp_path: Path) -> None
     path = tmp_path / "rn101_like.pt"
     torch.save(deeper, path)
     with pytest.raises(ValueError, match=r"does not match this extractor's trunk \(resnet50_clip\.openai\): 0 missing keys .* 1 unexpected keys \(e\.g\. \['stages\.2\.6\.conv1_1x1\.conv\.weight'\]\)\. Pass OpenAI's RN50\.pt"):
-        sd.SemanticExtractor("clip_rn50", pretrained=path)
+        sd.SemanticExtractor("clip_rn50", pretrained=path, trust_pickle=True)
 
     wider = {f"visual.{k}": v for k, v in _open_clip_trunk(open_clip_resnet).items()}
     wider["visual.conv1.weight"] = torch.randn(40, 3, 3, 3)
     path = tmp_path / "wider.pt"
     torch.save(wider, path)
     with pytest.raises(ValueError, match=r"stem\.conv1\.conv\.weight has shape \(40, 3, 3, 3\) but the trunk expects \(32, 3, 3, 3\); the checkpoint is of another model"):
-        sd.SemanticExtractor("clip_rn50", pretrained=path)
+        sd.SemanticExtractor("clip_rn50", pretrained=path, trust_pickle=True)
 
     path = tmp_path / "sed.pt"
     torch.save(sd.SeD("patch", width=8, semantic_channels=64, head_dim=8).state_dict(), path)
     with pytest.raises(ValueError, match=r"sed\.pt does not match this extractor's trunk .*: \d+ missing keys"):
-        sd.SemanticExtractor("clip_rn50", pretrained=path)
+        sd.SemanticExtractor("clip_rn50", pretrained=path, trust_pickle=True)
 
 
 def test_bad_weight_files_name_the_file(tmp_path: Path) -> None:

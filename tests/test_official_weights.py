@@ -61,9 +61,9 @@ def test_loads_from_a_file(tmp_path: Path, suffix: str) -> None:
         save_file(authors_checkpoint(ref), str(path))
     else:
         torch.save({"params": authors_checkpoint(ref)}, path)  # BasicSR-style wrapper
-    model = sd.load_official_weights(sd.SeD("patch", **TINY), path)
+    model = sd.load_official_weights(sd.SeD("patch", **TINY), path, trust_pickle=True)  # the test's own file
     assert_same_outputs(ref, model)
-    model2 = sd.load_official_weights(sd.SeD("patch", **TINY), str(path))
+    model2 = sd.load_official_weights(sd.SeD("patch", **TINY), str(path), trust_pickle=True)
     assert_same_outputs(ref, model2)
 
 
@@ -118,7 +118,7 @@ def test_rejects_other_sources(tmp_path: Path) -> None:
     path = tmp_path / "list.pt"
     torch.save([1, 2, 3], path)
     with pytest.raises(ValueError, match="holds a list, not a state dict"):
-        sd.load_official_weights(sd.SeD("patch", **TINY), path)
+        sd.load_official_weights(sd.SeD("patch", **TINY), path, trust_pickle=True)
 
 
 @pytest.mark.parametrize("variant", ["patch", "pixel"])
