@@ -59,9 +59,9 @@ def main() -> None:
     attention = Attention(64, heads=1, head_dim=64)
     cases = {
         # proj_out output of the pixel SeD's att1 at 256 px: 1024 channels on a 16x16 grid, u = 8
-        "channels_to_space NCHW": (lambda x: channels_to_space(x, 8, False),
+        "channels_to_space NCHW": (lambda x: channels_to_space(x, 8, channels_last=False),
                                    lambda x: manual_channels_to_space(x, 8, False), torch.randn(b, 1024, 16, 16)),
-        "channels_to_space -> channels_last": (lambda x: channels_to_space(x, 8, True),
+        "channels_to_space -> channels_last": (lambda x: channels_to_space(x, 8, channels_last=True),
                                                lambda x: manual_channels_to_space(x, 8, True),
                                                torch.randn(b, 1024, 16, 16)),
         "tokens of NCHW features": (_to_tokens, manual_to_tokens, torch.randn(b, 64, 128, 128)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ._upsample import _compiling
 from .config import value_checks_enabled
 
 
@@ -13,12 +14,11 @@ def check_image(
     owner: str,
     channels: int,
     min_size: int = 1,
-    value_range: tuple[float, float] | None = None,
 ) -> None:
     """Raise ``ValueError`` unless ``x`` is a float (B, channels, H, W) batch of at least ``min_size`` px.
 
-    With value checks on (:func:`~sed_discriminator.set_value_checks`), also rejects NaN/Inf and,
-    when ``value_range`` is given, values outside it.
+    With value checks on (:func:`~sed_discriminator.config.set_value_checks`), also rejects NaN/Inf.
+    The value range is checked by :func:`check_input_range`.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{owner} expects a torch.Tensor image batch, got {type(x).__name__}.")
@@ -45,8 +45,7 @@ def check_image(
             f"Use training patches of {min_size} px or more per side."
         )
     if value_checks_enabled() and x.numel():
-        low, high = value_range if value_range is not None else (None, None)
-        _check_values(x, owner=owner, what="image", low=low, high=high)
+        _check_finite(x, owner=owner, what="image")
 
 
 def check_features(x: torch.Tensor, *, owner: str, channels: int) -> None:
@@ -61,14 +60,22 @@ def check_features(x: torch.Tensor, *, owner: str, channels: int) -> None:
 
 
 def check_same_dtype(weight: torch.Tensor, *, owner: str, **inputs: torch.Tensor | None) -> None:
-    """Raise ``ValueError`` when an input's dtype differs from the weights' outside autocast.
+    """Raise ``ValueError`` when an input's dtype differs from the weights' outside autocast (or is float64 inside).
 
     PyTorch's own message ("Input type (c10::Half) and bias type (float) should be the same")
     comes from deep inside a layer; this one names the input and the three ways out.
     """
     for name, t in inputs.items():
-        if t is None or t.dtype == weight.dtype or _autocast_enabled(t.device.type):
+        if t is None or t.dtype == weight.dtype:
             continue
+        if _autocast_enabled(t.device.type):
+            if t.dtype != torch.float64:
+                continue
+            # autocast casts float32 inputs only: a float64 one would meet the layers' low-precision weights.
+            raise ValueError(
+                f"{owner} got a float64 {name.replace('_', ' ')} under torch.autocast, which leaves float64 tensors "
+                f"as they are (its weights are {weight.dtype}). Convert it with .float() first."
+            )
         raise ValueError(
             f"{owner}'s weights are {weight.dtype} but its {name.replace('_', ' ')} is {t.dtype}. Convert the input "
             f"with .to({weight.dtype}), the model with .to({t.dtype}), or run the forward under "
@@ -85,10 +92,12 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
-def check_semantic(semantic: torch.Tensor, *, owner: str, channels: int, batch: int, values: bool = True) -> None:
-    """Raise ``ValueError`` unless ``semantic`` is a float (batch, channels, h, w) map.
+def check_semantic(
+    semantic: torch.Tensor, *, owner: str, channels: int, batch: int, check_finite: bool = True
+) -> None:
+    """Raise ``ValueError`` unless ``semantic`` is a float (batch, channels, h, w) map with h, w >= 1.
 
-    ``values=False`` skips the optional NaN/Inf check (callers whose caller checked already).
+    ``check_finite=False`` skips the optional NaN/Inf check (for callers whose caller checked already).
     """
     if not isinstance(semantic, torch.Tensor):
         raise TypeError(
@@ -113,19 +122,60 @@ def check_semantic(semantic: torch.Tensor, *, owner: str, channels: int, batch: 
             f"{owner} got an image batch of {batch} but a semantic batch of {semantic.shape[0]}. "
             "Compute the semantics from the HR batch that matches these images."
         )
-    if values and value_checks_enabled() and semantic.numel():
-        _check_values(semantic, owner=owner, what="semantic map")
+    if 0 in semantic.shape[-2:]:
+        raise ValueError(
+            f"{owner} got a semantic map with an empty {semantic.shape[-2]}x{semantic.shape[-1]} grid (shape "
+            f"{tuple(semantic.shape)}): there is nothing to fuse. Compute it with SemanticExtractor()(hr_images) "
+            "from images at least as large as the extractor's stride."
+        )
+    if check_finite and value_checks_enabled() and semantic.numel():
+        _check_finite(semantic, owner=owner, what="semantic map")
 
 
-def _check_values(x: torch.Tensor, *, owner: str, what: str, low: float | None = None, high: float | None = None) -> None:
+def _check_finite(x: torch.Tensor, *, owner: str, what: str) -> None:
     if not torch.isfinite(x).all():
         raise ValueError(f"{owner} got NaN or Inf values in its {what}; check the upstream computation.")
-    if low is None or high is None:
+
+
+# The range check: images whose values leave [low - slack, high + slack] are refused, with
+# slack = RANGE_SLACK * (high - low). For the default [0, 1] that accepts [-0.9, 1.9]: a trained
+# generator overshoots [0, 1] by a few hundredths and an untrained one (random init) stays within
+# about [-0.75, 0.85] in our tests, while a batch of [-1, 1] images has pixels below -0.9 (any pixel
+# darker than 5 % of full scale) and a 0-255 batch pixels above 1.9 (any pixel above 1.9/255).
+RANGE_SLACK = 0.9
+# Eager calls of each module that are range-checked when value checks are off (each check is
+# one fused min/max and a device synchronisation; none after these calls). With value checks on,
+# every call is checked.
+RANGE_CHECK_CALLS = 16
+
+
+def check_input_range(module: object, x: torch.Tensor, *, owner: str, value_range: tuple[float, float]) -> None:
+    """Raise ``ValueError`` when ``x`` leaves ``value_range`` by more than the slack (see ``RANGE_SLACK``).
+
+    Runs on the first :data:`RANGE_CHECK_CALLS` eager calls of ``module`` (on every call with
+    value checks on); never under ``torch.compile`` (no graph break), on the ``meta`` device, nor
+    while a CUDA graph is captured (no synchronisation allowed).
+    """
+    if _compiling() or not x.numel() or x.is_meta:
         return
-    lo, hi = x.min().item(), x.max().item()
-    tolerance = 1e-3
-    if lo < low - tolerance or hi > high + tolerance:
-        raise ValueError(
-            f"{owner} expects {what} values in [{low:g}, {high:g}], got [{lo:.4g}, {hi:.4g}]. "
-            "Scale [0, 255] images by 1/255 and [-1, 1] images with (x + 1) / 2."
-        )
+    left = module.__dict__.get("_range_checks_left", RANGE_CHECK_CALLS)
+    every_call = value_checks_enabled()
+    if left <= 0 and not every_call:
+        return
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    module.__dict__["_range_checks_left"] = max(left - 1, 0)
+    lo_t, hi_t = torch.aminmax(x.detach())
+    lo, hi = lo_t.item(), hi_t.item()
+    low, high = value_range
+    slack = RANGE_SLACK * (high - low)
+    if lo != lo or hi != hi:  # NaN: only the value checks look for it
+        return
+    if low - slack <= lo and hi <= high + slack:
+        return
+    raise ValueError(
+        f"{owner} expects image values in [{low:g}, {high:g}], got [{lo:.4g}, {hi:.4g}]. Scale [0, 255] images "
+        "by 1/255 and [-1, 1] images with (x + 1) / 2, or pass input_range=(low, high), the range your images are "
+        "in (SeD, SemanticExtractor, ConditionedSeD and SeDAdversary take it). Values up to "
+        f"{slack:g} outside the range pass (a generator's overshoot)."
+    )

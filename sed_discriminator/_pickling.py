@@ -37,7 +37,9 @@ def rebuild_module(cls: type, init: Any, config: dict, state: dict, flags: dict,
     model = cls.__new__(cls)
     with torch.random.fork_rng(devices=[]):  # rebuilding must not consume the caller's random stream
         init(model, **config)
-    model.load_state_dict(state, strict=True)
+    # assign=True: the parameters and buffers take the pickled tensors themselves, so a float16 or
+    # float64 model comes back in its dtype (and on its device) instead of the constructor's float32.
+    model.load_state_dict(state, strict=True, assign=True)
     for module, mode in zip(model.modules(), flags["training"]):
         module.training = mode
     for module, fused in zip((m for m in model.modules() if isinstance(m, Attention)), flags["fused_attn"]):

@@ -12,6 +12,7 @@ from einops import rearrange
 from torch import nn
 from torch.jit import Final
 
+from ._deprecation import keyword_only_since
 from .config import use_fused_attn
 
 __all__ = ["Attention", "FeedForward", "TransformerBlock", "math_attention_scores"]
@@ -75,8 +76,9 @@ class Attention(nn.Module):
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         return rearrange(t, "b n (h d) -> b h n d", h=self.heads)
 
+    @keyword_only_since("0.3", "return_attention")
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None, return_attention: bool = False
+        self, x: torch.Tensor, context: torch.Tensor | None = None, *, return_attention: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attend from ``x`` to ``context`` (or to ``x`` itself).
 
@@ -154,8 +156,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
+    @keyword_only_since("0.3", "return_attention")
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor, return_attention: bool = False
+        self, x: torch.Tensor, context: torch.Tensor, *, return_attention: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run the block; with ``return_attention`` also return the cross-attention probabilities."""
         t = self.attn1(self.norm1(x))

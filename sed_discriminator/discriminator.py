@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_image, check_same_dtype, check_semantic
+from ._checks import RANGE_CHECK_CALLS, check_image, check_input_range, check_same_dtype, check_semantic
 from ._pickling import reduce_module
 from ._state import check_finite
 from ._upsample import conv_upsampled
@@ -59,6 +59,16 @@ def _lrelu_(x: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu(x, _LRELU_SLOPE, inplace=True)
 
 
+def _as_range(input_range: tuple[float, float]) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in input_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_range must be (low, high), two numbers, got {input_range!r}.") from None
+    if not high > low:
+        raise ValueError(f"input_range must be (low, high) with high > low, got {tuple(input_range)}.")
+    return low, high
+
+
 def _conv(c_in: int, c_out: int, kernel: int, stride: int, padding: int, bias: bool = True) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=bias)
 
@@ -100,6 +110,9 @@ class SeD(nn.Module):
             layout measured faster for the input's device type (:data:`CHANNELS_LAST_DEFAULT`:
             on the CPU channels_last for ``"pixel"``, NCHW for ``"patch"``; NCHW on devices not
             measured yet, CUDA included). Outputs agree across layouts to float rounding.
+        input_range: value range of the images you pass, ``(0, 1)`` as in the paper; other ranges
+            (e.g. ``(-1, 1)``) are mapped to [0, 1] first, so the weights mean the same. The first
+            calls check that the images lie in it (see "Input range" in docs/api.md).
 
     Shape:
         - x: (B, in_channels, H, W) with H, W >= 32, float (values in [0, 1] in the paper's recipe)
@@ -112,7 +125,9 @@ class SeD(nn.Module):
         torch.Size([2, 1, 30, 30])
     """
 
-    _TRANSIENT: dict = {}  # instance attributes a pickle leaves out (with the value they get back)
+    # Instance attributes a pickle leaves out (with the value they get back): a rebuilt model
+    # range-checks its first calls again.
+    _TRANSIENT: dict = {"_range_checks_left": RANGE_CHECK_CALLS}
 
     def __init__(
         self,
@@ -125,6 +140,7 @@ class SeD(nn.Module):
         head_dim: int = 64,
         semantic_fusion: bool = True,
         channels_last: bool | None = None,
+        input_range: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -136,6 +152,7 @@ class SeD(nn.Module):
                 raise ValueError(f"{arg} must be a positive integer, got {value!r}.")
         if channels_last is not None and not isinstance(channels_last, bool):
             raise TypeError(f"channels_last must be True, False or None, got {channels_last!r}.")
+        self.input_range = _as_range(input_range)
         step = semantic_channel_step(variant)
         if semantic_fusion and semantic_channels % step:
             low = max(step, semantic_channels // step * step)
@@ -240,13 +257,15 @@ class SeD(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
 
-    def _fuse(self, name: str, semantic: torch.Tensor | None, features: torch.Tensor, maps: dict | None) -> torch.Tensor:
+    def _fuse(
+        self, name: str, features: torch.Tensor, semantic: torch.Tensor | None, maps: dict | None
+    ) -> torch.Tensor:
         block = getattr(self, name)
         if block is None:
             return features
         if maps is None:
             return torch.cat([features, block(features, semantic)], dim=1)
-        fused, maps[name] = block(features, semantic, return_attention=True)
+        fused, maps[name] = block.forward_with_attention(features, semantic)
         return torch.cat([features, fused], dim=1)
 
     # Every activation below follows a convolution whose output nothing else reads, so it runs
@@ -254,20 +273,20 @@ class SeD(nn.Module):
     # therefore see their output after the activation.
     def _forward_patch(self, x: torch.Tensor, s: torch.Tensor | None, maps: dict | None) -> torch.Tensor:
         x = _lrelu_(self.conv_first(x))
-        x = _lrelu_(self.conv11(self._fuse("att1", s, self.conv1(x), maps)))
-        x = _lrelu_(self.conv21(self._fuse("att2", s, self.conv2(x), maps)))
-        x = _lrelu_(self.conv31(self._fuse("att3", s, self.conv3(x), maps)))
+        x = _lrelu_(self.conv11(self._fuse("att1", self.conv1(x), s, maps)))
+        x = _lrelu_(self.conv21(self._fuse("att2", self.conv2(x), s, maps)))
+        x = _lrelu_(self.conv31(self._fuse("att3", self.conv3(x), s, maps)))
         return self.conv_last(x)
 
     def _forward_pixel(self, x: torch.Tensor, s: torch.Tensor | None, maps: dict | None) -> torch.Tensor:
         x0 = _lrelu_(self.conv0(x))
         x1 = _lrelu_(self.conv1(x0))
         x2 = _lrelu_(self.conv2(x1))
-        x3 = _lrelu_(self.conv31(self._fuse("att3", s, self.conv3(x2), maps)))
+        x3 = _lrelu_(self.conv31(self._fuse("att3", self.conv3(x2), s, maps)))
         x4 = _lrelu_(conv_upsampled(self.conv4, x3, x2.shape[-2:])) + x2
-        x4 = self.conv21(self._fuse("att2", s, x4, maps))
+        x4 = self.conv21(self._fuse("att2", x4, s, maps))
         x5 = _lrelu_(conv_upsampled(self.conv5, x4, x1.shape[-2:])) + x1
-        x5 = self.conv11(self._fuse("att1", s, x5, maps))
+        x5 = self.conv11(self._fuse("att1", x5, s, maps))
         x6 = _lrelu_(conv_upsampled(self.conv6, x5, x0.shape[-2:])) + x0
         out = _lrelu_(self.conv7(x6))
         out = _lrelu_(self.conv8(out))
@@ -275,12 +294,16 @@ class SeD(nn.Module):
 
     def _run(self, x: torch.Tensor, semantic: torch.Tensor | None, maps: dict | None) -> torch.Tensor:
         check_image(x, owner="SeD", channels=self.in_channels, min_size=MIN_INPUT_SIZE)
+        check_input_range(self, x, owner="SeD", value_range=self.input_range)
         if self.semantic_fusion:
             check_semantic(semantic, owner="SeD", channels=self.semantic_channels, batch=x.shape[0])
         else:
             semantic = None
         first = self.conv_first if self.variant == "patch" else self.conv0
         check_same_dtype(first.weight, owner="SeD", image=x, semantic_map=semantic)
+        low, high = self.input_range
+        if (low, high) != (0.0, 1.0):
+            x = (x - low) / (high - low)
         if self.uses_channels_last(x.device):
             # Every convolution follows the layout of its input, so converting the image suffices.
             x = x.contiguous(memory_format=torch.channels_last)
@@ -317,9 +340,10 @@ class SeD(nn.Module):
 
     def extra_repr(self) -> str:
         layout = "auto" if self.channels_last is None else self.channels_last
+        in_range = "" if self.input_range == (0.0, 1.0) else f", input_range={self.input_range}"
         return (
             f"variant={self.variant!r}, semantic_channels={self.semantic_channels}, "
-            f"semantic_fusion={self.semantic_fusion}, channels_last={layout}"
+            f"semantic_fusion={self.semantic_fusion}, channels_last={layout}{in_range}"
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
@@ -343,6 +367,7 @@ class SeD(nn.Module):
             head_dim=self.head_dim,
             semantic_fusion=self.semantic_fusion,
             channels_last=self.channels_last,
+            input_range=self.input_range,
         )
 
     def __reduce__(self):

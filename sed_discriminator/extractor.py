@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._checks import check_image
+from ._checks import check_image, check_input_range
 from ._state import read_state_dict, unwrap_state_dict
 
 __all__ = [
@@ -116,6 +116,7 @@ def register_extractor(preset: ExtractorPreset, overwrite: bool = False) -> Extr
     if preset.channels is None or preset.stride is None:
         model = _create_model(preset.model, meta=True)  # type: ignore[arg-type]
         layer = _check_layer(preset.layer, model, preset.model)  # type: ignore[arg-type]
+        _check_grid_follows_input(preset.model, layer, model)  # type: ignore[arg-type]
         info = model.feature_info[layer]
         preset = replace(preset, layer=layer, channels=int(info["num_chs"]), stride=int(info["reduction"]))
     _PRESETS[preset.name] = preset
@@ -219,6 +220,64 @@ def _check_layer(layer: int | None, model: nn.Module, model_name: str) -> int:
         choices = ", ".join(f"{i}: {c} ch @ stride {s}" for i, c, s in levels)
         raise ValueError(f"layer={layer} does not exist in timm model {model_name!r}; its levels are {{{choices}}}.")
     return index
+
+
+def _native_size(model: nn.Module) -> tuple[int, int]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("input_size", (3, 224, 224))[-2:])  # type: ignore[return-value]
+
+
+def _grid_at(model: nn.Module, layer: int, size: tuple[int, int]) -> tuple[int, int] | None:
+    """The semantic grid of ``model`` (on the meta device: no compute) at ``size``, or None where it fails there."""
+    try:
+        out = model.forward_intermediates(
+            torch.empty(1, 3, *size, device="meta"), indices=[layer], intermediates_only=True, output_fmt="NCHW"
+        )[0]
+    except Exception:  # any failure means "does not run at this size" to the callers
+        return None
+    return tuple(out.shape[-2:])  # type: ignore[return-value]
+
+
+def _on_meta(model_name: str, model: nn.Module | None = None) -> nn.Module | None:
+    if model is None or any(not p.is_meta for p in model.parameters()):
+        model = _create_model(model_name, meta=True)
+    return model if all(p.is_meta for p in model.parameters()) else None  # old timm: no meta build, no probe
+
+
+def _check_grid_follows_input(model_name: str, layer: int, model: nn.Module | None = None) -> None:
+    """Refuse a timm model whose semantic grid is the same whatever the input size (e.g. CrossViT).
+
+    Such a model resizes every image to its own input size inside, so the ``reduction`` timm
+    reports is no stride (17 for ``crossvit_tiny_240``, with a 14x14 grid at any size).
+    """
+    meta = _on_meta(model_name, model)
+    if meta is None:
+        return
+    height, width = _native_size(meta)
+    small, large = _grid_at(meta, layer, (height, width)), _grid_at(meta, layer, (2 * height, 2 * width))
+    if small is not None and small == large:
+        raise ValueError(
+            f"timm model {model_name!r} gives a {small[0]}x{small[1]} semantic grid whatever the input size (it "
+            f"resizes every image to {height}x{width} inside), so its map has no stride to align with the image. "
+            "Pick another model: a preset from list_extractors() or a timm CNN / ViT whose grid follows the input."
+        )
+
+
+def _explain_input_size(model_name: str, layer: int, size: tuple[int, int], err: Exception) -> ValueError | None:
+    """A clear error when a timm model fails because it only runs at its own input size (None otherwise)."""
+    meta = _on_meta(model_name)
+    if meta is None:
+        return None
+    native = _native_size(meta)
+    if tuple(size) == native or _grid_at(meta, layer, native) is None or _grid_at(meta, layer, size) is not None:
+        return None
+    detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    return ValueError(
+        f"timm model {model_name} does not run at {size[0]}x{size[1]}: it is built for {native[0]}x{native[1]} "
+        f"images (its pretrained_cfg input_size; timm says: {detail}). Resize the images to {native[0]}x{native[1]} "
+        f"before the extractor (F.interpolate(x, size={native}, mode='bicubic', antialias=True)), or pick a model "
+        "that takes any size: a preset from list_extractors() or a timm CNN / ViT built with dynamic_img_size."
+    )
 
 
 def _is_clip_resnet(model: nn.Module) -> bool:
@@ -416,6 +475,8 @@ class SemanticExtractor(nn.Module):
             if preset.build is None:
                 self._model_name = model_name
                 self._layer = _check_layer(preset.layer, self.trunk, model_name)
+                if preset.stride is None:  # a stride read from timm's feature_info: check that it means one
+                    _check_grid_follows_input(model_name, self._layer, self.trunk)
                 info = self.trunk.feature_info[self._layer]
                 preset = replace(preset, layer=self._layer, channels=int(info["num_chs"]), stride=int(info["reduction"]))
                 cfg = self.trunk.pretrained_cfg or {}
@@ -601,7 +662,8 @@ class SemanticExtractor(nn.Module):
         Returns:
             The semantic map, without gradient history.
         """
-        check_image(x, owner="SemanticExtractor", channels=3, min_size=self.stride, value_range=self.input_range)
+        check_image(x, owner="SemanticExtractor", channels=3, min_size=self.stride)
+        check_input_range(self, x, owner="SemanticExtractor", value_range=self.input_range)
         low, high = self.input_range
         x = x.to(self.mean.dtype)
         if (low, high) != (0.0, 1.0):
@@ -609,9 +671,15 @@ class SemanticExtractor(nn.Module):
         x = (x - self.mean) / self.std
         if self._layer is None:
             return self.trunk(x)
-        return self.trunk.forward_intermediates(
-            x, indices=[self._layer], norm=self._tokens, output_fmt="NCHW", intermediates_only=True
-        )[0]
+        try:
+            return self.trunk.forward_intermediates(
+                x, indices=[self._layer], norm=self._tokens, output_fmt="NCHW", intermediates_only=True
+            )[0]
+        except (RuntimeError, AssertionError) as err:  # e.g. swin / levit / cait at another size than theirs
+            clear = _explain_input_size(self._model_name, self._layer, tuple(x.shape[-2:]), err)
+            if clear is None:
+                raise
+            raise clear from err
 
     def extra_repr(self) -> str:
         return (

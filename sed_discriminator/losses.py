@@ -9,7 +9,9 @@ Kinds (``kind=``):
   logit of the other batch (mean over every element), with BCE.
 
 Every loss is a mean over all elements; D losses add the real and fake terms (for ``ragan``
-they are averaged, as in ESRGAN). ``weight`` multiplies the result.
+they are averaged, as in ESRGAN). ``weight`` multiplies the result. Half-precision logits
+(float16, bfloat16, e.g. from a discriminator under autocast) are computed in float32, for
+every kind, and the loss is float32.
 """
 
 from __future__ import annotations
@@ -49,6 +51,20 @@ def _needs_real(kind: str, real_logits: torch.Tensor | None) -> torch.Tensor:
     return real_logits
 
 
+def _check_weight(owner: str, weight: object) -> None:
+    if isinstance(weight, torch.Tensor) and weight.numel() == 1 and weight.is_floating_point():
+        return
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise TypeError(
+            f"{owner}: weight must be a number (e.g. weight=0.01), got {weight!r} ({type(weight).__name__})."
+        )
+
+
+def _as_float32(t: torch.Tensor | None) -> torch.Tensor | None:
+    # Squares, means and hinges in bfloat16 lose the third digit (1.4766 for 1.4811); BCE already upcasts.
+    return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _check_logits(owner: str, **logits: torch.Tensor | None) -> None:
     # The mean over no element is NaN: an empty batch would train on NaN without a word.
     for name, t in logits.items():
@@ -56,6 +72,11 @@ def _check_logits(owner: str, **logits: torch.Tensor | None) -> None:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{owner}: {name} must be a tensor of logits, got {type(t).__name__}.")
+        if not t.is_floating_point():
+            raise ValueError(
+                f"{owner}: {name} must be floating-point logits (the discriminator's raw output), got dtype "
+                f"{t.dtype}. Pass the discriminator's output itself, not labels or predictions."
+            )
         if t.numel() == 0:
             raise ValueError(
                 f"{owner}: {name} is empty (shape {tuple(t.shape)}), so the loss would be NaN. "
@@ -82,7 +103,9 @@ def generator_loss(
         0.6931
     """
     _check_kind(kind)
+    _check_weight("generator_loss", weight)
     _check_logits("generator_loss", fake_logits=fake_logits, real_logits=real_logits)
+    fake_logits, real_logits = _as_float32(fake_logits), _as_float32(real_logits)
     if kind == "vanilla":
         loss = _bce(fake_logits, 1.0)
     elif kind == "lsgan":
@@ -118,7 +141,9 @@ def discriminator_loss(
         tensor(True)
     """
     _check_kind(kind)
+    _check_weight("discriminator_loss", weight)
     _check_logits("discriminator_loss", fake_logits=fake_logits, real_logits=real_logits)
+    fake_logits, real_logits = _as_float32(fake_logits), _as_float32(real_logits)
     if kind == "vanilla":
         loss = _bce(real_logits, 1.0) + _bce(fake_logits, 0.0)
     elif kind == "lsgan":
@@ -147,6 +172,7 @@ class GeneratorLoss(nn.Module):
     def __init__(self, kind: str = "vanilla", *, weight: float = 1.0) -> None:
         super().__init__()
         _check_kind(kind)
+        _check_weight(type(self).__name__, weight)
         self.kind = kind
         self.weight = weight
 
@@ -168,6 +194,7 @@ class DiscriminatorLoss(nn.Module):
     def __init__(self, kind: str = "vanilla", *, weight: float = 1.0) -> None:
         super().__init__()
         _check_kind(kind)
+        _check_weight(type(self).__name__, weight)
         self.kind = kind
         self.weight = weight
 

@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from ._checks import check_features, check_same_dtype, check_semantic
+from ._deprecation import keyword_only_since, warn_deprecated
 from .attention import Attention, TransformerBlock
 
 __all__ = ["SeFB", "channels_to_space", "semantic_grid_size"]
@@ -22,7 +23,8 @@ __all__ = ["SeFB", "channels_to_space", "semantic_grid_size"]
 GROUP_NORM_GROUPS = 32
 
 
-def channels_to_space(x: torch.Tensor, factor: int, channels_last: bool = False) -> torch.Tensor:
+@keyword_only_since("0.3", "channels_last")
+def channels_to_space(x: torch.Tensor, factor: int, *, channels_last: bool = False) -> torch.Tensor:
     """Move channel sub-indices into space in the reference's ``(c, uw, uh)`` order.
 
     ``out[b, c, h*u + uh, w*u + uw] = x[b, c*u*u + uw*u + uh, h, w]``. This is NOT
@@ -31,7 +33,8 @@ def channels_to_space(x: torch.Tensor, factor: int, channels_last: bool = False)
     Args:
         x: tensor of shape (B, C*u*u, h, w), in either memory layout.
         factor: the upscale factor u.
-        channels_last: lay the result out as ``torch.channels_last`` (same values, one copy either way).
+        channels_last: lay the result out as ``torch.channels_last`` (same values, one copy either way);
+            keyword-only (0.2's positional form still works, with a ``DeprecationWarning``).
 
     Returns:
         Tensor of shape (B, C, h*u, w*u).
@@ -40,11 +43,18 @@ def channels_to_space(x: torch.Tensor, factor: int, channels_last: bool = False)
         >>> channels_to_space(torch.rand(2, 64, 4, 4), 4).shape
         torch.Size([2, 4, 16, 16])
     """
+    _check_positive_ints("channels_to_space", factor=factor)
     if x.shape[1] % (factor * factor):
         raise ValueError(f"channels_to_space needs channels divisible by {factor}^2, got {x.shape[1]}.")
     if channels_last:
         return rearrange(x, "b (c uw uh) h w -> b (h uh) (w uw) c", uw=factor, uh=factor).permute(0, 3, 1, 2)
     return rearrange(x, "b (c uw uh) h w -> b c (h uh) (w uw)", uw=factor, uh=factor)
+
+
+def _check_positive_ints(owner: str, **values: object) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}.")
 
 
 def semantic_grid_size(feature_size: tuple[int, int], upscale: int, shrink: int = 0) -> tuple[int, int]:
@@ -125,6 +135,14 @@ class SeFB(nn.Module):
         conv_out_kernel: int = 3,
     ) -> None:
         super().__init__()
+        _check_positive_ints(
+            "SeFB",
+            feature_channels=feature_channels,
+            upscale=upscale,
+            semantic_channels=semantic_channels,
+            heads=heads,
+            head_dim=head_dim,
+        )
         step = math.lcm(GROUP_NORM_GROUPS, upscale * upscale)
         if semantic_channels % step:
             low = max(step, semantic_channels // step * step)
@@ -166,21 +184,46 @@ class SeFB(nn.Module):
         Args:
             features: image features (B, Cf, H', W').
             semantic: semantic map (B, Cs, hs, ws) of the same batch.
-            return_attention: also return the cross-attention probabilities
-                (B, heads, gh*gw, H'*W'), computed on the math path.
+            return_attention: deprecated (it changed the return type): use :meth:`forward_with_attention`.
         """
+        if return_attention:
+            warn_deprecated(
+                "SeFB.forward(..., return_attention=True) is deprecated since 0.3 and will be removed in the next "
+                "release: call block.forward_with_attention(features, semantic), which returns (output, attention)."
+            )
+            return self.forward_with_attention(features, semantic)
+        return self._fuse(features, semantic, with_attention=False)[0]
+
+    def forward_with_attention(
+        self, features: torch.Tensor, semantic: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` that also returns the cross-attention probabilities (computed on the math path).
+
+        Returns:
+            ``(output, attention)``: the fused features (B, Cs / u^2, H', W') and the probabilities
+            (B, heads, gh*gw, H'*W') of each semantic token over the image tokens.
+        """
+        out, attn = self._fuse(features, semantic, with_attention=True)
+        return out, attn  # type: ignore[return-value]
+
+    def _fuse(
+        self, features: torch.Tensor, semantic: torch.Tensor, *, with_attention: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         check_features(features, owner="SeFB", channels=self.feature_channels)
-        check_semantic(semantic, owner="SeFB", channels=self.semantic_channels, batch=features.shape[0], values=False)
+        check_semantic(
+            semantic, owner="SeFB", channels=self.semantic_channels, batch=features.shape[0], check_finite=False
+        )
         check_same_dtype(self.proj_context.weight, owner="SeFB", features=features, semantic_map=semantic)
         height, width = features.shape[-2:]
         grid = semantic_grid_size((height, width), self.upscale, self.shrink)
         s = _resample(semantic, grid)
         q = _to_tokens(self.proj_in(self.norm(s)))
         context = _to_tokens(self.proj_context(features))
-        block_out = self.transformer_blocks[0](q, context, return_attention=return_attention)
-        t, attn = block_out if return_attention else (block_out, None)
+        block_out = self.transformer_blocks[0](q, context, return_attention=with_attention)
+        t, attn = block_out if with_attention else (block_out, None)
         t = rearrange(t, "b (h w) c -> b c h w", h=grid[0], w=grid[1])
-        out = self.conv_out(channels_to_space(self.proj_out(t), self.upscale, _is_channels_last(features)))
+        t = channels_to_space(self.proj_out(t), self.upscale, channels_last=_is_channels_last(features))
+        out = self.conv_out(t)
         if out.shape[-2:] != (height, width):
             out = out[..., :height, :width]
-        return (out, attn) if return_attention else out
+        return out, attn

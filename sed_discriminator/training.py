@@ -8,7 +8,9 @@
 
 In both the extractor is held outside the module tree: it is not in ``parameters()`` or
 ``state_dict()``, so optimizers, ``requires_grad`` toggles and checkpoints see the
-discriminator alone; ``.to()``/``.cuda()`` still move it.
+discriminator alone; ``.to()``/``.cuda()`` still move it. Dtype conversions (``.half()``,
+``.double()``, ``.to(dtype)``) do not reach it: the extractor may be shared and keeps its
+precision; its semantic maps are cast to the discriminator's dtype.
 """
 
 from __future__ import annotations
@@ -21,20 +23,73 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._upsample import _compiling
 from .discriminator import SeD
 from .extractor import SemanticExtractor
-from .losses import LOSS_KINDS, discriminator_loss, generator_loss, r1_penalty
+from .losses import LOSS_KINDS, _check_weight, discriminator_loss, generator_loss, r1_penalty
 
-__all__ = ["SeDAdversary", "ConditionedSeD", "frozen_parameters"]
+__all__ = ["SeDAdversary", "ConditionedSeD", "frozen_parameters", "set_condition"]
 
 
-def _make_extractor(extractor: SemanticExtractor | str, pretrained: Any) -> SemanticExtractor:
+def _make_extractor(
+    extractor: SemanticExtractor | str, pretrained: Any, input_range: tuple[float, float] | None = None
+) -> SemanticExtractor:
     if isinstance(extractor, SemanticExtractor):
         return extractor
     if isinstance(extractor, str):
-        return SemanticExtractor(extractor, pretrained=pretrained)
+        if input_range is None:
+            return SemanticExtractor(extractor, pretrained=pretrained)
+        return SemanticExtractor(extractor, pretrained=pretrained, input_range=input_range)
     raise TypeError(f"extractor must be a SemanticExtractor or a preset name, got {type(extractor).__name__}.")
+
+
+def _check_same_range(owner: str, discriminator: nn.Module, extractor: SemanticExtractor) -> None:
+    d_range = getattr(discriminator, "input_range", None)
+    if d_range is not None and tuple(d_range) != tuple(extractor.input_range):
+        raise ValueError(
+            f"{owner}: the discriminator takes images in input_range={tuple(d_range)} but the extractor in "
+            f"input_range={tuple(extractor.input_range)}; both see the same images. Give both the range your images "
+            f"are in (or pass input_range= to {owner} with the names of the discriminator and extractor)."
+        )
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel and ``torch.compile`` wrappers."""
+    for _ in range(8):  # wrappers nest a few levels at most
+        inner = getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            wrapped = isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+            inner = module.module if wrapped else None
+        if inner is None:
+            return module
+        module = inner
+    return module
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def _as_dtype(semantic: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return semantic if dtype is None or semantic.dtype == dtype else semantic.to(dtype)
+
+
+def set_condition(net_d: nn.Module, hr: torch.Tensor) -> torch.Tensor | None:
+    """``net_d.set_condition(hr)`` through DistributedDataParallel, DataParallel and ``torch.compile`` wrappers.
+
+    ``ddp_net_d.set_condition(gt)`` raises PyTorch's own ``AttributeError`` (a wrapper does not
+    forward methods); this function finds the :class:`ConditionedSeD` inside, as
+    ``ddp_net_d.module.set_condition(gt)`` does by hand.
+
+    Example:
+        >>> net_d = ConditionedSeD("patch", pretrained=None, width=8, head_dim=8)  # random weights: a smoke test
+        >>> wrapped = torch.compile(net_d)  # or DistributedDataParallel(net_d)
+        >>> set_condition(wrapped, torch.rand(1, 3, 64, 64)).shape
+        torch.Size([1, 1024, 4, 4])
+    """
+    inner = _unwrap(net_d)
+    if not isinstance(inner, ConditionedSeD):
+        raise TypeError(f"set_condition needs a ConditionedSeD (possibly wrapped), got {type(inner).__name__}.")
+    return inner.set_condition(hr)
 
 
 def _check_channels(owner: str, semantic_channels: int, extractor: SemanticExtractor) -> None:
@@ -57,7 +112,14 @@ class _HoldsExtractor(nn.Module):
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         super()._apply(fn, recurse)
         if self.extractor is not None:
-            self.extractor._apply(fn, recurse)
+            # A probe of the extractor's dtype tells a dtype conversion (.half(), .double(), .to(dtype)),
+            # which must not change the caller's (maybe shared) extractor, from a move, which must.
+            probe = self.extractor.mean
+            moved = fn(torch.empty(0, dtype=probe.dtype, device=probe.device))
+            if moved.dtype == probe.dtype:
+                self.extractor._apply(fn, recurse)
+            elif moved.device != probe.device:
+                self.extractor.to(moved.device)
         return self
 
 
@@ -135,6 +197,16 @@ class SeDAdversary(_HoldsExtractor):
             follows a slightly different trajectory, not an equivalent one. It also holds the
             activations of both batches at once (same total as two calls before backward).
             Real and fake batches must have the same shape.
+        input_range: value range of the images, for the discriminator and extractor built from
+            names (``None``: [0, 1], or the range of the given objects, which must agree).
+
+    Swapped arguments: :meth:`generator_loss` and :meth:`discriminator_loss` take ``(sr, hr)``.
+    A call that gets ``(hr, sr)`` raises a ``ValueError`` when it can tell: in
+    :meth:`generator_loss` when ``hr`` carries a gradient and ``sr`` does not (the generator's
+    output always does in a G step), and in either method when ``sr`` holds the HR batch of the
+    step's earlier call (the semantics cache keeps it: caught in the call that swaps, or in the
+    next call when the earlier one did). Not caught: a step whose only call is a swapped
+    :meth:`discriminator_loss` with a detached ``sr``.
 
     Example:
         >>> adversary = SeDAdversary("patch", pretrained=None)  # random CLIP weights: a smoke test only
@@ -154,16 +226,24 @@ class SeDAdversary(_HoldsExtractor):
         loss: str = "vanilla",
         weight: float = 0.01,
         batch_real_fake: bool = False,
+        input_range: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         if loss not in LOSS_KINDS:
             raise ValueError(f"Unknown GAN loss kind {loss!r}; choose one of {LOSS_KINDS}.")
-        ext = _make_extractor(extractor, pretrained)
+        _check_weight("SeDAdversary", weight)
+        ext = _make_extractor(extractor, pretrained, input_range)
         if isinstance(discriminator, str):
-            discriminator = SeD(discriminator, semantic_channels=ext.channels)
-        bare = getattr(discriminator, "module", discriminator)  # DDP / DataParallel wrap the SeD
+            discriminator = SeD(discriminator, semantic_channels=ext.channels, input_range=ext.input_range)
+        bare = _unwrap(discriminator)
         if getattr(bare, "semantic_fusion", False):
             _check_channels("SeDAdversary", bare.semantic_channels, ext)
+        if input_range is not None and tuple(float(v) for v in input_range) != ext.input_range:
+            raise ValueError(
+                f"SeDAdversary(input_range={tuple(input_range)}) but the given extractor takes input_range="
+                f"{ext.input_range}. Build the extractor with input_range={tuple(input_range)}."
+            )
+        _check_same_range("SeDAdversary", bare, ext)
         self.discriminator = discriminator
         self._attach_extractor(ext)
         self.loss = loss
@@ -173,10 +253,20 @@ class SeDAdversary(_HoldsExtractor):
 
     def semantics(self, hr: torch.Tensor) -> torch.Tensor:
         """Semantic map of ``hr``; computed once for a batch of these values until the step is over."""
+        return self._semantics(hr)
+
+    def _semantics(self, hr: torch.Tensor, sr: torch.Tensor | None = None, call: str = "") -> torch.Tensor:
         cache = self._cache
-        if cache is not None and _same_batch(cache.hr, hr):
-            return cache.semantic
-        semantic = self.extractor(hr)
+        if cache is not None:
+            if _same_batch(cache.hr, hr):
+                return cache.semantic
+            if sr is not None and isinstance(sr, torch.Tensor) and _same_batch(cache.hr, sr):
+                raise ValueError(
+                    f"SeDAdversary.{call}(sr, hr): sr holds the HR batch of this step's earlier call, so sr and hr "
+                    "are swapped in this call or in the earlier one. Both methods take (sr, hr): the generator's "
+                    "output first, the HR batch second."
+                )
+        semantic = _as_dtype(self.extractor(hr), _float_dtype(self.discriminator))
         self._cache = _CachedSemantics(hr.detach().clone(), semantic)
         return semantic
 
@@ -195,7 +285,12 @@ class SeDAdversary(_HoldsExtractor):
 
         The discriminator's parameters get no gradient from it (they are frozen during the call).
         """
-        semantic = self.semantics(hr)
+        if isinstance(sr, torch.Tensor) and isinstance(hr, torch.Tensor) and hr.requires_grad and not sr.requires_grad:
+            raise ValueError(
+                "SeDAdversary.generator_loss(sr, hr): hr carries a gradient and sr does not, so the arguments look "
+                "swapped. Pass the generator's output (which carries its gradient) first and the HR batch second."
+            )
+        semantic = self._semantics(hr, sr, "generator_loss")
         hr = _autograd_ready(hr)
         with frozen_parameters(self.discriminator):
             fake = self.discriminator(sr, semantic)
@@ -212,7 +307,7 @@ class SeDAdversary(_HoldsExtractor):
         With ``batch_real_fake`` the two batches go through the discriminator in one call (see
         the class docstring for how that differs in training mode).
         """
-        semantic = self.semantics(hr)
+        semantic = self._semantics(hr, sr, "discriminator_loss")
         sr, hr = _autograd_ready(sr), _autograd_ready(hr)
         if self.batch_real_fake:
             if hr.shape != sr.shape:
@@ -262,7 +357,12 @@ class ConditionedSeD(_HoldsExtractor, SeD):
     step's discriminator calls (or wrap them in ``with net_d.condition(gt):``). A condition is
     valid until the discriminator's weights change (an optimizer step, ``load_state_dict``) or
     a new one is set; a forward with a stale condition, or with a batch of another size, raises
-    instead of reusing the previous step's semantics.
+    instead of reusing the previous step's semantics. Under ``torch.compile`` the staleness check
+    runs eagerly, outside the graph (a graph break at the start of ``forward``, so
+    ``fullgraph=True`` refuses this module: compile an :class:`SeD` and pass the semantics).
+    Wrapped in DistributedDataParallel, call ``net_d.module.set_condition(gt)`` or
+    :func:`sed_discriminator.training.set_condition` (``net_d.set_condition`` does not reach
+    through a wrapper).
 
     Args:
         variant: ``"patch"`` or ``"pixel"``.
@@ -272,7 +372,8 @@ class ConditionedSeD(_HoldsExtractor, SeD):
         semantic_source: ``"condition"`` (the paper: semantics of the HR batch given to
             :meth:`set_condition`) or ``"input"`` (semantics of whatever image is passed).
         **kwargs: further :class:`SeD` keyword arguments (width, heads, head_dim, semantic_fusion,
-            channels_last); ``semantic_channels`` defaults to the extractor's.
+            channels_last, input_range); ``semantic_channels`` and ``input_range`` default to the
+            extractor's (an extractor built from a name gets ``input_range`` too).
 
     Example:
         >>> net_d = ConditionedSeD("patch", pretrained=None)  # random CLIP weights: a smoke test only
@@ -282,7 +383,7 @@ class ConditionedSeD(_HoldsExtractor, SeD):
         torch.Size([2, 1, 30, 30])
     """
 
-    _TRANSIENT = {"_condition": None, "_condition_stamp": None}
+    _TRANSIENT = {**SeD._TRANSIENT, "_condition": None, "_condition_stamp": None}
 
     def __init__(
         self,
@@ -295,16 +396,29 @@ class ConditionedSeD(_HoldsExtractor, SeD):
     ) -> None:
         if semantic_source not in ("condition", "input"):
             raise ValueError(f"semantic_source must be 'condition' or 'input', got {semantic_source!r}.")
-        ext = _make_extractor(extractor, pretrained) if kwargs.get("semantic_fusion", True) else None
+        in_range = kwargs.get("input_range")
+        ext = _make_extractor(extractor, pretrained, in_range) if kwargs.get("semantic_fusion", True) else None
         if ext is not None:
             if "semantic_channels" in kwargs:
                 _check_channels("ConditionedSeD", kwargs["semantic_channels"], ext)
             kwargs["semantic_channels"] = ext.channels
+            kwargs.setdefault("input_range", ext.input_range)
         SeD.__init__(self, variant, **kwargs)
+        if ext is not None:
+            _check_same_range("ConditionedSeD", self, ext)
         self._attach_extractor(ext)
         self.semantic_source = semantic_source
         self._condition: torch.Tensor | None = None
         self._condition_stamp: tuple[int, ...] | None = None
+
+    @torch.compiler.disable  # version counters cannot be traced: checked eagerly, also under torch.compile
+    def _check_fresh(self) -> None:
+        if self._condition_stamp != self._weights_stamp():
+            raise RuntimeError(
+                "ConditionedSeD's condition is stale: the discriminator's weights changed (an optimizer step or "
+                "load_state_dict) since set_condition(). Call net_d.set_condition(gt) with this step's HR batch "
+                "before its discriminator calls."
+            )
 
     def _weights_stamp(self) -> tuple[int, ...]:
         # In-place updates (optimizer steps, load_state_dict) bump a tensor's version counter.
@@ -318,7 +432,7 @@ class ConditionedSeD(_HoldsExtractor, SeD):
         """
         if self.extractor is None:
             return None
-        self._condition = self.extractor(hr)
+        self._condition = _as_dtype(self.extractor(hr), _float_dtype(self))
         self._condition_stamp = self._weights_stamp()
         return self._condition
 
@@ -344,26 +458,23 @@ class ConditionedSeD(_HoldsExtractor, SeD):
         if self._condition is None:
             raise RuntimeError(
                 "ConditionedSeD has no condition: call net_d.set_condition(gt) with the HR batch "
-                "before the discriminator calls of each step (or build it with semantic_source='input')."
+                "before the discriminator calls of each step (or build it with semantic_source='input'). "
+                "Wrapped in DistributedDataParallel or DataParallel: net_d.module.set_condition(gt), or "
+                "sed_discriminator.training.set_condition(net_d, gt), which unwraps."
             )
-        if not _compiling() and self._condition_stamp != self._weights_stamp():
-            raise RuntimeError(
-                "ConditionedSeD's condition is stale: the discriminator's weights changed (an optimizer step or "
-                "load_state_dict) since set_condition(). Call net_d.set_condition(gt) with this step's HR batch "
-                "before its discriminator calls."
-            )
+        self._check_fresh()
         if self._condition.shape[0] != batch:
             raise RuntimeError(
                 f"ConditionedSeD's condition holds {self._condition.shape[0]} images but the input has {batch}: "
                 "call net_d.set_condition(gt) with the HR batch of these images."
             )
-        return self._condition
+        return _as_dtype(self._condition, _float_dtype(self))
 
     def forward(self, x: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         """Logits for ``x``; ``semantic`` overrides the stored condition when given."""
         if semantic is None and self.semantic_fusion:
             if self.semantic_source == "input":
-                semantic = self.extractor(x)
+                semantic = _as_dtype(self.extractor(x), _float_dtype(self))
             else:
                 semantic = self._stored_condition(x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else 0)
         return SeD.forward(self, x, semantic)
