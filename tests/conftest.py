@@ -1,4 +1,4 @@
-"""Shared fixtures: device/dtype selection (CPU by default), seeding and tiny model sizes.
+"""Shared fixtures: device/dtype selection (CPU by default) and seeding; shared helpers live in helpers.py.
 
 Pick another device with ``pytest --device cuda`` or ``SED_TEST_DEVICE=cuda``; tests whose
 device is unavailable are skipped.
@@ -10,6 +10,8 @@ import os
 
 import pytest
 import torch
+
+from helpers import TINY  # noqa: F401  (re-exported: `from conftest import TINY` keeps working)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -32,7 +34,3 @@ def dtype(request: pytest.FixtureRequest) -> torch.dtype:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
-
-
-# Small widths keep unit tests fast on 2 CPU cores; the paper's sizes are tested separately.
-TINY = dict(width=8, semantic_channels=64, head_dim=8)

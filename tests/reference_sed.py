@@ -180,8 +180,12 @@ class RefSeFB(nn.Module):
         return self.conv_out(channels_to_space(self.proj_out(t), self.upscale, self.order))
 
 
-class RefSeDPatch(nn.Module):
-    """P+SeD (docs/reference.md section 3): N(0, 0.02) init of every Conv/Linear weight, zero biases."""
+class _RefSeD(nn.Module):
+    """What both discriminators share: their size arguments, then the legacy spectral norm on the convs
+    named in ``SPECTRAL_NORM`` once the subclass's ``build(w, cs, sefb_kwargs)`` has made (and initialised)
+    the layers."""
+
+    SPECTRAL_NORM: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -192,8 +196,18 @@ class RefSeDPatch(nn.Module):
         order: str = "reference",
     ) -> None:
         super().__init__()
-        w, cs = width, semantic_channels
-        kw = dict(semantic_channels=cs, heads=heads, head_dim=head_dim, order=order)
+        sefb = dict(semantic_channels=semantic_channels, heads=heads, head_dim=head_dim, order=order)
+        self.build(width, semantic_channels, sefb)
+        for name in self.SPECTRAL_NORM:
+            legacy_spectral_norm(getattr(self, name))
+
+
+class RefSeDPatch(_RefSeD):
+    """P+SeD (docs/reference.md section 3): N(0, 0.02) init of every Conv/Linear weight, zero biases."""
+
+    SPECTRAL_NORM = PATCH_SN
+
+    def build(self, w: int, cs: int, kw: dict) -> None:
         self.conv_first = nn.Conv2d(3, w, 4, 2, 1)
         self.conv1 = nn.Conv2d(w, 2 * w, 4, 2, 1)
         self.att1 = RefSeFB(2 * w, 4, **kw)
@@ -210,8 +224,6 @@ class RefSeDPatch(nn.Module):
                 nn.init.normal_(m.weight, 0.0, 0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for name in PATCH_SN:
-            legacy_spectral_norm(getattr(self, name))
 
     def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         x = lrelu(self.conv_first(x))
@@ -228,20 +240,12 @@ def _up(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
-class RefSeDPixel(nn.Module):
+class RefSeDPixel(_RefSeD):
     """U+SeD (docs/reference.md section 4): PyTorch default init, proj_out zero."""
 
-    def __init__(
-        self,
-        width: int = 64,
-        semantic_channels: int = 1024,
-        heads: int = 1,
-        head_dim: int = 64,
-        order: str = "reference",
-    ) -> None:
-        super().__init__()
-        w, cs = width, semantic_channels
-        kw = dict(semantic_channels=cs, heads=heads, head_dim=head_dim, order=order)
+    SPECTRAL_NORM = PIXEL_SN
+
+    def build(self, w: int, cs: int, kw: dict) -> None:
         self.conv0 = nn.Conv2d(3, w, 3, 1, 1)
         self.conv1 = nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False)
         self.conv2 = nn.Conv2d(2 * w, 4 * w, 4, 2, 1, bias=False)
@@ -258,8 +262,6 @@ class RefSeDPixel(nn.Module):
         self.conv7 = nn.Conv2d(w, w, 3, 1, 1, bias=False)
         self.conv8 = nn.Conv2d(w, w, 3, 1, 1, bias=False)
         self.conv9 = nn.Conv2d(w, 1, 3, 1, 1)
-        for name in PIXEL_SN:
-            legacy_spectral_norm(getattr(self, name))
 
     def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         x0 = lrelu(self.conv0(x))

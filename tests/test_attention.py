@@ -21,14 +21,10 @@ import torch
 
 import reference_sed as R
 import sed_discriminator as sd
-from conftest import TINY
+from helpers import TINY, perturbed
 from sed_discriminator.attention import Attention, FeedForward, TransformerBlock, math_attention_scores
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    return R.perturb_(module, torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture
@@ -42,7 +38,7 @@ def restore_fused_flag():
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
 def test_fused_equals_math(heads: int, head_dim: int, cross: bool, dtype: torch.dtype) -> None:
     dim = 24
-    attn = randomize_(Attention(dim, heads, head_dim)).to(dtype)
+    attn = perturbed(Attention(dim, heads, head_dim)).to(dtype)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 7, dim, generator=g, dtype=dtype)
     # A non-contiguous context: every other token of a longer sequence.
@@ -63,7 +59,7 @@ def test_fused_equals_math(heads: int, head_dim: int, cross: bool, dtype: torch.
 
 
 def test_attention_matches_einsum_reference() -> None:
-    ref = randomize_(R.RefAttention(16, 2, 8))
+    ref = perturbed(R.RefAttention(16, 2, 8))
     attn = Attention(16, 2, 8)
     attn.load_state_dict(ref.state_dict())
     x, ctx = torch.randn(3, 5, 16), torch.randn(3, 9, 16)
@@ -74,7 +70,7 @@ def test_attention_matches_einsum_reference() -> None:
 
 
 def test_return_attention_probabilities() -> None:
-    attn = randomize_(Attention(16, 2, 8))
+    attn = perturbed(Attention(16, 2, 8))
     x, ctx = torch.randn(3, 5, 16), torch.randn(3, 9, 16)
     out, probs = attn(x, ctx, return_attention=True)
     assert probs.shape == (3, 2, 5, 9)
@@ -96,7 +92,7 @@ def test_scores_upcast_reduced_precision_only() -> None:
 
 
 def test_feed_forward_is_gated_exact_gelu() -> None:
-    ref = randomize_(R.RefFeedForward(16))
+    ref = perturbed(R.RefFeedForward(16))
     ff = FeedForward(16)
     ff.load_state_dict(ref.state_dict())
     assert ff.net[0].proj.out_features == 2 * 4 * 16 and ff.net[2].in_features == 4 * 16
@@ -109,7 +105,7 @@ def test_feed_forward_is_gated_exact_gelu() -> None:
 
 
 def test_transformer_block_has_no_residuals() -> None:
-    ref = randomize_(R.RefBlock(16, 1, 16))
+    ref = perturbed(R.RefBlock(16, 1, 16))
     block = TransformerBlock(16, 1, 16)
     block.load_state_dict(ref.state_dict())
     x, ctx = torch.randn(2, 6, 16), torch.randn(2, 10, 16)
@@ -138,7 +134,7 @@ def test_sed_fused_equals_math(variant: str, dtype: torch.dtype, device: torch.d
     # In float32 the two kernels round differently, and a few parameter gradients of the pixel
     # SeD (sums over 64x64 positions) then differ by ~2e-4 relative; float64 shows the paths are
     # the same computation, float32 that the rounding stays at that level.
-    base = randomize_(sd.SeD(variant, **TINY)).to(device, dtype)
+    base = perturbed(sd.SeD(variant, **TINY)).to(device, dtype)
     x = torch.rand(2, 3, 64, 64, device=device, dtype=dtype)
     s = torch.randn(2, TINY["semantic_channels"], 4, 4, device=device, dtype=dtype)
     tol = 1e-5 if dtype == torch.float32 else 1e-10

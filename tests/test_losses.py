@@ -1,4 +1,4 @@
-"""Adversarial losses (function == module, known values per kind) and the R1 penalty."""
+"""Adversarial losses (the per-component class, known values per kind) and the R1 penalty."""
 
 from __future__ import annotations
 
@@ -9,12 +9,107 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import reference_sed as R
 import sed_discriminator as sd
-from conftest import TINY
+from helpers import TINY, assert_same, settled_sed
+from sed_discriminator.attention import Attention
 from sed_discriminator.losses import LOSS_KINDS, DiscriminatorLoss, GeneratorLoss
 
 LOG2 = math.log(2.0)
+
+
+class TestAdversarialLosses:
+    """GeneratorLoss / DiscriminatorLoss and their functions, per component as in kornia: smoke, cardinality,
+    exception, gradcheck, dynamo, module == function."""
+
+    @pytest.mark.parametrize("kind", LOSS_KINDS)
+    def test_smoke(self, kind: str, device: torch.device, dtype: torch.dtype) -> None:
+        real, fake = (torch.randn(2, 1, 6, 6, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+        for loss in (GeneratorLoss(kind)(fake, real_logits=real), DiscriminatorLoss(kind)(fake, real_logits=real)):
+            assert loss.shape == () and loss.dtype == dtype and loss.device == real.device and torch.isfinite(loss)
+            assert loss.requires_grad
+
+    @pytest.mark.parametrize("shape", [(1, 1, 30, 30), (3, 1, 6, 6), (4, 1), (5,)], ids=lambda s: "x".join(map(str, s)))
+    @pytest.mark.parametrize("kind", LOSS_KINDS)
+    def test_cardinality(self, kind: str, shape: tuple[int, ...]) -> None:
+        """Any logits shape (patch maps, pixel maps, one logit per image) reduces to the mean over all logits."""
+        real, fake = torch.randn(shape), torch.randn(shape)
+        flat_g = sd.generator_loss(fake.flatten(), real_logits=real.flatten(), kind=kind)
+        flat_d = sd.discriminator_loss(fake.flatten(), real_logits=real.flatten(), kind=kind)
+        assert_same(sd.generator_loss(fake, real_logits=real, kind=kind), flat_g)
+        assert_same(sd.discriminator_loss(fake, real_logits=real, kind=kind), flat_d)
+
+    def test_exception_ragan_needs_real_logits(self) -> None:
+        with pytest.raises(
+            ValueError,
+            match=r"The 'ragan' generator loss needs real_logits, the discriminator's output on real images",
+        ):
+            sd.generator_loss(torch.zeros(2, 1, 4, 4), kind="ragan")
+        with pytest.raises(ValueError, match="needs real_logits"):
+            GeneratorLoss("ragan")(torch.zeros(2, 1, 4, 4))
+
+    def test_exception_unknown_kind(self) -> None:
+        message = r"Unknown GAN loss kind 'wgan'; choose one of \('vanilla', 'lsgan', 'hinge', 'ragan'\)"
+        for call in (
+            lambda: sd.generator_loss(torch.zeros(1), kind="wgan"),
+            lambda: sd.discriminator_loss(torch.zeros(1), real_logits=torch.zeros(1), kind="wgan"),
+            lambda: GeneratorLoss("wgan"),
+            lambda: DiscriminatorLoss("wgan"),
+        ):
+            with pytest.raises(ValueError, match=message):
+                call()
+
+    def test_exception_0_1_argument_order(self) -> None:
+        """0.1 took discriminator_loss(real, fake): positional logits after the first now raise."""
+        real, fake = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+        with pytest.raises(TypeError, match="positional argument"):
+            sd.discriminator_loss(real, fake)  # type: ignore[misc]
+        with pytest.raises(TypeError, match="positional argument"):
+            sd.generator_loss(fake, real, "ragan")  # type: ignore[misc]
+        with pytest.raises(TypeError, match="positional argument"):
+            DiscriminatorLoss()(real, fake)  # type: ignore[misc]
+
+    @pytest.mark.parametrize("kind", LOSS_KINDS)
+    def test_exception_empty_batch(self, kind: str) -> None:
+        empty, full = torch.zeros(0, 1, 4, 4), torch.zeros(2, 1, 4, 4)
+        message = r"is empty \(shape \(0, 1, 4, 4\)\), so the loss would be NaN"
+        with pytest.raises(ValueError, match="generator_loss: fake_logits " + message):
+            sd.generator_loss(empty, real_logits=full, kind=kind)
+        with pytest.raises(ValueError, match="discriminator_loss: real_logits " + message):
+            sd.discriminator_loss(full, real_logits=empty, kind=kind)
+        with pytest.raises(ValueError, match="discriminator_loss: fake_logits " + message):
+            DiscriminatorLoss(kind)(empty, real_logits=full)
+
+    @pytest.mark.parametrize("kind", LOSS_KINDS)
+    def test_gradcheck(self, kind: str) -> None:
+        g = torch.Generator().manual_seed(0)
+        real = torch.randn(2, 1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+        fake = torch.randn(2, 1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+        # The generator's ragan loss detaches real_logits, so only fake_logits is checked there.
+        assert torch.autograd.gradcheck(lambda f: sd.generator_loss(f, real_logits=real, kind=kind), (fake,))
+        if kind != "ragan":  # D's ragan loss detaches each side's mean inside the other's term, by design
+            d_loss = lambda f, r: sd.discriminator_loss(f, real_logits=r, kind=kind)  # noqa: E731
+            assert torch.autograd.gradcheck(d_loss, (fake, real))
+
+    @pytest.mark.slow
+    def test_dynamo(self) -> None:
+        torch._dynamo.reset()
+        real, fake = torch.randn(2, 1, 6, 6), torch.randn(2, 1, 6, 6)
+        for kind in LOSS_KINDS:
+            g_loss, d_loss = GeneratorLoss(kind), DiscriminatorLoss(kind)
+            compiled_g = torch.compile(g_loss, backend="eager", fullgraph=True)
+            compiled_d = torch.compile(d_loss, backend="eager", fullgraph=True)
+            torch.testing.assert_close(compiled_g(fake, real_logits=real), g_loss(fake, real_logits=real))
+            torch.testing.assert_close(compiled_d(fake, real_logits=real), d_loss(fake, real_logits=real))
+
+    @pytest.mark.parametrize("kind", LOSS_KINDS)
+    def test_module(self, kind: str) -> None:
+        real, fake = torch.randn(2, 1, 5, 5), torch.randn(2, 1, 5, 5)
+        g_mod, d_mod = GeneratorLoss(kind, weight=0.5), DiscriminatorLoss(kind, weight=2.0)
+        expected_g = sd.generator_loss(fake, real_logits=real, kind=kind, weight=0.5)
+        expected_d = sd.discriminator_loss(fake, real_logits=real, kind=kind, weight=2.0)
+        torch.testing.assert_close(g_mod(fake, real_logits=real), expected_g, atol=0, rtol=0)
+        torch.testing.assert_close(d_mod(fake, real_logits=real), expected_d, atol=0, rtol=0)
+        assert f"kind='{kind}'" in repr(g_mod) and "weight=2.0" in repr(d_mod)
 
 
 def test_kinds() -> None:
@@ -61,62 +156,6 @@ def test_formulas_on_random_logits() -> None:
         torch.testing.assert_close(sd.discriminator_loss(fake, real_logits=real, kind=kind, weight=3.0), 3.0 * d_loss)
 
 
-@pytest.mark.parametrize("kind", LOSS_KINDS)
-def test_module_equals_function(kind: str) -> None:
-    real, fake = torch.randn(2, 1, 5, 5), torch.randn(2, 1, 5, 5)
-    g_mod, d_mod = GeneratorLoss(kind, weight=0.5), DiscriminatorLoss(kind, weight=2.0)
-    expected_g = sd.generator_loss(fake, real_logits=real, kind=kind, weight=0.5)
-    expected_d = sd.discriminator_loss(fake, real_logits=real, kind=kind, weight=2.0)
-    torch.testing.assert_close(g_mod(fake, real_logits=real), expected_g, atol=0, rtol=0)
-    torch.testing.assert_close(d_mod(fake, real_logits=real), expected_d, atol=0, rtol=0)
-    assert f"kind='{kind}'" in repr(g_mod) and "weight=2.0" in repr(d_mod)
-
-
-def test_ragan_needs_real_logits() -> None:
-    with pytest.raises(
-        ValueError,
-        match=r"The 'ragan' generator loss needs real_logits, the discriminator's output on real images",
-    ):
-        sd.generator_loss(torch.zeros(2, 1, 4, 4), kind="ragan")
-    with pytest.raises(ValueError, match="needs real_logits"):
-        GeneratorLoss("ragan")(torch.zeros(2, 1, 4, 4))
-
-
-def test_unknown_kind() -> None:
-    message = r"Unknown GAN loss kind 'wgan'; choose one of \('vanilla', 'lsgan', 'hinge', 'ragan'\)"
-    for call in (
-        lambda: sd.generator_loss(torch.zeros(1), kind="wgan"),
-        lambda: sd.discriminator_loss(torch.zeros(1), real_logits=torch.zeros(1), kind="wgan"),
-        lambda: GeneratorLoss("wgan"),
-        lambda: DiscriminatorLoss("wgan"),
-    ):
-        with pytest.raises(ValueError, match=message):
-            call()
-
-
-def test_0_1_argument_order_fails_instead_of_training_backwards() -> None:
-    """0.1 took discriminator_loss(real, fake): positional logits after the first now raise."""
-    real, fake = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
-    with pytest.raises(TypeError, match="positional argument"):
-        sd.discriminator_loss(real, fake)  # type: ignore[misc]
-    with pytest.raises(TypeError, match="positional argument"):
-        sd.generator_loss(fake, real, "ragan")  # type: ignore[misc]
-    with pytest.raises(TypeError, match="positional argument"):
-        DiscriminatorLoss()(real, fake)  # type: ignore[misc]
-
-
-@pytest.mark.parametrize("kind", LOSS_KINDS)
-def test_empty_batch_is_a_clear_error(kind: str) -> None:
-    empty, full = torch.zeros(0, 1, 4, 4), torch.zeros(2, 1, 4, 4)
-    message = r"is empty \(shape \(0, 1, 4, 4\)\), so the loss would be NaN"
-    with pytest.raises(ValueError, match="generator_loss: fake_logits " + message):
-        sd.generator_loss(empty, real_logits=full, kind=kind)
-    with pytest.raises(ValueError, match="discriminator_loss: real_logits " + message):
-        sd.discriminator_loss(full, real_logits=empty, kind=kind)
-    with pytest.raises(ValueError, match="discriminator_loss: fake_logits " + message):
-        DiscriminatorLoss(kind)(empty, real_logits=full)
-
-
 def test_r1_penalty_of_an_empty_batch_is_a_clear_error() -> None:
     model = sd.SeD("patch", **TINY)
     with pytest.raises(ValueError, match=r"r1_penalty needs a non-empty batch of real images, got \(0, 3, 32, 32\)"):
@@ -133,18 +172,9 @@ def test_ragan_generator_loss_detaches_real() -> None:
 # -- R1 ----------------------------------------------------------------------------------------
 
 
-def _model(variant: str = "patch") -> sd.SeD:
-    """A tiny SeD with non-trivial weights whose spectral norms have caught up with them."""
-    model = R.perturb_(sd.SeD(variant, **TINY), torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for _ in range(15):  # one power iteration per training forward
-            model(torch.rand(1, 3, 32, 32), torch.randn(1, TINY["semantic_channels"], 2, 2))
-    return model.eval()
-
-
 @pytest.mark.parametrize("variant", ["patch", "pixel"])
 def test_r1_penalty_with_fused_attention_matches_math_path(variant: str) -> None:
-    fused = _model(variant).set_fused_attn(True)
+    fused = settled_sed(variant).set_fused_attn(True)
     math_model = copy.deepcopy(fused).set_fused_attn(False)
     x, s = torch.rand(2, 3, 64, 64), torch.randn(2, TINY["semantic_channels"], 4, 4)
     penalties, grads = [], []
@@ -165,10 +195,11 @@ def test_r1_penalty_with_fused_attention_matches_math_path(variant: str) -> None
             # float32 sums of large second-order terms in a different order: relative to the tensor's scale
             assert (a - b).abs().max() <= 1e-4 * b.abs().max(), name
     assert x.grad is None  # a detached copy of the real batch is differentiated
+    assert all(m.fused_attn for m in fused.modules() if isinstance(m, Attention))  # the math fallback is temporary
 
 
 def test_r1_penalty_formula() -> None:
-    model = _model().set_fused_attn(False)
+    model = settled_sed().set_fused_attn(False)
     x, s = torch.rand(2, 3, 64, 64), torch.randn(2, TINY["semantic_channels"], 4, 4)
     x_ = x.clone().requires_grad_()
     (grad,) = torch.autograd.grad(model(x_, s).sum(), x_)
@@ -179,7 +210,7 @@ def test_r1_penalty_formula() -> None:
 def test_plain_double_backward_through_fused_cpu_kernel_raises() -> None:
     """Documents why r1_penalty switches to the math backend: the fused CPU SDPA kernel has no
     double backward, so a hand-written R1 on the fused path fails at the second backward."""
-    model = _model().set_fused_attn(True)
+    model = settled_sed().set_fused_attn(True)
     x = torch.rand(2, 3, 64, 64, requires_grad=True)
     out = model(x, torch.randn(2, TINY["semantic_channels"], 4, 4))
     (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
@@ -188,7 +219,7 @@ def test_plain_double_backward_through_fused_cpu_kernel_raises() -> None:
 
 
 def test_math_attention_context_enables_double_backward() -> None:
-    model = _model().set_fused_attn(True)
+    model = settled_sed().set_fused_attn(True)
     x = torch.rand(1, 3, 64, 64, requires_grad=True)
     with sd.math_attention():
         out = model(x, torch.randn(1, TINY["semantic_channels"], 4, 4))

@@ -1,19 +1,15 @@
 """Performance features keep the reference behaviour (CPU).
 
-- R1 / double backward works with the fused attention path switched on (the penalty's
-  forward falls back to the math backend, which has a double backward).
 - In-place activations, channels_last models and the token layout of SeFB give the same
   numbers as the default path.
 - ``SeDAdversary(batch_real_fake=True)`` equals the two reference calls in eval mode, and in
   training mode is exactly "one power iteration, then both batches with the same weights".
-- The HR semantics are computed once per step.
 - The benchmark scripts start, plan and measure (tiny sizes; no timing is asserted).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import os
 import subprocess
 import sys
@@ -24,37 +20,15 @@ import torch
 import torch.nn.functional as F
 
 import sed_discriminator as sd
+from helpers import TINY, assert_close_scaled, sed_inputs, tiny_sed
 from sed_discriminator import SeD, SeDAdversary, SemanticExtractor
-from sed_discriminator.attention import Attention
 from sed_discriminator.extractor import ExtractorPreset, register_extractor
 from sed_discriminator.sefb import _to_tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
-TINY = dict(width=8, semantic_channels=64, head_dim=8)
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_sed.py"
-
-
-def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Seeded noise on every parameter, so no weight keeps a trivial (zero / unit) value."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            std = 1.0 / math.sqrt(p[0].numel()) if p.ndim >= 2 else 0.1
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model
-
-
-def tiny_sed(variant: str, fused: bool = True) -> SeD:
-    torch.manual_seed(0)
-    return perturbed(SeD(variant, **TINY)).set_fused_attn(fused)
-
-
-def inputs(batch: int = 2, size: int = 64, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    side = size // 16
-    return torch.rand(batch, 3, size, size, generator=g), torch.randn(batch, 64, side, side, generator=g)
 
 
 @pytest.fixture(scope="module")
@@ -64,62 +38,6 @@ def tiny_extractor() -> SemanticExtractor:
         overwrite=True,
     )
     return SemanticExtractor("_perf_tiny", pretrained=None)
-
-
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
-    bound = rel * max(1.0, expected.abs().max().item())
-    diff = (actual - expected).abs().max().item()
-    assert diff <= bound, f"max abs diff {diff:.3g} > {bound:.3g}"
-
-
-# -- R1 / double backward with the fused path on -------------------------------------------------
-
-
-@pytest.mark.parametrize("variant", ["patch", "pixel"])
-def test_r1_penalty_with_fused_path_equals_math_path(variant: str) -> None:
-    fused = tiny_sed(variant, fused=True).train()
-    plain = copy.deepcopy(fused).set_fused_attn(False)
-    assert all(m.fused_attn for m in fused.modules() if isinstance(m, Attention))
-    x, s = inputs()
-    results = []
-    for model in (fused, plain):
-        penalty = sd.r1_penalty(model, x, s)
-        penalty.backward()
-        assert torch.isfinite(penalty)
-        # The penalty does not depend on parameters that only shift the logits (the last bias).
-        results.append((penalty.detach(), [p.grad for p in model.parameters()]))
-    (p1, g1), (p2, g2) = results
-    assert_close_scaled(p1, p2, 1e-5)
-    assert [a is None for a in g1] == [b is None for b in g2]
-    assert sum(a is not None for a in g1) > len(g1) - 3
-    for a, b in zip(g1, g2):
-        if b is not None:
-            assert_close_scaled(a, b, 1e-4)
-    # The fused switch is untouched by the penalty's math fallback.
-    assert all(m.fused_attn for m in fused.modules() if isinstance(m, Attention))
-
-
-def test_adversary_r1_penalty_with_fused_path(tiny_extractor: SemanticExtractor) -> None:
-    adversary = SeDAdversary(tiny_sed("patch", fused=True), extractor=tiny_extractor)
-    hr, _ = inputs()
-    penalty = adversary.r1_penalty(hr)
-    penalty.backward()
-    grads = [p.grad for p in adversary.discriminator.parameters() if p.grad is not None]
-    assert torch.isfinite(penalty) and all(torch.isfinite(g).all() for g in grads)
-    assert len(grads) > len(list(adversary.discriminator.parameters())) - 3
-
-
-def test_gradgradcheck_through_inplace_activations() -> None:
-    """Double backward through the in-place LReLUs and the fused modules (math backend), float64."""
-    model = tiny_sed("pixel", fused=True).double().eval()
-    x, s = inputs(batch=1, size=32)
-    x, s = x.double().requires_grad_(True), s.double()
-
-    def f(inp: torch.Tensor) -> torch.Tensor:
-        with sd.math_attention():
-            return model(inp, s)
-
-    assert torch.autograd.gradgradcheck(f, (x,), fast_mode=True)
 
 
 # -- same numbers as the default path --------------------------------------------------------------
@@ -146,11 +64,11 @@ def _step(model: SeD, x: torch.Tensor, s: torch.Tensor):
 def test_channels_last_matches_default_layout(variant: str, fused: bool) -> None:
     """channels_last=True, False and a model moved with .to(channels_last) agree (outputs and grads)."""
     torch.manual_seed(0)
-    base = perturbed(SeD(variant, channels_last=False, **TINY)).set_fused_attn(fused).eval()
+    base = tiny_sed(variant, seed=0, fused=fused, channels_last=False).eval()
     cl = copy.deepcopy(base)
     cl.channels_last = True
     moved = copy.deepcopy(base).to(memory_format=torch.channels_last)
-    x, s = inputs()
+    x, s = sed_inputs()
     o1, gx1, gp1 = _step(base, x, s)
     for model, image in ((cl, x), (moved, x.contiguous(memory_format=torch.channels_last))):
         o2, gx2, gp2 = _step(model, image, s)
@@ -187,7 +105,7 @@ def test_every_feature_convolution_runs_in_the_chosen_layout(variant: str, chann
             module.register_forward_pre_hook(
                 lambda m, args, name=name: seen.__setitem__(name, args[0].is_contiguous(memory_format=layout))
             )
-    x, s = inputs(batch=2)
+    x, s = sed_inputs(batch=2)
     model(x, s).sum().backward()
     assert len(seen) >= 8
     wrong = sorted(name for name, ok in seen.items() if not ok)
@@ -199,7 +117,7 @@ def test_channels_last_keeps_weights_and_state_dict_contiguous(tmp_path) -> None
     from safetensors.torch import load_file, save_file
 
     model = SeD("pixel", **TINY)
-    x, s = inputs()
+    x, s = sed_inputs()
     model(x, s).mean().backward()
     state = model.state_dict()
     assert all(t.is_contiguous() for t in state.values())
@@ -274,13 +192,13 @@ def test_pixel_sed_frees_its_upsampled_maps_after_forward(fused: bool) -> None:
     """The 2x-upsampled inputs of conv4, conv5 and conv6 are not kept alive by the graph."""
     import weakref
 
-    model = tiny_sed("pixel", fused)
+    model = tiny_sed("pixel", seed=0, fused=fused)
     refs = {}
     for name in ("conv4", "conv5", "conv6"):
         getattr(model, name).register_forward_pre_hook(
             lambda m, args, name=name: refs.__setitem__(name, weakref.ref(args[0]))
         )
-    x, s = inputs()
+    x, s = sed_inputs()
     out = model(x.requires_grad_(True), s)
     assert sorted(refs) == ["conv4", "conv5", "conv6"]
     alive = [name for name, ref in refs.items() if ref() is not None]
@@ -291,8 +209,8 @@ def test_pixel_sed_frees_its_upsampled_maps_after_forward(fused: bool) -> None:
 
 def test_pixel_sed_under_disabled_saved_tensor_hooks() -> None:
     """Where a wrapper forbids saved-tensor hooks, SeD saves the maps as usual instead of failing."""
-    model = tiny_sed("pixel")
-    x, s = inputs()
+    model = tiny_sed("pixel", seed=0, fused=True)
+    x, s = sed_inputs()
     expected = _step(copy.deepcopy(model), x, s)
     with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
         got = _step(model, x, s)
@@ -302,8 +220,8 @@ def test_pixel_sed_under_disabled_saved_tensor_hooks() -> None:
 
 def test_forward_leaves_inputs_untouched() -> None:
     """The in-place activations only ever touch fresh convolution outputs."""
-    model = tiny_sed("pixel").train()
-    x, s = inputs()
+    model = tiny_sed("pixel", seed=0, fused=True).train()
+    x, s = sed_inputs()
     x0, s0 = x.clone(), s.clone()
     model(x, s).mean().backward()
     assert torch.equal(x, x0) and torch.equal(s, s0)
@@ -313,7 +231,7 @@ def test_forward_leaves_inputs_untouched() -> None:
 
 
 def _adversaries(extractor: SemanticExtractor, variant: str):
-    d = tiny_sed(variant)
+    d = tiny_sed(variant, seed=0, fused=True)
     return SeDAdversary(d, extractor=extractor), SeDAdversary(copy.deepcopy(d), extractor=extractor, batch_real_fake=True)
 
 
@@ -323,8 +241,8 @@ def test_batched_real_fake_equals_two_calls_in_eval_mode(tiny_extractor, variant
     two, one = _adversaries(tiny_extractor, variant)
     two.loss = one.loss = loss
     two.eval(), one.eval()
-    hr, _ = inputs(seed=2)
-    sr, _ = inputs(seed=3)
+    hr, _ = sed_inputs(seed=2)
+    sr, _ = sed_inputs(seed=3)
     results = []
     for adversary in (two, one):
         value = adversary.discriminator_loss(sr, hr)
@@ -344,8 +262,8 @@ def test_batched_real_fake_in_training_is_one_power_iteration(tiny_extractor, va
     """
     two, one = _adversaries(tiny_extractor, variant)
     twin = copy.deepcopy(one.discriminator)
-    hr, _ = inputs(seed=2)
-    sr, _ = inputs(seed=3)
+    hr, _ = sed_inputs(seed=2)
+    sr, _ = sed_inputs(seed=3)
     semantic = tiny_extractor(hr)
     batched = one.train().discriminator_loss(sr, hr)
 
@@ -364,41 +282,18 @@ def test_batched_real_fake_in_training_is_one_power_iteration(tiny_extractor, va
 
 
 def test_batched_real_fake_default_is_off(tiny_extractor) -> None:
-    adversary = SeDAdversary(tiny_sed("patch"), extractor=tiny_extractor)
+    adversary = SeDAdversary(tiny_sed("patch", seed=0, fused=True), extractor=tiny_extractor)
     assert adversary.batch_real_fake is False
     calls = []
     adversary.discriminator.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    hr, _ = inputs(seed=2)
-    sr, _ = inputs(seed=3)
+    hr, _ = sed_inputs(seed=2)
+    sr, _ = sed_inputs(seed=3)
     adversary.discriminator_loss(sr, hr)
     assert calls == [2, 2]
     adversary.batch_real_fake = True
     calls.clear()
     adversary.discriminator_loss(sr, hr)
     assert calls == [4]
-
-
-def test_semantics_computed_once_per_step(tiny_extractor) -> None:
-    adversary = SeDAdversary(tiny_sed("patch"), extractor=tiny_extractor)
-    calls = []
-    handle = tiny_extractor.register_forward_hook(lambda m, i, o: calls.append(1))
-    try:
-        hr, _ = inputs(seed=2)
-        sr, _ = inputs(seed=3)
-        adversary.generator_loss(sr, hr)
-        adversary.r1_penalty(hr)
-        adversary.discriminator_loss(sr, hr)
-        assert len(calls) == 1
-        adversary.discriminator_loss(sr, hr.flip(-1))  # a new HR batch: computed again
-        assert len(calls) == 2
-    finally:
-        handle.remove()
-
-
-def test_extractor_output_has_no_graph(tiny_extractor) -> None:
-    x, _ = inputs()
-    out = tiny_extractor(x.requires_grad_(True))
-    assert not out.requires_grad and out.grad_fn is None
 
 
 # -- benchmark scripts ---------------------------------------------------------------------------

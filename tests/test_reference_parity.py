@@ -13,13 +13,12 @@ from torch import nn
 
 import reference_sed as R
 import sed_discriminator as sd
-from conftest import TINY
+from helpers import TINY, sed_inputs
 from sed_discriminator.sefb import channels_to_space
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
 ATOL = 1e-5
-TINY_REF = dict(width=TINY["width"], semantic_channels=TINY["semantic_channels"], head_dim=TINY["head_dim"])
 
 
 @pytest.fixture
@@ -42,13 +41,6 @@ def make_pair(variant: str, seed: int = 0, **sizes) -> tuple[nn.Module, sd.SeD]:
     return ref, lib
 
 
-def inputs(batch: int, size: int, semantic_channels: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, 3, size, size, generator=g)
-    s = torch.randn(batch, semantic_channels, size // 16, size // 16, generator=g)
-    return x, s
-
-
 @pytest.mark.parametrize("variant, expected", [("patch", R.PATCH_PARAMS), ("pixel", R.PIXEL_PARAMS)])
 def test_parameter_count_paper(variant: str, expected: int) -> None:
     lib = sd.SeD(variant)
@@ -63,7 +55,7 @@ def test_parameter_count_paper(variant: str, expected: int) -> None:
 def test_parity_paper_sizes_256(variant: str, out_shape: tuple) -> None:
     ref, lib = make_pair(variant)
     ref.eval(), lib.eval()
-    x, s = inputs(1, 256, 1024)
+    x, s = sed_inputs(1, 256, seed=0, semantic_channels=1024)
     with torch.no_grad():
         expected = ref(x, s)
         actual = lib(x, s)  # default path (fused attention unless SED_FUSED_ATTN=0)
@@ -76,10 +68,10 @@ def test_parity_paper_sizes_256(variant: str, out_shape: tuple) -> None:
 @pytest.mark.parametrize("size", [64, 128])
 @pytest.mark.parametrize("variant", ["patch", "pixel"])
 def test_parity_tiny_eval(variant: str, size: int, fused: bool, device: torch.device, no_tf32) -> None:
-    ref, lib = make_pair(variant, **TINY_REF)
+    ref, lib = make_pair(variant, **TINY)
     ref.eval().to(device), lib.eval().to(device)
     lib.set_fused_attn(fused)
-    x, s = (t.to(device) for t in inputs(2, size, TINY["semantic_channels"]))
+    x, s = sed_inputs(2, size, seed=0, device=device)
     with torch.no_grad():
         expected, actual = ref(x, s), lib(x, s)
     assert actual.shape == expected.shape
@@ -89,12 +81,12 @@ def test_parity_tiny_eval(variant: str, size: int, fused: bool, device: torch.de
 @pytest.mark.parametrize("variant", ["patch", "pixel"])
 def test_parity_tolerance_is_meaningful(variant: str) -> None:
     """The 1e-5 bound catches a wrong rearrange order and an output that ignores the semantics."""
-    ref, lib = make_pair(variant, **TINY_REF)
-    shuffled = R.build_reference(variant, order="pixel_shuffle", **TINY_REF)
+    ref, lib = make_pair(variant, **TINY)
+    shuffled = R.build_reference(variant, order="pixel_shuffle", **TINY)
     shuffled.load_state_dict(ref.state_dict())
     for m in (ref, lib, shuffled):
         m.eval()
-    x, s = inputs(2, 64, TINY["semantic_channels"])
+    x, s = sed_inputs(2, 64, seed=0)
     other_s = torch.randn_like(s)
     with torch.no_grad():
         out = lib(x, s)
@@ -106,7 +98,7 @@ def test_parity_tolerance_is_meaningful(variant: str) -> None:
 @pytest.mark.parametrize("variant", ["patch", "pixel"])
 def test_parity_training_mode_steps(variant: str) -> None:
     """Training-mode forwards update u/v in the legacy order: buffers, outputs, grads and steps match."""
-    ref, lib = make_pair(variant, **TINY_REF)
+    ref, lib = make_pair(variant, **TINY)
     ref.train(), lib.train()
     lib.set_fused_attn(False)
     lib_params = dict(lib.named_parameters())
@@ -114,7 +106,7 @@ def test_parity_training_mode_steps(variant: str) -> None:
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05)
     opt_lib = torch.optim.SGD(lib.parameters(), lr=0.05)
     for step in range(3):
-        real, s = inputs(2, 64, TINY["semantic_channels"], seed=10 + step)
+        real, s = sed_inputs(2, 64, seed=10 + step)
         fake = torch.rand_like(real)
         losses = []
         for model, opt in ((ref, opt_ref), (lib, opt_lib)):
@@ -137,9 +129,9 @@ def test_parity_training_mode_steps(variant: str) -> None:
 
 @pytest.mark.parametrize("variant", ["patch", "pixel"])
 def test_attention_maps_match_reference(variant: str) -> None:
-    ref, lib = make_pair(variant, **TINY_REF)
+    ref, lib = make_pair(variant, **TINY)
     ref.eval(), lib.eval()
-    x, s = inputs(2, 64, TINY["semantic_channels"])
+    x, s = sed_inputs(2, 64, seed=0)
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     hooks = [
         getattr(ref, name).register_forward_hook(lambda m, args, out, name=name: captured.__setitem__(name, args))

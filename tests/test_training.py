@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 import sed_discriminator as sd
+from helpers import assert_close_scaled, assert_same, perturbed
+from sed_discriminator.attention import Attention
 
 SIZES = dict(width=8, head_dim=8)  # semantic_channels follows the extractor (1024 for clip_rn50)
 
@@ -50,6 +52,7 @@ def test_semantics_computed_once_per_step(counted) -> None:
     adv = adversary(ext)
     sr, hr = batch()
     adv.generator_loss(sr, hr)
+    adv.r1_penalty(hr)  # before discriminator_loss ends the step: reuses them
     adv.discriminator_loss(sr, hr.clone())  # equal values: the same step
     assert len(calls) == 1 and calls[0] is hr
     assert adv._cache is None  # G and D have used them: nothing of the step is kept
@@ -61,6 +64,9 @@ def test_semantics_computed_once_per_step(counted) -> None:
     hr2.mul_(0.5)  # modified in place: recomputed
     adv.generator_loss(sr, hr2)
     assert len(calls) == 4
+    adv.generator_loss(sr, hr)
+    adv.discriminator_loss(sr, hr.flip(-1))  # another HR batch in the step's place: computed again
+    assert len(calls) == 6
     torch.testing.assert_close(adv.semantics(hr2), ext(hr2))
 
 
@@ -179,12 +185,28 @@ def test_ragan_generator_loss_and_forward_pair(extractor) -> None:
     assert d_loss.ndim == 0 and torch.isfinite(d_loss)
 
 
-def test_adversary_r1_penalty(extractor) -> None:
-    adv = adversary(extractor)
+@pytest.mark.parametrize("variant", ["patch", "pixel"])
+def test_adversary_r1_penalty(extractor, variant: str) -> None:
+    """R1 of the fused-attention D in training mode equals ||d D(hr, semantics(hr)) / d hr||^2 by hand,
+    with its gradients w.r.t. D's parameters (a double backward)."""
+    discriminator = perturbed(sd.SeD(variant, semantic_channels=extractor.channels, **SIZES)).set_fused_attn(True)
+    adv = sd.SeDAdversary(discriminator, extractor=extractor).train()
+    by_hand = copy.deepcopy(adv.discriminator).set_fused_attn(False)  # same u/v: one power iteration each
     _, hr = batch()
     penalty = adv.r1_penalty(hr)
     penalty.backward()
-    assert penalty.item() >= 0 and adv.discriminator.conv1.parametrizations.weight.original.grad is not None
+    x = hr.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(by_hand(x, extractor(hr)).sum(), x, create_graph=True)
+    expected = grad.pow(2).flatten(1).sum(1).mean()
+    expected.backward()
+    assert expected.item() > 0
+    torch.testing.assert_close(penalty, expected, atol=1e-6, rtol=1e-5)
+    for (name, p), q in zip(adv.discriminator.named_parameters(), by_hand.parameters()):
+        if q.grad is None:  # only the last conv's bias cannot influence d D / d x
+            assert p.grad is None and name in ("conv_last.bias", "conv9.bias"), name
+        else:
+            assert_close_scaled(p.grad, q.grad, 1e-4, msg=name)
+    assert all(m.fused_attn for m in adv.discriminator.modules() if isinstance(m, Attention))
 
 
 def test_extractor_outside_module_tree(extractor) -> None:
@@ -326,14 +348,13 @@ def test_conditioned_deepcopy_and_pickle(extractor) -> None:
     net_d.eval()
     for clone in (copy.deepcopy(net_d), pickle.loads(pickle.dumps(net_d))):
         assert type(clone) is sd.ConditionedSeD and clone.semantic_source == "condition"
-        assert list(clone.state_dict()) == list(net_d.state_dict())
-        assert all(torch.equal(a, b) for a, b in zip(clone.state_dict().values(), net_d.state_dict().values()))
+        assert_same(clone, net_d)
         with pytest.raises(RuntimeError, match="has no condition"):  # a condition belongs to one step
             clone(sr)
         clone.set_condition(hr)
-        torch.testing.assert_close(clone(sr), net_d(sr), atol=0, rtol=0)
+        assert_same(clone(sr), net_d(sr))
         clone.set_condition(sr)
-        torch.testing.assert_close(clone(sr), sd.SeD.forward(net_d, sr, extractor(sr)), atol=0, rtol=0)
+        assert_same(clone(sr), sd.SeD.forward(net_d, sr, extractor(sr)))
 
 
 def test_conditioned_condition_goes_stale_when_d_changes(extractor) -> None:
