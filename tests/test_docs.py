@@ -14,8 +14,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from doc_snippets import offline_weights, python_blocks, run_markdown
 
+from doc_snippets import offline_weights, python_blocks, run_markdown
 from sed_discriminator.extractor import SemanticExtractor
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from doc_snippets import offline_weights, python_blocks, run_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
