@@ -1,6 +1,6 @@
 """SeD in a bare training loop: a toy x4 generator, L1 + SeD's adversarial loss, crops of one photo.
 
-    python examples/minimal_loop.py                   # CLIP RN50 weights via open_clip (online or cached)
+    python examples/minimal_loop.py                   # CLIP RN50 weights from the Hugging Face Hub (or its cache)
     python examples/minimal_loop.py --random-weights  # offline smoke run: RANDOM semantic weights
 
 The photo comes with scikit-image, which the library itself does not need: install the ``examples``

@@ -34,9 +34,10 @@ def check_image(
             "Convert it with x.float() / 255."
         )
     if x.shape[1] != channels:
+        hint = {1: "Repeat a grayscale image with x.expand(-1, 3, -1, -1).", 4: "Drop the alpha channel: x[:, :3]."}
         raise ValueError(
             f"{owner} expects {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)}). "
-            + ("Repeat a grayscale image with x.expand(-1, 3, -1, -1)." if channels == 3 else "")
+            + (hint.get(x.shape[1], "") if channels == 3 else "")
         )
     height, width = x.shape[-2:]
     if height < min_size or width < min_size:

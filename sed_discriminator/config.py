@@ -20,6 +20,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+import torch
 import torch.nn.functional as F
 
 __all__ = [
@@ -109,7 +110,11 @@ def math_attention() -> Iterator[None]:
         >>> with math_attention():
         ...     pass  # forward passes here support double backward
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: the older switch, which also governs the CPU's fused kernel
+        with torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False):
+            yield
+        return
     with sdpa_kernel([SDPBackend.MATH]):
         yield

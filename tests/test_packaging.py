@@ -2,9 +2,13 @@
 
 The wheel goes into a fresh virtual environment that borrows this environment's packages (torch and
 the other dependencies) through a ``.pth`` file, so nothing is downloaded: pip runs with
-``--no-index --no-deps`` and the build with ``--no-isolation`` (``build`` and ``hatchling`` come with
-the ``test`` extra). The README's first Python snippet then runs with that installation from a
-folder outside the repository, with random CLIP weights (``pretrained=None``) since there is no network.
+``--no-index --no-deps --ignore-installed`` (the borrowed packages may hold an installed
+sed-discriminator, which must neither satisfy nor be replaced) and the build with ``--no-isolation``
+(``build`` and ``hatchling`` come with the ``test`` extra). The README's first Python snippet then runs
+with that installation from a folder outside the repository, with random CLIP weights
+(``pretrained=None``) since there is no network. The sdist is unpacked, installed the way the README
+says (``pip install ".[test,examples]"``, dependencies borrowed) and runs tests of its own with the
+README's command for an unpacked sdist (``python -m pytest -q``, a few fast files here).
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ from pathlib import Path
 
 import pytest
 
-from test_readme import python_blocks
+from doc_snippets import python_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # What an unpacked sdist needs to run its own tests: the tests import benchmarks/ and examples/.
 SDIST_TREES = ("sed_discriminator", "tests", "benchmarks", "examples", "docs")
-SDIST_FILES = ("LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml", "conftest.py")
-_OPENAI = re.compile(r"""pretrained\s*=\s*(["'])openai\1""")
+SDIST_FILES = ("LICENSE", "README.md", "CHANGELOG.md", "CITATION.cff", "pyproject.toml", "conftest.py", "Makefile",
+               ".ci/min_constraints.py")
+_TAG = re.compile(r"""pretrained\s*=\s*(["'])(openai|default)\1""")  # a weights tag: random weights offline
 # A markdown link or image whose target is not an absolute URL: broken on the package index, which
 # neither has the repository's files nor gives headings anchors.
 _RELATIVE_LINK = re.compile(r"!?\[[^\]]*\]\((?!https?://)([^)\s]+)\)")
@@ -115,10 +120,8 @@ def test_readme_reads_well_as_the_long_description() -> None:
     assert "pip install sed-discriminator" in text
 
 
-@pytest.fixture(scope="module")
-def fresh_python(dist: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A new venv holding only the wheel; torch and the other dependencies come from this environment."""
-    venv = tmp_path_factory.mktemp("venv")
+def _borrowing_venv(venv: Path) -> Path:
+    """A new venv without packages of its own that sees this environment's; returns its python."""
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], env=_clean_env())
     python = venv / "bin" / "python"
     purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
@@ -126,15 +129,45 @@ def fresh_python(dist: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     # .pth files inside them (this environment's editable install of the repository) are not read.
     borrowed = dict.fromkeys(site.getsitepackages() + [p for p in sys.path if p.endswith("site-packages")])
     (Path(purelib) / "_borrowed_test_env.pth").write_text("\n".join(borrowed) + "\n", encoding="utf-8")
-    _run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-index", "--no-deps", str(dist["wheel"])],
-        env=_clean_env(),
-    )
     return python
 
 
+def _pip_install(python: Path, *args: str) -> None:
+    """Offline install into ``python``'s venv; an installed sed-discriminator among the borrowed packages is ignored."""
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-index", "--no-deps"]
+    _run([*pip, "--ignore-installed", "--no-build-isolation", *args], env=_clean_env())
+
+
+@pytest.fixture(scope="module")
+def fresh_python(dist: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new venv holding only the wheel; torch and the other dependencies come from this environment."""
+    python = _borrowing_venv(tmp_path_factory.mktemp("venv"))
+    _pip_install(python, str(dist["wheel"]))
+    return python
+
+
+def test_unpacked_sdist_installs_and_runs_its_own_tests(dist: dict[str, Path], tmp_path: Path) -> None:
+    with tarfile.open(dist["sdist"]) as sdist:
+        sdist.extractall(tmp_path, filter="data")
+    (source,) = tmp_path.glob("sed_discriminator-*")
+    python = _borrowing_venv(tmp_path / "venv")
+    _pip_install(python, f"{source}[test,examples]")  # README: pip install ".[test,examples]" in the unpacked sdist
+    where = _run([str(python), "-c", "import sed_discriminator; print(sed_discriminator.__file__)"], cwd=tmp_path)
+    assert (tmp_path / "venv").resolve() in Path(where.stdout.strip()).resolve().parents
+    tests = ["tests/test_input_hints.py", "tests/test_docs.py", "-m", "not slow"]
+    proc = subprocess.run(
+        [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=source, env=_clean_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"the unpacked sdist's tests failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}"
+    assert re.search(r"\b[1-9]\d* passed\b", proc.stdout) and "failed" not in proc.stdout, proc.stdout[-2000:]
+
+
 def test_wheel_installs_and_imports_outside_the_repository(fresh_python: Path, tmp_path: Path) -> None:
-    probe = "import sed_discriminator as sd, importlib.metadata as m; print(sd.__file__); print(sd.__version__); print(m.version('sed-discriminator'))"
+    probe = (
+        "import sed_discriminator as sd, importlib.metadata as m; "
+        "print(sd.__file__); print(sd.__version__); print(m.version('sed-discriminator'))"
+    )
     out = _run([str(fresh_python), "-c", probe], cwd=tmp_path, env=_clean_env()).stdout.split()
     location = Path(out[0]).resolve()
     venv = fresh_python.parent.parent.resolve()
@@ -147,11 +180,13 @@ def test_wheel_installs_and_imports_outside_the_repository(fresh_python: Path, t
 def test_readme_first_snippet_runs_from_the_installed_wheel(fresh_python: Path, tmp_path: Path) -> None:
     blocks = [b for b in python_blocks(README.read_text(encoding="utf-8")) if not b.skip]
     assert blocks, "README.md has no runnable ```python block"
-    code = _OPENAI.sub("pretrained=None", blocks[0].code)
+    code = _TAG.sub("pretrained=None", blocks[0].code)
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     (workdir / "snippet.py").write_text(
-        "import warnings\nwarnings.simplefilter('ignore')\n" + code + "\nimport sed_discriminator\nprint(sed_discriminator.__file__)\n",
+        "import warnings\nwarnings.simplefilter('ignore')\n"
+        + code
+        + "\nimport sed_discriminator\nprint(sed_discriminator.__file__)\n",
         encoding="utf-8",
     )
     proc = _run([str(fresh_python), "snippet.py"], cwd=workdir, env=_clean_env(OMP_NUM_THREADS="2"))
