@@ -84,7 +84,7 @@ class _Spy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.events: list[tuple[str, int, torch.Tensor | None]] = []
-        cls = common.ConditionedSeD
+        cls = common.TrainerConditionedSeD
         set_condition, clear_condition, forward = cls.set_condition, cls.clear_condition, cls.forward
 
         def spy_set(net, hr):
@@ -141,7 +141,7 @@ def test_register_is_idempotent_and_survives_reload() -> None:
     first = sed_basicsr.register()
     assert sed_basicsr.register() == first
     assert "SeDRealESRGANModel" in first  # basicsr-fixed ships BasicSR's copy of RealESRGANModel
-    assert ARCH_REGISTRY.get("ConditionedSeD") is sed_basicsr.ConditionedSeD
+    assert ARCH_REGISTRY.get("ConditionedSeD") is sed_basicsr.TrainerConditionedSeD
     for name in first:
         assert MODEL_REGISTRY.get(name) is getattr(sed_basicsr, name)
     old = MODEL_REGISTRY.get("SeDSRGANModel")
@@ -225,7 +225,7 @@ def test_pretrain_network_d_starts_from_a_saved_and_from_a_legacy_checkpoint(
 
 
 def test_load_sed_checkpoint_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
-    model = common.ConditionedSeD("patch", width=WIDTH, semantic_fusion=False)
+    model = common.TrainerConditionedSeD("patch", width=WIDTH, semantic_fusion=False)
     with pytest.raises(FileNotFoundError, match="pretrain_network_d: no file at"):
         sed_basicsr.load_sed_checkpoint(model, tmp_path / "missing.pth")
     (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 truncated")
@@ -245,7 +245,7 @@ def test_data_parallel_is_refused_with_the_torchrun_command() -> None:
     model = sed_basicsr.SeDSRGANModel.__new__(sed_basicsr.SeDSRGANModel)
     model.opt, model.device = {"num_gpu": 2, "dist": False}, torch.device("cpu")
     with pytest.raises(RuntimeError, match="DataParallel.*torchrun --nproc_per_node=N -m sed_discriminator"):
-        model.model_to_device(common.ConditionedSeD("patch", width=WIDTH, semantic_fusion=False))
+        model.model_to_device(common.TrainerConditionedSeD("patch", width=WIDTH, semantic_fusion=False))
     other = model.model_to_device(torch.nn.Conv2d(3, 1, 3))  # any other network keeps BasicSR's behaviour
     assert isinstance(other, torch.nn.DataParallel)
 
@@ -261,7 +261,7 @@ def test_real_esrgan_step_conditions_on_the_batch_d_judges_as_real(gan_gt_usm: b
     model.opt = {"dist": False, "l1_gt_usm": True, "percep_gt_usm": True, "gan_gt_usm": gan_gt_usm}
     model.net_g = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(3, 3, 3, padding=1))
     with pytest.warns(UserWarning, match="RANDOM"):
-        model.net_d = common.ConditionedSeD("patch", width=WIDTH, pretrained=None)
+        model.net_d = common.TrainerConditionedSeD("patch", width=WIDTH, pretrained=None)
     model.cri_pix, model.cri_ldl, model.cri_perceptual = build_loss({"type": "L1Loss", "loss_weight": 1.0}), None, None
     model.cri_gan = build_loss({"type": "GANLoss", "gan_type": "vanilla", "loss_weight": 0.1})
     model.optimizer_g = torch.optim.Adam(model.net_g.parameters(), 1e-4)
@@ -275,7 +275,7 @@ def test_real_esrgan_step_conditions_on_the_batch_d_judges_as_real(gan_gt_usm: b
     model.net_d.set_condition = lambda hr: (seen.append(hr), set_condition(hr))[1]
     model.optimize_parameters(1)
     assert len(seen) == 1 and seen[0] is (model.gt_usm if gan_gt_usm else model.gt)
-    assert model.net_d._condition is None and set(model.log_dict) >= {"l_g_gan", "l_d_real", "l_d_fake"}
+    assert not model.net_d.has_condition and set(model.log_dict) >= {"l_g_gan", "l_d_real", "l_d_fake"}
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -1,19 +1,16 @@
 """What the trainer adapters share: the registered architecture and the per-step condition.
 
 Nothing here imports a trainer. The trainers' model classes call ``net_d(x)`` with one tensor;
-:func:`step_condition` gives the bare :class:`ConditionedSeD` the HR batch for the duration of
-one training step, and :class:`ConditionedSeD` is what a trainer's registry builds from
-``network_d: {type: ConditionedSeD, ...}``.
+:func:`step_condition` gives the bare :class:`~sed_discriminator.ConditionedSeD` the HR batch for
+the duration of one training step, and :class:`TrainerConditionedSeD` is what a trainer's
+registry builds from ``network_d: {type: ConditionedSeD, ...}``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import runpy
-import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,11 +19,20 @@ from torch import nn
 from .. import training
 from ..spectral_norm import remap_legacy_spectral_norm_keys
 
-__all__ = ["ConditionedSeD", "bare_discriminator", "check_no_data_parallel", "step_condition"]
+__all__ = [
+    "REGISTRY_NAME",
+    "TrainerConditionedSeD",
+    "bare_discriminator",
+    "check_no_data_parallel",
+    "deprecated_conditioned_sed",
+    "step_condition",
+]
+
+REGISTRY_NAME = "ConditionedSeD"  # the `type:` users write in network_d; the class has its own name (0.2 shared it)
 
 
-class ConditionedSeD(training.ConditionedSeD):
-    """:class:`sed_discriminator.ConditionedSeD` as a trainer's registry builds it from a config.
+class TrainerConditionedSeD(training.ConditionedSeD):
+    """:class:`sed_discriminator.ConditionedSeD` as a trainer's registry builds it from ``type: ConditionedSeD``.
 
     The same network, arguments, parameters and state dict (whose ``load_state_dict``, like every
     SeD's, also takes the authors' legacy spectral-norm keys, so a trainer's own loader such as
@@ -42,7 +48,7 @@ class ConditionedSeD(training.ConditionedSeD):
             (``extractor``, ``pretrained``, ``semantic_source``, ``width``, ``heads``, ...).
 
     Example:
-        >>> net_d = ConditionedSeD("patch", pretrained=None, width=8)  # doctest: +SKIP
+        >>> net_d = TrainerConditionedSeD("patch", pretrained=None, width=8)  # doctest: +SKIP
         >>> with net_d.condition(gt):  # done by the trainer adapters  # doctest: +SKIP
         ...     logits = net_d(output)
     """
@@ -61,7 +67,7 @@ class ConditionedSeD(training.ConditionedSeD):
             semantic is None
             and self.semantic_fusion
             and self.semantic_source == "condition"
-            and getattr(self, "_condition", False) is None  # the parent's stored condition (unset: None)
+            and not self.has_condition
         ):
             raise RuntimeError(
                 "ConditionedSeD was called without the HR condition of the step: the trainer's model class must set "
@@ -154,25 +160,6 @@ def step_condition(net_d: nn.Module | None, hr: torch.Tensor | None, *, launch_h
         yield
 
 
-def wrap_step(step: Any, net_d_of: Any, hr_of: Any, *, launch_hint: str = "") -> Any:
-    """``step`` (a bound ``optimize_parameters``) run inside :func:`step_condition`.
-
-    Args:
-        step: the model's original ``optimize_parameters``.
-        net_d_of: callable returning the model's current ``net_d``.
-        hr_of: callable returning the HR batch of the step (read when the step starts).
-        launch_hint: see :func:`step_condition`.
-    """
-
-    def conditioned_step(*args: Any, **kwargs: Any) -> Any:
-        with step_condition(net_d_of(), hr_of(), launch_hint=launch_hint):
-            return step(*args, **kwargs)
-
-    conditioned_step.__wrapped__ = step  # type: ignore[attr-defined]
-    conditioned_step.__sed_conditioned__ = True  # type: ignore[attr-defined]
-    return conditioned_step
-
-
 def add_to_registry(registry: Any, key: str, obj: Any) -> None:
     """Put ``obj`` in a BasicSR-style ``Registry`` under ``key``, idempotently.
 
@@ -205,59 +192,24 @@ def add_to_registry(registry: Any, key: str, obj: Any) -> None:
     table[key] = obj
 
 
-def absolute_option_path(args: list[str]) -> list[str]:
-    """``args`` with the value of ``-opt`` made absolute, for launchers that change into the trainer's clone."""
-    out = list(args)
-    for i, arg in enumerate(out[:-1]):
-        if arg == "-opt":
-            out[i + 1] = os.path.abspath(out[i + 1])
-    return out
+def deprecated_conditioned_sed(module: str) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that still serves 0.2's ``<module>.ConditionedSeD``, with a deprecation warning.
 
-
-def hook_build_model(models: Any, hook_model: Callable[[Any], Any]) -> None:
-    """Make ``models.build_model`` (a trainer's model factory) pass every model it builds through ``hook_model``.
-
-    Safe to call again: a factory that is hooked already stays as it is.
+    In 0.2 the registered class was named ``ConditionedSeD`` like the library's own; it is
+    :class:`TrainerConditionedSeD` since 0.3 (the config's ``type: ConditionedSeD`` is unchanged).
     """
-    original = models.build_model
-    if getattr(original, "__sed_conditioned__", False):
-        return
 
-    def build_model(opt: Any) -> Any:
-        return hook_model(original(opt))
+    def __getattr__(name: str) -> Any:
+        if name == "ConditionedSeD":
+            warnings.warn(
+                f"{module}.ConditionedSeD is deprecated since sed-discriminator 0.3 and will be removed in 0.4: import "
+                "TrainerConditionedSeD from sed_discriminator.integrations (the class a trainer's registry builds "
+                "from `type: ConditionedSeD`, which configs keep), or sed_discriminator.ConditionedSeD outside a "
+                "trainer.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return TrainerConditionedSeD
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
-    build_model.__wrapped__ = original  # type: ignore[attr-defined]
-    build_model.__sed_conditioned__ = True  # type: ignore[attr-defined]
-    build_model.__doc__ = original.__doc__
-    models.build_model = build_model
-
-
-def run_train_script(clone: Path, args: list[str], install: Callable[[], None]) -> None:
-    """Run a trainer clone's ``train.py`` with ``args`` as its own ``python train.py`` would, after ``install()``.
-
-    The working directory becomes the clone (the trainers read files relative to it); a relative
-    ``-opt`` path is taken from the directory the launcher was started in.
-    """
-    args = absolute_option_path(args)
-    os.chdir(clone)
-    sys.argv = [str(clone / "train.py"), *args]  # before the trainer is imported: neosr parses the options then
-    install()
-    runpy.run_path(str(clone / "train.py"), run_name="__main__")
-
-
-def add_clone_to_path(path: str | os.PathLike, *, package: str, trainer: str, repository: str) -> Path:
-    """Put a trainer's clone first on ``sys.path`` and return its absolute path.
-
-    Raises:
-        FileNotFoundError: ``path`` is not such a clone (no ``train.py`` and ``<package>/``).
-    """
-    clone = Path(path).expanduser().resolve()
-    if not (clone / "train.py").is_file() or not (clone / package / "__init__.py").is_file():
-        raise FileNotFoundError(
-            f"{clone} is not a {trainer} clone (it needs train.py and the {package}/ package). Pass the folder "
-            f"you cloned {repository} into."
-        )
-    if str(clone) not in sys.path:
-        sys.path.insert(0, str(clone))
-    return clone
-
+    return __getattr__
