@@ -1,14 +1,17 @@
-"""Reading weight files and unwrapping state dicts, shared by every loader of the library.
+"""The one place the library reads weight files: a damage pre-check, the untrusted-file rule, one ``torch.load``.
 
-:func:`read_state_dict` reads ``.safetensors`` files, TorchScript archives and ``torch.save``
-files (with ``weights_only=True``) and turns every bad file into one ``ValueError`` that names
-the file and says what to do. :func:`unwrap_state_dict` removes the containers and prefixes that
-training frameworks add around a state dict.
+:func:`read_checkpoint` returns what a file holds; :func:`read_state_dict` also unwraps it with
+:func:`unwrap_state_dict` (trainers' containers, timm's ``clean_state_dict`` for prefixes). Every
+bad file becomes one ``ValueError`` that names the file and says what to do.
+
+Why not timm's ``load_state_dict`` / ``create_model(pretrained_cfg_overlay={"file": ...})``: timm
+reads ``.safetensors`` by file name only, cannot read TorchScript archives (OpenAI's ``RN50.pt``),
+does not check a file for damage, and from timm 1.0.9 to 1.0.24 calls ``torch.load`` with
+``weights_only=False``. Pickle-based files are read here only under :data:`TRUST_RULE`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -17,18 +20,39 @@ import zipfile
 from collections.abc import Mapping
 
 import torch
+from torch.torch_version import TorchVersion
 
-__all__ = ["WRAPPER_KEYS", "PREFIXES", "unwrap_state_dict", "read_state_dict"]
+__all__ = [
+    "WRAPPER_KEYS",
+    "PATCHED_TORCH",
+    "TRUST_RULE",
+    "UntrustedFileError",
+    "torch_is_patched",
+    "check_finite",
+    "unwrap_state_dict",
+    "read_checkpoint",
+    "read_state_dict",
+]
 
 # Containers around a state dict, in the order they are preferred when several are present:
 # BasicSR's EMA weights before its raw weights, then Lightning's / timm's and other trainers'.
 WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
-# Key prefixes added by DistributedDataParallel / DataParallel and by torch.compile.
-PREFIXES = ("module.", "_orig_mod.")
+# The first torch whose weights_only unpickler has no known escape (CVE-2025-32434 fixed in 2.6.0,
+# CVE-2026-24747 fixed in 2.10.0).
+PATCHED_TORCH = (2, 10)
+TRUST_RULE = (
+    "Pickle-based files (torch.save, .pt/.pth/.bin/.ckpt) are read with torch.load(weights_only=True) only on "
+    "torch >= 2.10 or with trust_pickle=True; TorchScript archives (torch.jit.load runs the code inside them, on "
+    "every torch) only with trust_pickle=True; .safetensors files always."
+)
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _SNIFF_BYTES = 64
 _GET_AGAIN = "Download or copy the file again (and compare its size or checksum with the source)."
+
+
+class UntrustedFileError(ValueError):
+    """A pickle-based file or TorchScript archive that this torch cannot read safely, and no ``trust_pickle=True``."""
 
 
 def unwrap_state_dict(obj: object, *, source: str = "state dict") -> dict[str, torch.Tensor]:
@@ -37,7 +61,8 @@ def unwrap_state_dict(obj: object, *, source: str = "state dict") -> dict[str, t
     Containers are unwrapped as long as one is found, preferring ``params_ema``, then ``params``
     (BasicSR), ``state_dict`` (Lightning, timm training checkpoints) and ``model``. The
     ``module.`` (DistributedDataParallel) and ``_orig_mod.`` (``torch.compile``) prefixes are
-    stripped from every key, repeatedly (``module._orig_mod.conv.weight`` -> ``conv.weight``).
+    stripped from every key by timm's ``clean_state_dict``, as often as they are nested
+    (``_orig_mod.module.conv.weight`` -> ``conv.weight``).
 
     Args:
         obj: what ``torch.load`` returned, or a state dict.
@@ -55,6 +80,8 @@ def unwrap_state_dict(obj: object, *, source: str = "state dict") -> dict[str, t
         >>> unwrap_state_dict({"params": {"module.conv.weight": torch.zeros(1)}})
         {'conv.weight': tensor([0.])}
     """
+    from timm.models import clean_state_dict
+
     if not isinstance(obj, Mapping):
         raise TypeError(
             f"{source} holds a {type(obj).__name__}, not a state dict (a mapping of parameter names to tensors). "
@@ -76,51 +103,99 @@ def unwrap_state_dict(obj: object, *, source: str = "state dict") -> dict[str, t
             f"({examples}). Expected keys are one of {list(WRAPPER_KEYS)} around a state dict, or parameter "
             "names; save the weights with torch.save(model.state_dict(), path)."
         )
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        stripped = _strip_prefixes(key)
-        if stripped in out:
+    out = dict(state)
+    while True:  # older timm strips the two prefixes in one order only: repeat until nothing changes
+        cleaned = clean_state_dict(out)
+        if len(cleaned) < len(out):
+            twin = next(k for k in out if k not in cleaned)
             raise ValueError(
-                f"{source} has two entries for {stripped!r} once the {list(PREFIXES)} prefixes are removed "
-                f"(one of them is {key!r}); save a single model's state dict."
+                f"{source} has two entries for {next(iter(clean_state_dict({twin: None})))!r} once the "
+                f"['module.', '_orig_mod.'] prefixes are removed (one of them is {twin!r}); save a single model's "
+                "state dict."
             )
-        out[stripped] = value
-    return out
+        if list(cleaned) == list(out):
+            return cleaned
+        out = cleaned
 
 
-def _strip_prefixes(key: str) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix) :], True
-    return key
+def check_finite(state: Mapping[str, torch.Tensor], *, source: str = "The state dict") -> None:
+    """Refuse NaN or Inf in floating-point tensors: they make every output NaN, silently.
+
+    Raises:
+        ValueError: naming the first such tensor and how many values are bad.
+    """
+    for key, value in state.items():
+        if value.is_floating_point() or value.is_complex():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise ValueError(
+                    f"{source} has {bad} NaN/Inf values in {key!r} (of {value.numel()}): the weights are broken "
+                    "(a diverged training run or a damaged file). Load an earlier checkpoint."
+                )
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read the state dict of a weight file, unwrapped with :func:`unwrap_state_dict`.
+def torch_is_patched() -> bool:
+    """Whether the running torch has no known escape from ``torch.load(weights_only=True)`` (>= 2.10)."""
+    return TorchVersion(str(torch.__version__)) >= PATCHED_TORCH
 
-    The format is recognised from the file's first bytes, not its name: a ``.safetensors``
-    file, a TorchScript archive (``torch.jit.save``, e.g. OpenAI's ``RN50.pt``) or a
-    ``torch.save`` file (read with ``weights_only=True``, so no code in the file runs). Zip
-    archives (``torch.save`` since PyTorch 1.6, TorchScript) are checked against the CRC-32 of
-    each entry first, so flipped or zeroed bytes are reported instead of loading wrong weights
-    (a safetensors file has no checksum: damage there is found only where it breaks the header).
+
+def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of a weight file: :func:`read_checkpoint` unwrapped with :func:`unwrap_state_dict`.
 
     Args:
         path: the weight file.
+        trust_pickle: read a pickle-based file or a TorchScript archive also where that is not
+            safe (see :func:`read_checkpoint`): only for files you trust.
 
     Returns:
         A flat ``{name: tensor}`` dict on the CPU.
 
     Raises:
         FileNotFoundError: there is no file at ``path``.
+        UntrustedFileError: (a ``ValueError``) the file needs ``trust_pickle=True`` here.
         ValueError: the file is empty, text, truncated, damaged, of an unknown format, or does
             not hold a state dict; the message names the file and the fix.
 
     Example:
-        >>> state = read_state_dict("RN50.pt")  # doctest: +SKIP
+        >>> state = read_state_dict("RN50.pt", trust_pickle=True)  # doctest: +SKIP
+    """
+    obj = read_checkpoint(path, trust_pickle=trust_pickle)
+    try:
+        return unwrap_state_dict(obj, source=f"Weight file {os.fspath(path)!r}")
+    except TypeError as err:  # one exception type for every bad file
+        raise ValueError(str(err)) from None
+
+
+def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> object:
+    """What a weight file holds, read safely: the library's only ``torch.load`` / ``torch.jit.load``.
+
+    The format is recognised from the file's first bytes, not its name. First a damage check
+    that the readers lack: empty files, Git LFS pointers and HTML/text pages are named, and zip
+    archives (``torch.save`` since PyTorch 1.6, TorchScript) are checked against the CRC-32 of
+    each entry, so flipped or zeroed bytes are reported instead of loading wrong weights (a
+    safetensors file has no checksum: damage there is found only where it breaks the header).
+    Then :data:`TRUST_RULE`:
+
+    - ``.safetensors`` files hold only tensors: always read, no code can run.
+    - ``torch.save`` files are read with ``torch.load(weights_only=True)``, which on torch < 2.10
+      can be made to run code by a crafted file (CVE-2025-32434, CVE-2026-24747): there only
+      with ``trust_pickle=True``.
+    - TorchScript archives (``torch.jit.save``, e.g. OpenAI's ``RN50.pt``): ``torch.jit.load``
+      runs the code they hold on every torch, so only with ``trust_pickle=True``.
+
+    Args:
+        path: the weight file.
+        trust_pickle: you trust the file (you made it, or it is an official release from its
+            authors): read it even where a crafted file could run code.
+
+    Returns:
+        A dict of tensors for safetensors and TorchScript files, else what ``torch.save`` stored.
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        UntrustedFileError: (a ``ValueError``) the rule above refuses the file; the message says
+            the two ways out (upgrade torch, or convert the file once where you trust it).
+        ValueError: the file is empty, text, truncated, damaged or of an unknown format.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -135,20 +210,26 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if _is_text(head):
         raise ValueError(_text_file_message(path, head))
     if head.startswith(_ZIP_MAGIC):
-        obj = _read_zip(path, size)
+        names = _check_zip(path, size)
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return _jit_load(path, trust_pickle)
     elif _looks_like_safetensors(head, size):
-        obj = _read_safetensors(path)
+        return _read_safetensors(path)
     elif path.endswith(".safetensors"):
         raise ValueError(
             f"Weight file {path!r} is not a valid safetensors file: its first 8 bytes do not give the length of "
             f"a JSON header that fits in the file's {size} bytes (truncated or damaged). {_GET_AGAIN}"
         )
-    else:
-        obj = _torch_load(path)
-    try:
-        return unwrap_state_dict(obj, source=f"Weight file {path!r}")
-    except TypeError as err:  # one exception type for every bad file
-        raise ValueError(str(err)) from None
+    return _torch_load(path, trust_pickle)
+
+
+def _untrusted(path: str, what: str, why: str) -> UntrustedFileError:
+    return UntrustedFileError(
+        f"Refusing to read {path!r}: it is {what}, and {why}. If you trust the file (you made it, or it is its "
+        "authors' official release), pass trust_pickle=True. Better, convert it once where you trust it and use "
+        "(and share) the safetensors file, which cannot run code: `python -m sed_discriminator.convert "
+        f"{path} OUT.safetensors --trust-pickle`."
+    )
 
 
 def _is_text(head: bytes) -> bool:
@@ -178,7 +259,7 @@ def _text_file_message(path: str, head: bytes) -> str:
     return f"Weight file {path!r} is {why} (it starts with {first!r}). {_GET_AGAIN}"
 
 
-def _read_zip(path: str, size: int) -> object:
+def _check_zip(path: str, size: int) -> list[str]:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -193,15 +274,22 @@ def _read_zip(path: str, size: int) -> object:
             f"Weight file {path!r} is damaged: entry {damaged!r} does not match its CRC-32 checksum "
             f"(flipped or zeroed bytes from a bad disk, copy or download). {_GET_AGAIN}"
         )
-    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-        try:
-            return dict(torch.jit.load(path, map_location="cpu").state_dict())
-        except Exception as err:  # torch reports bad archives with RuntimeError and friends
-            raise ValueError(
-                f"Weight file {path!r} is a TorchScript archive that torch.jit.load cannot read "
-                f"({type(err).__name__}: {_first_line(err)}). {_GET_AGAIN}"
-            ) from err
-    return _torch_load(path)
+    return names
+
+
+def _jit_load(path: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    if not trust_pickle:
+        raise _untrusted(
+            path, "a TorchScript archive (torch.jit.save, like OpenAI's RN50.pt)",
+            "torch.jit.load runs the code stored in such an archive, on every torch version",
+        )  # fmt: skip
+    try:
+        return dict(torch.jit.load(path, map_location="cpu").state_dict())
+    except Exception as err:  # torch reports bad archives with RuntimeError and friends
+        raise ValueError(
+            f"Weight file {path!r} is a TorchScript archive that torch.jit.load cannot read "
+            f"({type(err).__name__}: {_first_line(err)}). {_GET_AGAIN}"
+        ) from err
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -212,27 +300,34 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
 
 
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return load_file(path, device="cpu")
-    except (SafetensorError, json.JSONDecodeError, ValueError, OSError) as err:
+    except Exception as err:  # SafetensorError, JSON and OS errors all mean a damaged file here
         raise ValueError(
             f"Weight file {path!r} is not a valid safetensors file ({_first_line(err)}): truncated or damaged. "
             f"{_GET_AGAIN}"
         ) from err
 
 
-def _torch_load(path: str) -> object:
+def _torch_load(path: str, trust_pickle: bool) -> object:
+    if not trust_pickle and not torch_is_patched():
+        raise _untrusted(
+            path, "a pickle-based file (torch.save)",
+            f"the installed torch {torch.__version__} has known escapes from torch.load(weights_only=True) that "
+            "let a crafted file run code while it is read (CVE-2025-32434, fixed in torch 2.6; CVE-2026-24747, "
+            "fixed in torch 2.10). Upgrade torch to 2.10 or newer to read such files safely",
+        )  # fmt: skip
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" in str(err):
             raise ValueError(
                 f"Weight file {path!r} holds Python objects other than tensors (a whole pickled model?), which "
-                "weights-only loading refuses to run. Save model.state_dict() instead; or, if you trust the "
-                "file, load it yourself with torch.load(path, weights_only=False) and pass the state dict."
+                "weights-only loading refuses to run. Save model.state_dict() instead; or, only if you trust the "
+                "file (this runs any code in it), load it yourself with torch.load(path, weights_only=False) and "
+                "pass the state dict."
             ) from err
         found = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
         raise _unreadable(path, pickle.UnpicklingError(found.group(1)) if found else err) from err

@@ -15,10 +15,16 @@ from torch import nn
 
 from ._checks import check_image, check_same_dtype, check_semantic
 from ._pickling import reduce_module
+from ._state import check_finite
 from ._upsample import conv_upsampled
 from .attention import Attention
 from .sefb import GROUP_NORM_GROUPS, SeFB
-from .spectral_norm import LEGACY_KEY_LEAVES, power_iteration_paused, remap_legacy_spectral_norm_keys, spectral_norm
+from .spectral_norm import (
+    check_spectral_norm_vectors,
+    power_iteration_paused,
+    rename_legacy_spectral_norm_keys_,
+    spectral_norm,
+)
 
 __all__ = ["SeD", "VARIANTS", "MIN_INPUT_SIZE", "CHANNELS_LAST_DEFAULT", "semantic_channel_step"]
 
@@ -316,11 +322,11 @@ class SeD(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         # The authors' checkpoints carry the legacy spectral-norm keys (weight_orig/_u/_v). This runs
         # before the children load, on the dict they load from: renaming in place lets load_state_dict
-        # (and a trainer's own loader) read them, strictly.
-        legacy = [k for k in state_dict if k.startswith(prefix) and k.rpartition(".")[2] in LEGACY_KEY_LEAVES]
-        if legacy:
-            renamed = remap_legacy_spectral_norm_keys({k[len(prefix) :]: state_dict.pop(k) for k in legacy})
-            state_dict.update({prefix + k: v for k, v in renamed.items()})
+        # (and a trainer's own loader) read them, strictly. Weights that would give NaN logits are refused.
+        rename_legacy_spectral_norm_keys_(state_dict, prefix)
+        mine = {k: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+        check_finite(mine, source=f"The state dict loaded into SeD({self.variant!r})")
+        check_spectral_norm_vectors(mine, source=f"The state dict loaded into SeD({self.variant!r})")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _config(self) -> dict:

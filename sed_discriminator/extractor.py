@@ -157,41 +157,27 @@ def get_extractor_preset(name: str, layer: int | None = None) -> ExtractorPreset
     return preset
 
 
-for _preset in (
-    ExtractorPreset(
-        "clip_rn50", "resnet50_clip.openai", 3, 1024, 16,
-        "OpenAI CLIP RN50 image tower through layer3: the paper's extractor.",
-        "OpenAI's RN50.pt TorchScript archive, an open_clip RN50 checkpoint or timm's model.safetensors",
-    ),
-    ExtractorPreset(
-        "clip_rn101", "resnet101_clip.openai", 3, 1024, 16,
-        "OpenAI CLIP RN101 image tower through layer3 (RN50's width, 23 blocks in layer3).",
-        "OpenAI's RN101.pt TorchScript archive, an open_clip RN101 checkpoint or timm's model.safetensors",
-    ),
-    ExtractorPreset(
-        "clip_convnext_base", "convnext_base.clip_laion2b", 2, 512, 16,
-        "LAION-2B CLIP ConvNeXt-Base image tower through stage 2.",
-        "an open_clip convnext_base checkpoint or timm's model.safetensors",
-    ),
-    ExtractorPreset(
-        "dinov2_vits14", "vit_small_patch14_dinov2.lvd142m", 11, 384, 14,
-        "DINOv2 ViT-S/14 (self-supervised), normalised patch tokens of the last block.",
-    ),
-    ExtractorPreset(
-        "dinov2_vitb14", "vit_base_patch14_dinov2.lvd142m", 11, 768, 14,
-        "DINOv2 ViT-B/14 (self-supervised), normalised patch tokens of the last block.",
-    ),
-    ExtractorPreset(
-        "siglip_vitb16", "vit_base_patch16_siglip_224.webli", 11, 768, 16,
-        "SigLIP ViT-B/16 (WebLI image-text), normalised patch tokens of the last block.",
-        "an open_clip ViT-B-16-SigLIP checkpoint or timm's model.safetensors",
-    ),
-    ExtractorPreset(
-        "resnet50_in1k", "resnet50.a1_in1k", 3, 1024, 16,
-        "ImageNet-1k supervised ResNet-50 (timm A1 recipe) through layer3.",
-    ),
-):  # fmt: skip
-    register_extractor(_preset)
+# name, timm model with its default tag, feature level, channels, stride, description, other weight files
+_PRESET_TABLE = (
+    ("clip_rn50", "resnet50_clip.openai", 3, 1024, 16, "OpenAI CLIP RN50 image tower through layer3: the paper's "
+     "extractor.", "OpenAI's RN50.pt TorchScript archive, an open_clip RN50 checkpoint or timm's model.safetensors"),
+    ("clip_rn101", "resnet101_clip.openai", 3, 1024, 16, "OpenAI CLIP RN101 image tower through layer3 (RN50's "
+     "width, 23 blocks in layer3).", "OpenAI's RN101.pt TorchScript archive, an open_clip RN101 checkpoint or "
+     "timm's model.safetensors"),
+    ("clip_convnext_base", "convnext_base.clip_laion2b", 2, 512, 16, "LAION-2B CLIP ConvNeXt-Base image tower "
+     "through stage 2.", "an open_clip convnext_base checkpoint or timm's model.safetensors"),
+    ("dinov2_vits14", "vit_small_patch14_dinov2.lvd142m", 11, 384, 14, "DINOv2 ViT-S/14 (self-supervised), "
+     "normalised patch tokens of the last block.", ""),
+    ("dinov2_vitb14", "vit_base_patch14_dinov2.lvd142m", 11, 768, 14, "DINOv2 ViT-B/14 (self-supervised), "
+     "normalised patch tokens of the last block.", ""),
+    ("siglip_vitb16", "vit_base_patch16_siglip_224.webli", 11, 768, 16, "SigLIP ViT-B/16 (WebLI image-text), "
+     "normalised patch tokens of the last block.", "an open_clip ViT-B-16-SigLIP checkpoint or timm's "
+     "model.safetensors"),
+    ("resnet50_in1k", "resnet50.a1_in1k", 3, 1024, 16, "ImageNet-1k supervised ResNet-50 (timm A1 recipe) through "
+     "layer3.", ""),
+)  # fmt: skip
+for _row in _PRESET_TABLE:
+    register_extractor(ExtractorPreset(*_row))
 
 
 def _create_model(model: str, meta: bool = False) -> nn.Module:
@@ -205,7 +191,7 @@ def _create_model(model: str, meta: bool = False) -> nn.Module:
             with torch.device("meta"):
                 return _create_model(model)
         except (NotImplementedError, RuntimeError) as err:  # older timm initialises some weights by copying
-            if "meta" not in str(err):
+            if "meta" not in str(err).lower():
                 raise
     import timm
 
@@ -270,10 +256,12 @@ def _truthy_env(name: str) -> bool:
 def _hub_weights(preset: ExtractorPreset, model_name: str, tag: str | None, cache_dir: str | None) -> str:
     """The cached (or freshly downloaded) weight file of a timm model's Hugging Face repo.
 
-    The cache is read first without any network call. On a miss, offline (``HF_HUB_OFFLINE=1``
-    or the hub's host unreachable within a few seconds) fails at once instead of entering the
-    hub client's retry loop; online, one download is tried. Each failure is one error naming the
-    file to get and how to pass it.
+    The cache is read first without any network call (``huggingface_hub.try_to_load_from_cache``);
+    on a miss, ``HF_HUB_OFFLINE=1`` fails at once, else ``hf_hub_download`` is tried (with the hub
+    client's own retries when the network is down). Each failure is one error naming the file to
+    get and how to pass it. timm's ``create_model(pretrained=True)`` would download the same file,
+    but only after building the model, and then read a ``.bin`` with its own ``torch.load``; here
+    the file goes through the library's one reader (the untrusted-file rule) and a miss costs no build.
     """
     import timm.models
 
@@ -302,31 +290,14 @@ def _hub_weights(preset: ExtractorPreset, model_name: str, tag: str | None, cach
     if constants.HF_HUB_OFFLINE or _truthy_env("HF_HUB_OFFLINE"):
         raise RuntimeError(f"{what[0].upper()}{what[1:]} are not in the Hugging Face cache ({where}) and HF_HUB_OFFLINE "
                            f"is set, so they are not downloaded. {how}")  # fmt: skip
-    unreachable = _unreachable(constants.ENDPOINT)
-    if unreachable:
-        raise RuntimeError(
-            f"{what[0].upper()}{what[1:]} are not in the Hugging Face cache ({where}) and {unreachable}: this "
-            f"machine is offline. {how} Offline, export HF_HUB_OFFLINE=1 to skip this check."
-        )
     try:
         return hf_hub_download(repo, candidates[0], cache_dir=cache_dir)
     except Exception as err:  # network, hub and cache errors all mean the same to the user
         detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        raise RuntimeError(f"Could not download {what} ({type(err).__name__}: {detail}). {how}") from err
-
-
-def _unreachable(endpoint: str, timeout: float = 3.0) -> str:
-    """Why the hub's host cannot be reached ("" when a TCP connection opens within ``timeout``)."""
-    import socket
-    from urllib.parse import urlparse
-
-    parsed = urlparse(endpoint)
-    host, port = parsed.hostname or endpoint, parsed.port or (80 if parsed.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as err:
-        return f"{host} cannot be reached ({err.strerror or err})"
-    return ""
+        raise RuntimeError(
+            f"Could not download {what} ({type(err).__name__}: {detail}). {how} On a machine without internet, "
+            "export HF_HUB_OFFLINE=1: a missing file is then reported at once, without the hub client's retries."
+        ) from err
 
 
 def _looks_like_path(value: str) -> bool:
@@ -358,7 +329,7 @@ class SemanticExtractor(nn.Module):
             pretrained tag of the model (``"openai"``, ``"yfcc15m"``, ...; from the Hugging Face
             cache without network when cached, else downloaded), a local file (OpenAI's
             TorchScript ``RN50.pt``, an open_clip or timm state dict as ``.pt``/``.bin``/
-            ``.safetensors``), or ``None`` for random weights (with a warning).
+            ``.safetensors``; see ``trust_pickle``), or ``None`` for random weights (with a warning).
         cache_dir: Hugging Face cache folder (default: the hub's own).
         input_range: value range of the images you pass; e.g. ``(-1, 1)`` inputs are mapped to [0, 1].
         layer: feature level instead of the preset's: an index into the model's ``feature_info``
@@ -366,6 +337,11 @@ class SemanticExtractor(nn.Module):
             the default is the last level.
         mean: per-channel mean of the normalisation instead of the model's ``pretrained_cfg``.
         std: per-channel std of the normalisation instead of the model's ``pretrained_cfg``.
+        trust_pickle: you trust the weight file (you made it, or it is an official release): read a
+            TorchScript archive (OpenAI's ``RN50.pt``: ``torch.jit.load`` runs its code) and, on
+            torch < 2.10, a pickle-based ``.pt``/``.pth``/``.bin`` (``torch.load(weights_only=True)``
+            has known escapes there). ``.safetensors`` files never need it. Or convert the file once
+            with ``python -m sed_discriminator.convert``.
 
     Shape:
         - input: (B, 3, H, W), H and W at least ``stride``
@@ -390,6 +366,7 @@ class SemanticExtractor(nn.Module):
         layer: int | None = None,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
+        trust_pickle: bool = False,
     ) -> None:
         super().__init__()
         low, high = (float(v) for v in input_range)
@@ -412,6 +389,7 @@ class SemanticExtractor(nn.Module):
             layer=layer,
             mean=None if mean is None else tuple(float(v) for v in mean),
             std=None if std is None else tuple(float(v) for v in std),
+            trust_pickle=bool(trust_pickle),
         )
         hub_file = None
         if preset.model is not None:
@@ -517,7 +495,7 @@ class SemanticExtractor(nn.Module):
             path = source
         else:
             path = hub_file
-        state = self._trunk_weights(read_state_dict(path), path)
+        state = self._trunk_weights(read_state_dict(path, trust_pickle=self._config["trust_pickle"]), path)
         on_meta = any(t.is_meta for t in self.trunk.state_dict().values())
         self.trunk.load_state_dict(state, strict=True, assign=on_meta)
         leftover = [n for n, t in [*self.trunk.named_parameters(), *self.trunk.named_buffers()] if t.is_meta]

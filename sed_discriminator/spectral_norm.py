@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["SpectralNorm", "spectral_norm", "remap_legacy_spectral_norm_keys", "LEGACY_KEY_LEAVES"]
+__all__ = [
+    "SpectralNorm",
+    "spectral_norm",
+    "remap_legacy_spectral_norm_keys",
+    "rename_legacy_spectral_norm_keys_",
+    "check_spectral_norm_vectors",
+    "LEGACY_KEY_LEAVES",
+]
 
 _THIS_THREAD = threading.local()  # .paused: power iteration paused on this thread (see power_iteration_paused)
 
@@ -148,11 +155,46 @@ def remap_legacy_spectral_norm_keys(state_dict: Mapping[str, torch.Tensor]) -> d
         A new dict with ``<m>.weight_orig -> <m>.parametrizations.weight.original``,
         ``<m>.weight_u -> <m>.parametrizations.weight.0._u`` and
         ``<m>.weight_v -> <m>.parametrizations.weight.0._v``.
+
+    Raises:
+        ValueError: a conv has both a legacy key and its new form (which one holds the weights?).
+
+    Example:
+        >>> sorted(remap_legacy_spectral_norm_keys({"conv.weight_u": torch.ones(2)}))
+        ['conv.parametrizations.weight.0._u']
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        prefix, _, leaf = key.rpartition(".")
-        if leaf in _LEGACY_SUFFIXES:
-            key = f"{prefix}.{_LEGACY_SUFFIXES[leaf]}" if prefix else _LEGACY_SUFFIXES[leaf]
-        out[key] = value
+    out = dict(state_dict)
+    rename_legacy_spectral_norm_keys_(out)
     return out
+
+
+def rename_legacy_spectral_norm_keys_(state_dict: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """:func:`remap_legacy_spectral_norm_keys` in place, on the keys under ``prefix`` (the library's one rename).
+
+    Raises:
+        ValueError: a conv has both a legacy key and its new form.
+    """
+    for key in [k for k in state_dict if k.startswith(prefix) and k.rpartition(".")[2] in _LEGACY_SUFFIXES]:
+        head, _, leaf = key.rpartition(".")
+        new = f"{head}.{_LEGACY_SUFFIXES[leaf]}" if head else _LEGACY_SUFFIXES[leaf]
+        if new in state_dict:
+            raise ValueError(
+                f"The state dict holds both {key!r} (legacy torch.nn.utils.spectral_norm) and {new!r} "
+                "(parametrizations) for the same weight; keep the keys of one checkpoint only."
+            )
+        state_dict[new] = state_dict.pop(key)
+
+
+def check_spectral_norm_vectors(state_dict: Mapping[str, torch.Tensor], *, source: str = "The state dict") -> None:
+    """Refuse all-zero power-iteration vectors ``u``/``v`` (sigma would be 0, every logit NaN).
+
+    Raises:
+        ValueError: naming the first such key.
+    """
+    for key, value in state_dict.items():
+        if key.endswith(("weight.0._u", "weight.0._v", ".weight_u", ".weight_v")) and not bool(value.any()):
+            raise ValueError(
+                f"{source} has an all-zero spectral-norm vector {key!r}: the normalised weight would divide by "
+                "sigma = 0 and every output would be NaN (these vectors are never zero in a saved model). The file "
+                "is damaged: copy or download it again."
+            )

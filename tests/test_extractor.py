@@ -215,7 +215,8 @@ def test_pickle_rebuilds_from_a_local_file(rn50, tmp_path: Path) -> None:
     torch.save(state, path)
     ext = load_quietly("clip_rn50", path, input_range=(-1, 1), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     assert ext.config == dict(name="clip_rn50", pretrained=str(path), cache_dir=None, input_range=(-1.0, 1.0),
-                              layer=None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))  # fmt: skip
+                              layer=None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                              trust_pickle=False)  # fmt: skip
     buffer = io.BytesIO()
     torch.save(ext, buffer)
     assert buffer.tell() < 10_000  # torch.save's zip container around a few hundred bytes of arguments
@@ -344,7 +345,9 @@ def test_extractor_state_dicts_load(checkpoints, open_clip_resnet, tmp_path: Pat
 
 
 def test_openai_torchscript_archive(checkpoints, open_clip_resnet) -> None:
-    ext = load_quietly("clip_rn50", checkpoints["openai_torchscript_fp16"])
+    with pytest.raises(ValueError, match=r"RN50\.pt': it is a TorchScript archive .*torch\.jit\.load runs the code .*trust_pickle=True"):
+        sd.SemanticExtractor("clip_rn50", pretrained=checkpoints["openai_torchscript_fp16"])  # runs code: opt in
+    ext = load_quietly("clip_rn50", checkpoints["openai_torchscript_fp16"], trust_pickle=True)
     rounded = _openai_style_fp16(open_clip_resnet).visual.float()
     x = torch.rand(1, 3, 64, 64)
     out = ext(x)
@@ -480,7 +483,6 @@ def test_tag_loads_from_the_hub_cache_without_network(monkeypatch, rn50, checkpo
         raise AssertionError("a cached tag must not touch the network")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
-    monkeypatch.setattr(extractor_module, "_unreachable", no_network)
     if filename == "model.safetensors":  # timm's own layout
         source = tmp_path / "timm.safetensors"
         save_file(load_quietly("clip_rn50", checkpoints["open_clip_pt"]).trunk.state_dict(), str(source))

@@ -17,9 +17,8 @@ from basicsr.models.esrgan_model import ESRGANModel
 from basicsr.models.srgan_model import SRGANModel
 from basicsr.utils import get_root_logger
 
-from ..._state import unwrap_state_dict
+from ..._state import UntrustedFileError, read_checkpoint, unwrap_state_dict
 from ...discriminator import SeD
-from ...spectral_norm import remap_legacy_spectral_norm_keys
 from ...weights import load_official_weights
 from .._common import check_no_data_parallel, step_condition
 
@@ -68,7 +67,12 @@ class _ConditionedSteps:
 
 
 def load_sed_checkpoint(
-    model: SeD, path: str | os.PathLike, *, strict: bool = True, param_key: str | None = "params"
+    model: SeD,
+    path: str | os.PathLike,
+    *,
+    strict: bool = True,
+    param_key: str | None = "params",
+    trust_pickle: bool = False,
 ) -> None:
     """Load a discriminator file into ``model`` the way BasicSR's ``pretrain_network_d`` does, for an SeD.
 
@@ -82,6 +86,8 @@ def load_sed_checkpoint(
             authors' code, or a plain state dict.
         strict: BasicSR's ``strict_load_d``; ``False`` loads the matching keys and logs the rest.
         param_key: BasicSR's ``param_key_d``.
+        trust_pickle: read a pickle-based file also on torch < 2.10 (see
+            :func:`~sed_discriminator.load_official_weights`).
 
     Raises:
         ValueError: the file cannot be read, lacks ``param_key``, or does not match ``model``
@@ -89,14 +95,13 @@ def load_sed_checkpoint(
     """
     path = os.fspath(path)
     try:
-        raw: Any = torch.load(path, map_location="cpu", weights_only=True)
+        raw: Any = read_checkpoint(path, trust_pickle=trust_pickle)
     except FileNotFoundError:
         raise FileNotFoundError(f"pretrain_network_d: no file at {path!r}; check the path in the YAML file.") from None
-    except Exception as err:  # truncated, damaged or not a torch file: torch raises several types
-        raise ValueError(
-            f"pretrain_network_d: {path!r} cannot be read as a torch checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). Copy or save the file again."
-        ) from err
+    except UntrustedFileError as err:
+        raise UntrustedFileError(f"pretrain_network_d: {err}") from err
+    except ValueError as err:  # empty, truncated, damaged or not a weight file: the message says what to do
+        raise ValueError(f"pretrain_network_d: {path!r} cannot be read as a torch checkpoint: {err}") from err
     if isinstance(raw, Mapping) and param_key is not None:
         if param_key in raw:
             raw = raw[param_key]
@@ -112,7 +117,7 @@ def load_sed_checkpoint(
         load_official_weights(model, raw)
         logger.info(f"Loaded {type(model).__name__} from {path} (strict).")
         return
-    result = model.load_state_dict(remap_legacy_spectral_norm_keys(unwrap_state_dict(raw, source=path)), strict=False)
+    result = model.load_state_dict(unwrap_state_dict(raw, source=path), strict=False)  # renames legacy keys
     logger.warning(
         f"Loaded {type(model).__name__} from {path} with strict_load_d: false; missing keys: "
         f"{list(result.missing_keys)}, unexpected keys: {list(result.unexpected_keys)}."
