@@ -102,6 +102,7 @@ class TrainnerLikeModel:
             fake_d_pred = self.net_d(self.output.detach())
             l_d = nn.functional.softplus(-real_d_pred).mean() + nn.functional.softplus(fake_d_pred).mean()
         (l_d / self.accum_iters).backward()
+        self.log_dict = {"l_d": float(l_d.detach())}  # the trainers build a new log dict every step
         if apply_gradient:
             self.d_grad_norms.append(float(sum(p.grad.norm() for p in self.net_d.parameters() if p.grad is not None)))
             self.optimizer_d.step()
@@ -129,7 +130,9 @@ class NeosrLikeModel(TrainnerLikeModel):
         real_d_pred = self.net_d(self.gt)
         fake_d_pred = self.net_d(self.output.detach())
         self.net_d.train()
-        (nn.functional.softplus(-real_d_pred).mean() + nn.functional.softplus(fake_d_pred).mean()).backward()
+        l_d = nn.functional.softplus(-real_d_pred).mean() + nn.functional.softplus(fake_d_pred).mean()
+        l_d.backward()
+        self.log_dict = {"l_d": float(l_d.detach())}
         return l_g_total
 
     def optimize_parameters(self, current_iter: int) -> None:  # type: ignore[override]
@@ -390,6 +393,46 @@ def test_eval_mode_calls_leave_spectral_norm_power_iteration_still(extractor: Se
         net.train()
         net(hr)
     assert not torch.equal(u, start)
+
+
+DIAGNOSTICS = {"sem_influence", "attn_sharpness_att1", "attn_sharpness_att2", "attn_sharpness_att3"}
+
+
+@pytest.mark.parametrize("adapter", [trainner, neosr])
+def test_log_dict_gets_the_diagnostics_every_n_iterations(adapter, extractor: SemanticExtractor) -> None:
+    net = TrainerConditionedSeD("patch", extractor=extractor, width=WIDTH, diagnostics_every=2)
+    model = adapter.hook_model((TrainnerLikeModel if adapter is trainner else NeosrLikeModel)(net))
+    logs = []
+    for it in (1, 2, 3):
+        model.feed_data(_batch(it))
+        model.optimize_parameters(*((it, 0, True) if adapter is trainner else (it,)))
+        logs.append(dict(model.log_dict))
+    assert set(logs[0]) == {"l_d"}  # iteration 1: not measured yet
+    assert set(logs[1]) == {"l_d"} | DIAGNOSTICS
+    assert 0 <= logs[1]["sem_influence"] < float("inf")
+    assert all(0 <= logs[1][f"attn_sharpness_att{i}"] <= 1 for i in (1, 2, 3))
+    assert {k: logs[2][k] for k in DIAGNOSTICS} == {k: logs[1][k] for k in DIAGNOSTICS}  # the latest stays logged
+    assert not net.has_condition
+
+
+def test_diagnostics_every_zero_logs_nothing_and_a_bad_value_says_how_to_fix(extractor: SemanticExtractor) -> None:
+    model = trainner.hook_model(TrainnerLikeModel(TrainerConditionedSeD("patch", extractor=extractor, width=WIDTH,
+                                                                        diagnostics_every=0)))  # fmt: skip
+    model.feed_data(_batch())
+    model.optimize_parameters(100, 0, True)
+    assert set(model.log_dict) == {"l_d"}
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"diagnostics_every must be a whole number.*set it under network_d"):
+            TrainerConditionedSeD("patch", extractor=extractor, width=WIDTH, diagnostics_every=bad)
+
+
+def test_a_batch_of_one_warns_instead_of_measuring(extractor: SemanticExtractor) -> None:
+    model = trainner.hook_model(TrainnerLikeModel(TrainerConditionedSeD("patch", extractor=extractor, width=WIDTH,
+                                                                        diagnostics_every=1)))  # fmt: skip
+    model.feed_data(_batch(n=1))
+    with pytest.warns(UserWarning, match="batch of at least 2 images.*diagnostics_every: 0"):
+        model.optimize_parameters(1, 0, True)
+    assert set(model.log_dict) == {"l_d"}
 
 
 # -- the launchers, against stand-in clones --------------------------------------------------------

@@ -60,7 +60,8 @@ def _options(root: Path, name: str, model_type: str, variant: str, *, total_iter
         },
         "network_g": {"type": "MSRResNet", "num_in_ch": 3, "num_out_ch": 3, "num_feat": 8, "num_block": 1,
                       "upscale": 2},
-        "network_d": {"type": "ConditionedSeD", "variant": variant, "width": WIDTH, "pretrained": None},
+        "network_d": {"type": "ConditionedSeD", "variant": variant, "width": WIDTH, "pretrained": None,
+                      "diagnostics_every": 1},
         "path": {"pretrain_network_g": None, "strict_load_g": True, "resume_state": None,
                  "pretrain_network_d": pretrain_d},
         "train": {
@@ -142,6 +143,8 @@ def test_register_is_idempotent_and_survives_reload() -> None:
     assert sed_basicsr.register() == first
     assert "SeDRealESRGANModel" in first  # basicsr-fixed ships BasicSR's copy of RealESRGANModel
     assert ARCH_REGISTRY.get("ConditionedSeD") is sed_basicsr.TrainerConditionedSeD
+    with pytest.warns(DeprecationWarning, match="basicsr.ConditionedSeD is deprecated since sed-discriminator 0.3"):
+        assert sed_basicsr.ConditionedSeD is sed_basicsr.TrainerConditionedSeD  # 0.2's name
     for name in first:
         assert MODEL_REGISTRY.get(name) is getattr(sed_basicsr, name)
     old = MODEL_REGISTRY.get("SeDSRGANModel")
@@ -189,6 +192,10 @@ def test_train_pipeline_conditions_every_d_call_and_saves_a_plain_sed(
         assert sum(not torch.equal(condition, x) for x in inputs) >= 1  # and the others the SR output
 
     exp = tmp_path / "experiments" / name
+    # the trainer's own log line (print_freq 1) carries SeD's diagnostics from the model's log dict
+    log = next(exp.glob("train_*.log")).read_text()
+    for key in ("sem_influence", "attn_sharpness_att1", "attn_sharpness_att2", "attn_sharpness_att3"):
+        assert log.count(f"{key}: ") == STEPS, key
     assert (exp / "models" / f"net_g_{STEPS}.pth").is_file() and (exp / "training_states" / f"{STEPS}.state").is_file()
     saved = _saved_d(tmp_path, name, STEPS)
     assert set(saved) == {"params"}

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._common import REGISTRY_NAME, TrainerConditionedSeD, add_to_registry, check_no_data_parallel, step_condition
+from ._common import (
+    REGISTRY_NAME,
+    TrainerConditionedSeD,
+    add_to_registry,
+    check_no_data_parallel,
+    log_diagnostics,
+    step_condition,
+)
 
 __all__ = ["CloneTrainer"]
 
@@ -107,8 +114,11 @@ class CloneTrainer:
             return model
 
         def conditioned_step(*args: Any, **kwargs: Any) -> Any:
-            with step_condition(getattr(model, "net_d", None), self.real_hr(model), launch_hint=self.launch_hint):
-                return step(*args, **kwargs)
+            net_d, hr = getattr(model, "net_d", None), self.real_hr(model)
+            with step_condition(net_d, hr, launch_hint=self.launch_hint):
+                result = step(*args, **kwargs)
+            log_diagnostics(net_d, model, args[0] if args else kwargs.get("current_iter"), hr)
+            return result
 
         conditioned_step.__wrapped__ = step  # type: ignore[attr-defined]
         conditioned_step.__sed_conditioned__ = True  # type: ignore[attr-defined]

@@ -23,11 +23,13 @@ __all__ = [
     "REGISTRY_NAME",
     "TrainerConditionedSeD",
     "bare_discriminator",
+    "log_diagnostics",
     "check_no_data_parallel",
     "deprecated_conditioned_sed",
     "step_condition",
 ]
 
+DIAGNOSTICS_EVERY = 100  # BasicSR's default print_freq
 REGISTRY_NAME = "ConditionedSeD"  # the `type:` users write in network_d; the class has its own name (0.2 shared it)
 
 
@@ -40,7 +42,11 @@ class TrainerConditionedSeD(training.ConditionedSeD):
 
     - ``map_state_dict`` gives the keys a state dict loads under (traiNNer-redux checks keys with it);
     - a call without a condition says which model type of the trainer sets it;
-    - ``pretrained=False`` (TOML has no null) means ``pretrained=None``: random extractor weights.
+    - ``pretrained=False`` (TOML has no null) means ``pretrained=None``: random extractor weights;
+    - ``diagnostics_every`` (config key, default 100, ``0`` = off): every that many iterations the
+      adapters measure :func:`~sed_discriminator.diagnostics.semantic_diagnostics` on the step's SR
+      batch (two no-grad D forwards) and the latest values stay in the trainer's ``log_dict``
+      (``sem_influence``, ``attn_sharpness_att1..3``), so they reach its console, TensorBoard, wandb.
 
     Args:
         variant: ``"patch"`` or ``"pixel"``.
@@ -53,10 +59,17 @@ class TrainerConditionedSeD(training.ConditionedSeD):
         ...     logits = net_d(output)
     """
 
-    def __init__(self, variant: str = "patch", **kwargs: Any) -> None:
+    def __init__(self, variant: str = "patch", *, diagnostics_every: int = DIAGNOSTICS_EVERY, **kwargs: Any) -> None:
         if kwargs.get("pretrained", "") is False:  # TOML (neosr) has no null: `pretrained = false` means random
             kwargs["pretrained"] = None
+        if isinstance(diagnostics_every, bool) or not isinstance(diagnostics_every, int) or diagnostics_every < 0:
+            raise ValueError(
+                f"diagnostics_every must be a whole number of iterations >= 0 (0 turns the SeD diagnostics off), got "
+                f"{diagnostics_every!r}; set it under network_d in the trainer's config."
+            )
         super().__init__(variant, **kwargs)
+        self.diagnostics_every = diagnostics_every
+        self.last_diagnostics: dict[str, float] = {}
 
     def map_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The keys this network loads ``state_dict`` under (traiNNer-redux checks keys with it)."""
@@ -213,3 +226,41 @@ def deprecated_conditioned_sed(module: str) -> Callable[[str], Any]:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+def log_diagnostics(net_d: nn.Module | None, model: Any, current_iter: Any, hr: torch.Tensor | None) -> None:
+    """Measure SeD's diagnostics every ``diagnostics_every`` iterations and put the latest into ``model.log_dict``.
+
+    Called by the adapters after the step. The values are measured on the step's SR batch
+    (``model.output``) with the semantics of the step's HR batch (one extractor forward: the
+    stored condition is stale after D's optimizer step); between measurements the latest values
+    stay in each step's log dict, so every log line has them.
+
+    Args:
+        net_d: the trainer's ``net_d`` (bare, DDP-wrapped or compiled).
+        model: the trainer's model, with ``output`` and ``log_dict``.
+        current_iter: the step's iteration (the first argument of ``optimize_parameters``).
+        hr: the step's condition batch (the real images D judged).
+    """
+    from ..diagnostics import semantic_diagnostics
+
+    bare = bare_discriminator(net_d)
+    every = getattr(bare, "diagnostics_every", 0)
+    if not every or not bare.semantic_fusion:
+        return
+    output = getattr(model, "output", None)
+    if isinstance(current_iter, int) and current_iter % every == 0 and isinstance(output, torch.Tensor):
+        if output.shape[0] < 2:
+            warnings.warn(
+                "SeD diagnostics need a batch of at least 2 images (each is judged with another's semantics); this "
+                "step's batch has 1. Raise the batch size or set diagnostics_every: 0 under network_d.",
+                stacklevel=2,
+            )
+        else:
+            source = hr if bare.semantic_source == "condition" and isinstance(hr, torch.Tensor) else output
+            with torch.no_grad():
+                semantic = bare.extractor(source.detach())
+            bare.last_diagnostics = semantic_diagnostics(bare, output.detach(), semantic)
+    log = getattr(model, "log_dict", None)
+    if bare.last_diagnostics and isinstance(log, dict):
+        log.update(bare.last_diagnostics)

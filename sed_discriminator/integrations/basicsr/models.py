@@ -20,7 +20,7 @@ from basicsr.utils import get_root_logger
 from ..._state import UntrustedFileError, read_checkpoint, unwrap_state_dict
 from ...discriminator import SeD
 from ...weights import load_official_weights
-from .._common import check_no_data_parallel, step_condition
+from .._common import check_no_data_parallel, log_diagnostics, step_condition
 
 __all__ = ["SeDSRGANModel", "SeDESRGANModel", "SeDRealESRGANModel", "LAUNCH_HINT"]
 
@@ -49,8 +49,10 @@ class _ConditionedSteps:
         return getattr(self, "gt", None)
 
     def optimize_parameters(self, current_iter: int) -> None:
-        with step_condition(self.net_d, self.sed_condition_batch(), launch_hint=LAUNCH_HINT):
+        hr = self.sed_condition_batch()
+        with step_condition(self.net_d, hr, launch_hint=LAUNCH_HINT):
             super().optimize_parameters(current_iter)
+        log_diagnostics(self.net_d, self, current_iter, hr)
 
     def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
         net = super().model_to_device(net)
