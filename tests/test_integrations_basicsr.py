@@ -202,6 +202,11 @@ def test_train_pipeline_conditions_every_d_call_and_saves_a_plain_sed(
     plain = SeD(variant, width=WIDTH)
     assert set(saved["params"]) == set(plain.state_dict())
     plain.load_state_dict(saved["params"], strict=True)
+    # the same weights as safetensors beside it, the file to share
+    from safetensors.torch import load_file
+
+    shared = load_file(exp / "models" / f"net_d_{STEPS}.safetensors")
+    assert set(shared) == set(saved["params"]) and all(torch.equal(shared[k], v) for k, v in saved["params"].items())
 
 
 @pytest.mark.slow
@@ -245,6 +250,22 @@ def test_load_sed_checkpoint_errors_name_the_file_and_the_fix(tmp_path: Path) ->
     torch.save({"params": SeD("pixel", width=WIDTH, semantic_fusion=False).state_dict()}, tmp_path / "pixel.pth")
     with pytest.raises(ValueError, match="looks like the 'pixel' variant"):
         sed_basicsr.load_sed_checkpoint(model, tmp_path / "pixel.pth")
+
+
+def test_pretrain_network_d_follows_the_trust_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sed_discriminator._state import UntrustedFileError
+
+    model = sed_basicsr.SeDSRGANModel.__new__(sed_basicsr.SeDSRGANModel)
+    model.opt = {"dist": False, "path": {}}
+    net = common.TrainerConditionedSeD("patch", width=WIDTH, semantic_fusion=False)
+    source = SeD("patch", width=WIDTH, semantic_fusion=False).state_dict()
+    torch.save({"params": source}, tmp_path / "d.pth")
+    monkeypatch.setattr(torch, "__version__", "2.5.1")  # a torch with known weights_only escapes
+    with pytest.raises(UntrustedFileError, match="pretrain_network_d: .*torch 2.5.1"):
+        model.load_network(net, str(tmp_path / "d.pth"))
+    model.opt["path"]["trust_pickle_d"] = True  # the YAML key
+    model.load_network(net, str(tmp_path / "d.pth"))
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in source.items())
 
 
 def test_data_parallel_is_refused_with_the_torchrun_command() -> None:
