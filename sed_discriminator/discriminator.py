@@ -19,7 +19,12 @@ from ._state import check_finite
 from ._upsample import conv_upsampled
 from .attention import Attention
 from .sefb import GROUP_NORM_GROUPS, SeFB
-from .spectral_norm import check_spectral_norm_vectors, power_iteration_paused, rename_legacy_spectral_norm_keys_, spectral_norm
+from .spectral_norm import (
+    check_spectral_norm_vectors,
+    power_iteration_paused,
+    rename_legacy_spectral_norm_keys_,
+    spectral_norm,
+)
 
 __all__ = ["SeD", "VARIANTS", "MIN_INPUT_SIZE", "CHANNELS_LAST_DEFAULT", "semantic_channel_step"]
 

@@ -12,7 +12,10 @@ environment with the clone's requirements installed).
 from __future__ import annotations
 
 import ast
+import copy
+import inspect
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -22,17 +25,24 @@ import pytest
 import torch
 from torch import nn
 
-from sed_discriminator import SemanticExtractor
+from sed_discriminator import SeD, SemanticExtractor
 from sed_discriminator.integrations import _common, neosr, trainner
-from sed_discriminator.integrations._common import ConditionedSeD, step_condition
+from sed_discriminator.integrations._common import TrainerConditionedSeD, step_condition
 
 WIDTH = 8
-LEGACY_NAMES = (
-    ("parametrizations.weight.original", "weight_orig"),
-    ("parametrizations.weight.0._u", "weight_u"),
-    ("parametrizations.weight.0._v", "weight_v"),
-)
 PACKAGE = Path(_common.__file__).resolve().parents[1]
+
+
+def legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` under the authors' (pre-parametrization) spectral-norm names; the real-clone scripts reuse it."""
+    names = {"parametrizations.weight.original": "weight_orig", "parametrizations.weight.0._u": "weight_u",
+             "parametrizations.weight.0._v": "weight_v"}  # fmt: skip
+    legacy = {}
+    for key, value in state.items():
+        for new, old in names.items():
+            key = key.replace(new, old)
+        legacy[key] = value
+    return legacy
 
 
 @pytest.fixture(scope="module")
@@ -41,19 +51,19 @@ def extractor() -> SemanticExtractor:
         return SemanticExtractor("clip_rn50", pretrained=None)
 
 
-def _net_d(extractor: SemanticExtractor, variant: str = "patch") -> ConditionedSeD:
-    return ConditionedSeD(variant, extractor=extractor, width=WIDTH)
+def _net_d(extractor: SemanticExtractor, variant: str = "patch") -> TrainerConditionedSeD:
+    return TrainerConditionedSeD(variant, extractor=extractor, width=WIDTH)
 
 
 class _Recorder:
     """Wraps a ConditionedSeD's forward: records (mode, inference mode, has condition, input) per call."""
 
-    def __init__(self, net: ConditionedSeD) -> None:
-        self.calls: list[tuple[bool, bool, torch.Tensor | None, torch.Tensor]] = []
+    def __init__(self, net: TrainerConditionedSeD) -> None:
+        self.calls: list[tuple[bool, bool, bool, torch.Tensor]] = []
         forward = net.forward
 
         def recording_forward(x, semantic=None):
-            self.calls.append((net.training, torch.is_inference_mode_enabled(), net._condition, x.detach().clone()))
+            self.calls.append((net.training, torch.is_inference_mode_enabled(), net.has_condition, x.detach().clone()))
             return forward(x, semantic)
 
         net.forward = recording_forward
@@ -92,6 +102,7 @@ class TrainnerLikeModel:
             fake_d_pred = self.net_d(self.output.detach())
             l_d = nn.functional.softplus(-real_d_pred).mean() + nn.functional.softplus(fake_d_pred).mean()
         (l_d / self.accum_iters).backward()
+        self.log_dict = {"l_d": float(l_d.detach())}  # the trainers build a new log dict every step
         if apply_gradient:
             self.d_grad_norms.append(float(sum(p.grad.norm() for p in self.net_d.parameters() if p.grad is not None)))
             self.optimizer_d.step()
@@ -119,7 +130,9 @@ class NeosrLikeModel(TrainnerLikeModel):
         real_d_pred = self.net_d(self.gt)
         fake_d_pred = self.net_d(self.output.detach())
         self.net_d.train()
-        (nn.functional.softplus(-real_d_pred).mean() + nn.functional.softplus(fake_d_pred).mean()).backward()
+        l_d = nn.functional.softplus(-real_d_pred).mean() + nn.functional.softplus(fake_d_pred).mean()
+        l_d.backward()
+        self.log_dict = {"l_d": float(l_d.detach())}
         return l_g_total
 
     def optimize_parameters(self, current_iter: int) -> None:  # type: ignore[override]
@@ -143,11 +156,7 @@ def _batch(seed: int = 0, n: int = 2) -> dict[str, torch.Tensor]:
 def test_arch_loads_legacy_spectral_norm_keys_strictly_also_under_a_prefix(extractor: SemanticExtractor) -> None:
     source = _net_d(extractor)
     state = source.state_dict()
-    legacy = {}
-    for key, value in state.items():
-        for new, old in LEGACY_NAMES:
-            key = key.replace(new, old)
-        legacy[key] = value
+    legacy = legacy_keys(state)
     assert sum(k.endswith("weight_orig") for k in legacy) == 6
     target = _net_d(extractor)
     assert set(target.map_state_dict(legacy)) == set(state)
@@ -171,7 +180,7 @@ def test_arch_without_condition_names_the_trainer_model_types(extractor: Semanti
 
 def test_arch_pretrained_false_means_random_weights() -> None:
     with pytest.warns(UserWarning, match="RANDOM"):
-        net = ConditionedSeD("patch", width=WIDTH, pretrained=False)
+        net = TrainerConditionedSeD("patch", width=WIDTH, pretrained=False)
     assert net.extractor is not None and net.extractor.pretrained is None
 
 
@@ -186,13 +195,13 @@ def test_step_condition_is_a_no_op_for_other_discriminators_and_clears_on_error(
             pass
     with pytest.raises(ValueError, match="boom"):
         with step_condition(net, torch.rand(2, 3, 32, 32)):
-            assert net._condition is not None
+            assert net.has_condition
             raise ValueError("boom")
-    assert net._condition is None
+    assert not net.has_condition
 
 
 def test_bare_discriminator_looks_through_compile_and_ddp_wrappers() -> None:
-    net = ConditionedSeD("patch", width=WIDTH, semantic_fusion=False)
+    net = TrainerConditionedSeD("patch", width=WIDTH, semantic_fusion=False)
     compiled = torch.compile(net)  # neosr's `compile = true` compiles net_d; nothing is compiled before a call
     assert _common.bare_discriminator(compiled) is net
     assert _common.bare_discriminator(nn.Conv2d(3, 1, 3)) is None and _common.bare_discriminator(None) is None
@@ -201,7 +210,7 @@ def test_bare_discriminator_looks_through_compile_and_ddp_wrappers() -> None:
 
 
 def test_data_parallel_is_refused_and_other_networks_are_not() -> None:
-    net = nn.DataParallel(ConditionedSeD("patch", width=WIDTH, semantic_fusion=False))
+    net = nn.DataParallel(TrainerConditionedSeD("patch", width=WIDTH, semantic_fusion=False))
     model = TrainnerLikeModel(net)
     with pytest.raises(RuntimeError, match="DataParallel.*torchrun --nproc_per_node=N -m .*integrations.trainner"):
         trainner.hook_model(model)
@@ -222,6 +231,73 @@ def test_no_module_outside_integrations_imports_a_trainer() -> None:
             assert not {n.split(".")[0] for n in names} & trainers, f"{path} imports a trainer"
 
 
+class TestTrainerConditionedSeD:
+    """The registered architecture with its step condition, per kind as in kornia: smoke, shape, errors, compile."""
+
+    @staticmethod
+    def _pair(extractor: SemanticExtractor, variant: str = "patch", **to: object) -> tuple[TrainerConditionedSeD, SeD]:
+        """The registered class and a plain SeD with the same weights (``to`` moves an extractor copy)."""
+        net = TrainerConditionedSeD(variant, extractor=copy.deepcopy(extractor) if to else extractor, width=WIDTH)
+        net = net.to(**to)
+        plain = SeD(variant, width=WIDTH, semantic_channels=extractor.channels).to(**to)
+        plain.load_state_dict(net.state_dict(), strict=True)
+        return net, plain
+
+    def test_smoke(self, extractor: SemanticExtractor, device: torch.device, dtype: torch.dtype) -> None:
+        net, plain = self._pair(extractor, device=device, dtype=dtype)
+        hr, sr = (torch.rand(2, 3, 32, 32, device=device, dtype=dtype) for _ in range(2))
+        with step_condition(net, hr):
+            logits = net(sr)
+        assert logits.dtype == dtype and logits.device.type == device.type
+        # the stored condition is the HR batch's semantics: the plain SeD given them explicitly agrees exactly
+        assert torch.equal(logits, plain(sr, net.extractor(hr)))
+        assert not net.has_condition
+
+    @pytest.mark.parametrize(("variant", "size"), [("patch", (32, 32)), ("pixel", (48, 32))])
+    def test_shape(self, extractor: SemanticExtractor, variant: str, size: tuple[int, int]) -> None:
+        net, plain = self._pair(extractor, variant)
+        hr, sr = torch.rand(2, 3, *size), torch.rand(2, 3, *size)
+        with step_condition(net, hr):
+            logits = net(sr)
+        assert logits.shape == plain(sr, net.extractor(hr)).shape
+        if variant == "pixel":
+            assert logits.shape == (2, 1, *size)  # U+SeD: one logit per pixel
+
+    def test_exception(self, extractor: SemanticExtractor) -> None:
+        net, _ = self._pair(extractor)
+        with pytest.raises(RuntimeError, match="without the HR condition of the step.*SeDSRGANModel.*semantic_source"):
+            net(torch.rand(2, 3, 32, 32))
+        with step_condition(net, torch.rand(2, 3, 32, 32)):
+            with pytest.raises(RuntimeError, match="condition holds 2 images but the input has 3"):
+                net(torch.rand(3, 3, 32, 32))
+        with pytest.raises(RuntimeError, match="cannot run under nn.DataParallel.*torchrun"):
+            with step_condition(nn.DataParallel(net), torch.rand(2, 3, 32, 32)):
+                pass
+        with pytest.raises(ValueError, match="Unknown SeD variant 'patchgan'"):
+            TrainerConditionedSeD("patchgan", extractor=extractor, width=WIDTH)
+
+    @pytest.mark.slow
+    def test_compile_matches_eager(self, extractor: SemanticExtractor) -> None:
+        # neosr's `compile = true` compiles net_d; the condition goes to the module inside the compiled wrapper
+        net, _ = self._pair(extractor)
+        compiled = torch.compile(net, backend="eager")  # dynamo's graph capture; inductor would cost minutes on CPU
+        hr, sr = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+        with step_condition(compiled, hr):
+            eager, traced = net(sr), compiled(sr)
+        torch.testing.assert_close(traced, eager)
+
+
+@pytest.mark.parametrize("module", [neosr, trainner])
+def test_0_2_class_name_still_imports_with_a_deprecation(module) -> None:
+    with pytest.warns(DeprecationWarning, match=re.escape(f"{module.__name__}.ConditionedSeD is deprecated since")):
+        exec(f"from {module.__name__} import ConditionedSeD", namespace := {})
+    assert namespace["ConditionedSeD"] is TrainerConditionedSeD
+    with pytest.warns(DeprecationWarning, match="removed in 0.4.*TrainerConditionedSeD from sed_discriminator.integ"):
+        assert module.ConditionedSeD is TrainerConditionedSeD
+    with pytest.raises(AttributeError, match="has no attribute 'ConditionedSeDx'"):
+        module.ConditionedSeDx  # noqa: B018
+
+
 # -- traiNNer-redux ----------------------------------------------------------------------------
 
 
@@ -233,8 +309,8 @@ def test_trainner_hook_conditions_every_d_call_on_the_real_batch(extractor: Sema
     for it in (1, 2):
         model.feed_data(_batch(it))
         model.optimize_parameters(it, 0, True)
-        assert net._condition is None  # cleared after the step
-    assert len(rec.calls) == 6 and all(cond is not None for _, _, cond, _ in rec.calls)
+        assert not net.has_condition  # cleared after the step
+    assert len(rec.calls) == 6 and all(cond for _, _, cond, _ in rec.calls)
     assert torch.equal(rec.calls[4][3], _batch(2)["gt"])  # the real call of step 2 judges that step's gt
 
     # ECO: the real batch is _real_hr, and so is the condition
@@ -280,7 +356,7 @@ def test_trainner_hook_finds_the_bare_model_under_ddp(extractor: SemanticExtract
         bare.set_condition = lambda hr: (seen.append(hr), original(hr))[1]
         model.feed_data(_batch())
         model.optimize_parameters(1, 0, True)
-        assert len(seen) == 1 and seen[0] is model.gt and bare._condition is None
+        assert len(seen) == 1 and seen[0] is model.gt and not bare.has_condition
     finally:
         dist.destroy_process_group()
 
@@ -295,13 +371,13 @@ def test_neosr_hook_holds_through_inference_mode_eval_calls_and_a_second_closure
     before = [p.detach().clone() for p in net.parameters()]
     model.feed_data(_batch())
     model.optimize_parameters(1)
-    assert len(rec.calls) == 6 and all(cond is not None for _, _, cond, _ in rec.calls)
+    assert len(rec.calls) == 6 and all(cond for _, _, cond, _ in rec.calls)
     modes = [(training, inference) for training, inference, _, _ in rec.calls[:3]]
     assert modes == [(False, True), (False, False), (False, False)]  # (train mode, inference mode) per call
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))  # D trained
     # neosr's generator GAN term: computed under inference_mode, it carries no gradient to G
     assert not model.l_g_gan.requires_grad
-    assert net._condition is None
+    assert not net.has_condition
 
 
 def test_eval_mode_calls_leave_spectral_norm_power_iteration_still(extractor: SemanticExtractor) -> None:
@@ -319,6 +395,46 @@ def test_eval_mode_calls_leave_spectral_norm_power_iteration_still(extractor: Se
     assert not torch.equal(u, start)
 
 
+DIAGNOSTICS = {"sem_influence", "attn_sharpness_att1", "attn_sharpness_att2", "attn_sharpness_att3"}
+
+
+@pytest.mark.parametrize("adapter", [trainner, neosr])
+def test_log_dict_gets_the_diagnostics_every_n_iterations(adapter, extractor: SemanticExtractor) -> None:
+    net = TrainerConditionedSeD("patch", extractor=extractor, width=WIDTH, diagnostics_every=2)
+    model = adapter.hook_model((TrainnerLikeModel if adapter is trainner else NeosrLikeModel)(net))
+    logs = []
+    for it in (1, 2, 3):
+        model.feed_data(_batch(it))
+        model.optimize_parameters(*((it, 0, True) if adapter is trainner else (it,)))
+        logs.append(dict(model.log_dict))
+    assert set(logs[0]) == {"l_d"}  # iteration 1: not measured yet
+    assert set(logs[1]) == {"l_d"} | DIAGNOSTICS
+    assert 0 <= logs[1]["sem_influence"] < float("inf")
+    assert all(0 <= logs[1][f"attn_sharpness_att{i}"] <= 1 for i in (1, 2, 3))
+    assert {k: logs[2][k] for k in DIAGNOSTICS} == {k: logs[1][k] for k in DIAGNOSTICS}  # the latest stays logged
+    assert not net.has_condition
+
+
+def test_diagnostics_every_zero_logs_nothing_and_a_bad_value_says_how_to_fix(extractor: SemanticExtractor) -> None:
+    model = trainner.hook_model(TrainnerLikeModel(TrainerConditionedSeD("patch", extractor=extractor, width=WIDTH,
+                                                                        diagnostics_every=0)))  # fmt: skip
+    model.feed_data(_batch())
+    model.optimize_parameters(100, 0, True)
+    assert set(model.log_dict) == {"l_d"}
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"diagnostics_every must be a whole number.*set it under network_d"):
+            TrainerConditionedSeD("patch", extractor=extractor, width=WIDTH, diagnostics_every=bad)
+
+
+def test_a_batch_of_one_warns_instead_of_measuring(extractor: SemanticExtractor) -> None:
+    model = trainner.hook_model(TrainnerLikeModel(TrainerConditionedSeD("patch", extractor=extractor, width=WIDTH,
+                                                                        diagnostics_every=1)))  # fmt: skip
+    model.feed_data(_batch(n=1))
+    with pytest.warns(UserWarning, match="batch of at least 2 images.*diagnostics_every: 0"):
+        model.optimize_parameters(1, 0, True)
+    assert set(model.log_dict) == {"l_d"}
+
+
 # -- the launchers, against stand-in clones --------------------------------------------------------
 
 _STAND_IN_TRAIN = """
@@ -329,9 +445,10 @@ model = build_model({{"argv": sys.argv[1:]}})
 for it in (1, 2):
     model.feed_data({{"gt": torch.rand(2, 3, 32, 32), "lq": torch.rand(2, 3, 16, 16)}})
     model.optimize_parameters(*{step_args})
-json.dump({{"argv": sys.argv, "cwd": os.getcwd(), "conditioned": getattr(model.optimize_parameters, "__sed_conditioned__", False),
-           "arch": "{arch}" in __import__("{package}.utils.registry", fromlist=["x"]).ARCH_REGISTRY._obj_map}},
-          open(sys.argv[-1], "w"))
+conditioned = getattr(model.optimize_parameters, "__sed_conditioned__", False)
+registered = "{arch}" in __import__("{package}.utils.registry", fromlist=["x"]).ARCH_REGISTRY._obj_map
+result = {{"argv": sys.argv, "cwd": os.getcwd(), "conditioned": conditioned, "arch": registered}}
+json.dump(result, open(sys.argv[-1], "w"))
 """
 
 _STAND_IN_REGISTRY = """
@@ -407,16 +524,17 @@ def test_launchers_reject_a_folder_that_is_not_a_clone(tmp_path: Path) -> None:
 
 _REAL_TRAINNER = """
 import os, sys, torch
+{legacy_keys}
 from safetensors.torch import load_file
 from sed_discriminator import SeD
 from sed_discriminator.integrations import trainner, _common
 trainner.use_clone(sys.argv[1]); trainner.install()
 calls = []
-forward = _common.ConditionedSeD.forward
+forward = _common.TrainerConditionedSeD.forward
 def spy(s, x, semantic=None):
-    calls.append(s._condition is not None)
+    calls.append(s.has_condition)
     return forward(s, x, semantic)
-_common.ConditionedSeD.forward = spy
+_common.TrainerConditionedSeD.forward = spy
 sys.argv = ["train.py", "-opt", "opt.yml"]
 from traiNNer.utils.config import Config
 from traiNNer.utils import make_exp_dirs
@@ -440,14 +558,7 @@ model.save(0, 2)
 path = os.path.join(opt.path.resume_models, "net_d_2.safetensors")
 saved = load_file(path)
 SeD("patch", width=8).load_state_dict(saved, strict=True)
-names = {"parametrizations.weight.original": "weight_orig", "parametrizations.weight.0._u": "weight_u",
-         "parametrizations.weight.0._v": "weight_v"}
-legacy = {}
-for k, v in saved.items():
-    for a, b in names.items():
-        k = k.replace(a, b)
-    legacy[k] = v
-torch.save({"params": legacy}, "legacy_d.pth")
+torch.save({"params": legacy_keys(saved)}, "legacy_d.pth")
 for source in (path, "legacy_d.pth"):
     _, loaded = build(mkdirs=False, pretrain_network_d=source, strict_load_d=True)
     now = loaded.net_d.state_dict()
@@ -467,6 +578,7 @@ print("REAL-TRAINNER-OK")
 
 _REAL_NEOSR = """
 import os, sys, types, torch
+{legacy_keys}
 sys.argv = ["train.py", "-opt", "opt.toml"]
 from sed_discriminator import SeD
 from sed_discriminator.integrations import neosr as adapter, _common
@@ -481,12 +593,12 @@ shim.load = lambda *a, **k: torch.load(*a, **{**k, "map_location": "cpu"})
 shim.autocast = lambda device_type, **k: torch.autocast("cpu", **k)
 base.torch = image.torch = shim
 calls = []
-forward = _common.ConditionedSeD.forward
+forward = _common.TrainerConditionedSeD.forward
 def spy(s, x, semantic=None):
     out = forward(s, x, semantic)
-    calls.append((s._condition is not None, s.training, torch.is_inference_mode_enabled(), out.requires_grad))
+    calls.append((s.has_condition, s.training, torch.is_inference_mode_enabled(), out.requires_grad))
     return out
-_common.ConditionedSeD.forward = spy
+_common.TrainerConditionedSeD.forward = spy
 from neosr.utils.options import parse_options
 from neosr.utils import make_exp_dirs
 import neosr.models
@@ -502,14 +614,7 @@ assert calls == [(True, False, True, False), (True, False, False, True), (True, 
 model.save(0, 2)
 saved = torch.load(os.path.join(opt["path"]["models"], "net_d_2.pth"), weights_only=True)["params"]
 SeD("patch", width=8).load_state_dict(saved, strict=True)
-names = {"parametrizations.weight.original": "weight_orig", "parametrizations.weight.0._u": "weight_u",
-         "parametrizations.weight.0._v": "weight_v"}
-legacy = {}
-for k, v in saved.items():
-    for a, b in names.items():
-        k = k.replace(a, b)
-    legacy[k] = v
-torch.save({"params": legacy}, "legacy_d.pth")
+torch.save({"params": legacy_keys(saved)}, "legacy_d.pth")
 opt, _ = parse_options(os.getcwd(), is_train=True)
 opt["root_path"] = os.getcwd()
 opt["path"]["pretrain_network_d"] = "legacy_d.pth"
@@ -587,7 +692,7 @@ use_tb_logger = false
 def _run_real(script: str, config_name: str, config: str, tmp_path: Path, *args: str) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / config_name).write_text(textwrap.dedent(config).format(data=tmp_path / "data"))
-    (tmp_path / "run.py").write_text(script)
+    (tmp_path / "run.py").write_text(script.replace("{legacy_keys}", inspect.getsource(legacy_keys)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "run.py", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)  # fmt: skip

@@ -60,7 +60,8 @@ def _options(root: Path, name: str, model_type: str, variant: str, *, total_iter
         },
         "network_g": {"type": "MSRResNet", "num_in_ch": 3, "num_out_ch": 3, "num_feat": 8, "num_block": 1,
                       "upscale": 2},
-        "network_d": {"type": "ConditionedSeD", "variant": variant, "width": WIDTH, "pretrained": None},
+        "network_d": {"type": "ConditionedSeD", "variant": variant, "width": WIDTH, "pretrained": None,
+                      "diagnostics_every": 1},
         "path": {"pretrain_network_g": None, "strict_load_g": True, "resume_state": None,
                  "pretrain_network_d": pretrain_d},
         "train": {
@@ -84,7 +85,7 @@ class _Spy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.events: list[tuple[str, int, torch.Tensor | None]] = []
-        cls = common.ConditionedSeD
+        cls = common.TrainerConditionedSeD
         set_condition, clear_condition, forward = cls.set_condition, cls.clear_condition, cls.forward
 
         def spy_set(net, hr):
@@ -141,7 +142,9 @@ def test_register_is_idempotent_and_survives_reload() -> None:
     first = sed_basicsr.register()
     assert sed_basicsr.register() == first
     assert "SeDRealESRGANModel" in first  # basicsr-fixed ships BasicSR's copy of RealESRGANModel
-    assert ARCH_REGISTRY.get("ConditionedSeD") is sed_basicsr.ConditionedSeD
+    assert ARCH_REGISTRY.get("ConditionedSeD") is sed_basicsr.TrainerConditionedSeD
+    with pytest.warns(DeprecationWarning, match="basicsr.ConditionedSeD is deprecated since sed-discriminator 0.3"):
+        assert sed_basicsr.ConditionedSeD is sed_basicsr.TrainerConditionedSeD  # 0.2's name
     for name in first:
         assert MODEL_REGISTRY.get(name) is getattr(sed_basicsr, name)
     old = MODEL_REGISTRY.get("SeDSRGANModel")
@@ -175,6 +178,12 @@ def test_train_pipeline_conditions_every_d_call_and_saves_a_plain_sed(
     model_type: str, variant: str, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spy = _Spy(monkeypatch)
+    from basicsr.utils.logger import MessageLogger
+
+    logged: list[dict] = []
+    log_call = MessageLogger.__call__
+    monkeypatch.setattr(MessageLogger, "__call__", lambda self, log_vars: (logged.append(dict(log_vars)),
+                                                                           log_call(self, log_vars))[1])  # fmt: skip
     name = f"{model_type}_{variant}"
     _run(_options(images, name, model_type, variant), tmp_path, monkeypatch)
 
@@ -189,12 +198,21 @@ def test_train_pipeline_conditions_every_d_call_and_saves_a_plain_sed(
         assert sum(not torch.equal(condition, x) for x in inputs) >= 1  # and the others the SR output
 
     exp = tmp_path / "experiments" / name
+    # what BasicSR's MessageLogger (console, TensorBoard, wandb) gets at print_freq 1 carries SeD's diagnostics
+    keys = {"sem_influence", "attn_sharpness_att1", "attn_sharpness_att2", "attn_sharpness_att3"}
+    assert len(logged) == STEPS and all(keys <= set(log) for log in logged)
+    assert all(0 <= log[f"attn_sharpness_att{i}"] <= 1 for log in logged for i in (1, 2, 3))
     assert (exp / "models" / f"net_g_{STEPS}.pth").is_file() and (exp / "training_states" / f"{STEPS}.state").is_file()
     saved = _saved_d(tmp_path, name, STEPS)
     assert set(saved) == {"params"}
     plain = SeD(variant, width=WIDTH)
     assert set(saved["params"]) == set(plain.state_dict())
     plain.load_state_dict(saved["params"], strict=True)
+    # the same weights as safetensors beside it, the file to share
+    from safetensors.torch import load_file
+
+    shared = load_file(exp / "models" / f"net_d_{STEPS}.safetensors")
+    assert set(shared) == set(saved["params"]) and all(torch.equal(shared[k], v) for k, v in saved["params"].items())
 
 
 @pytest.mark.slow
@@ -225,7 +243,7 @@ def test_pretrain_network_d_starts_from_a_saved_and_from_a_legacy_checkpoint(
 
 
 def test_load_sed_checkpoint_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
-    model = common.ConditionedSeD("patch", width=WIDTH, semantic_fusion=False)
+    model = common.TrainerConditionedSeD("patch", width=WIDTH, semantic_fusion=False)
     with pytest.raises(FileNotFoundError, match="pretrain_network_d: no file at"):
         sed_basicsr.load_sed_checkpoint(model, tmp_path / "missing.pth")
     (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 truncated")
@@ -240,12 +258,28 @@ def test_load_sed_checkpoint_errors_name_the_file_and_the_fix(tmp_path: Path) ->
         sed_basicsr.load_sed_checkpoint(model, tmp_path / "pixel.pth")
 
 
+def test_pretrain_network_d_follows_the_trust_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sed_discriminator._state import UntrustedFileError
+
+    model = sed_basicsr.SeDSRGANModel.__new__(sed_basicsr.SeDSRGANModel)
+    model.opt = {"dist": False, "path": {}}
+    net = common.TrainerConditionedSeD("patch", width=WIDTH, semantic_fusion=False)
+    source = SeD("patch", width=WIDTH, semantic_fusion=False).state_dict()
+    torch.save({"params": source}, tmp_path / "d.pth")
+    monkeypatch.setattr(torch, "__version__", "2.5.1")  # a torch with known weights_only escapes
+    with pytest.raises(UntrustedFileError, match="pretrain_network_d: .*torch 2.5.1"):
+        model.load_network(net, str(tmp_path / "d.pth"))
+    model.opt["path"]["trust_pickle_d"] = True  # the YAML key
+    model.load_network(net, str(tmp_path / "d.pth"))
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in source.items())
+
+
 def test_data_parallel_is_refused_with_the_torchrun_command() -> None:
     # BasicSR's model_to_device wraps in DataParallel for num_gpu > 1 without a distributed launcher.
     model = sed_basicsr.SeDSRGANModel.__new__(sed_basicsr.SeDSRGANModel)
     model.opt, model.device = {"num_gpu": 2, "dist": False}, torch.device("cpu")
     with pytest.raises(RuntimeError, match="DataParallel.*torchrun --nproc_per_node=N -m sed_discriminator"):
-        model.model_to_device(common.ConditionedSeD("patch", width=WIDTH, semantic_fusion=False))
+        model.model_to_device(common.TrainerConditionedSeD("patch", width=WIDTH, semantic_fusion=False))
     other = model.model_to_device(torch.nn.Conv2d(3, 1, 3))  # any other network keeps BasicSR's behaviour
     assert isinstance(other, torch.nn.DataParallel)
 
@@ -261,7 +295,7 @@ def test_real_esrgan_step_conditions_on_the_batch_d_judges_as_real(gan_gt_usm: b
     model.opt = {"dist": False, "l1_gt_usm": True, "percep_gt_usm": True, "gan_gt_usm": gan_gt_usm}
     model.net_g = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(3, 3, 3, padding=1))
     with pytest.warns(UserWarning, match="RANDOM"):
-        model.net_d = common.ConditionedSeD("patch", width=WIDTH, pretrained=None)
+        model.net_d = common.TrainerConditionedSeD("patch", width=WIDTH, pretrained=None)
     model.cri_pix, model.cri_ldl, model.cri_perceptual = build_loss({"type": "L1Loss", "loss_weight": 1.0}), None, None
     model.cri_gan = build_loss({"type": "GANLoss", "gan_type": "vanilla", "loss_weight": 0.1})
     model.optimizer_g = torch.optim.Adam(model.net_g.parameters(), 1e-4)
@@ -275,7 +309,7 @@ def test_real_esrgan_step_conditions_on_the_batch_d_judges_as_real(gan_gt_usm: b
     model.net_d.set_condition = lambda hr: (seen.append(hr), set_condition(hr))[1]
     model.optimize_parameters(1)
     assert len(seen) == 1 and seen[0] is (model.gt_usm if gan_gt_usm else model.gt)
-    assert model.net_d._condition is None and set(model.log_dict) >= {"l_g_gan", "l_d_real", "l_d_fake"}
+    assert not model.net_d.has_condition and set(model.log_dict) >= {"l_g_gan", "l_d_real", "l_d_fake"}
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

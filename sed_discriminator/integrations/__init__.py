@@ -1,9 +1,9 @@
 """SeD inside BasicSR-family trainers: BasicSR / Real-ESRGAN, traiNNer-redux and neosr.
 
 Each trainer calls ``net_d(x)`` with one tensor from inside its own model class. The adapters
-here register :class:`~sed_discriminator.ConditionedSeD` in the trainer's architecture
-registry and give its HR condition from the trainer's own training step, so that SeD is
-chosen in the trainer's config file:
+here register :class:`TrainerConditionedSeD` (a :class:`~sed_discriminator.ConditionedSeD`) in
+the trainer's architecture registry as ``ConditionedSeD`` and give its HR condition from the
+trainer's own training step, so that SeD is chosen in the trainer's config file:
 
 - :mod:`sed_discriminator.integrations.basicsr`: ``register()`` and the launcher
   ``python -m sed_discriminator.integrations.basicsr -opt options.yml`` (needs the ``basicsr``
@@ -13,3 +13,7 @@ chosen in the trainer's config file:
 
 Importing this package imports no trainer; see docs/integrations.md.
 """
+
+from ._common import TrainerConditionedSeD
+
+__all__ = ["TrainerConditionedSeD"]

@@ -1,19 +1,16 @@
 """What the trainer adapters share: the registered architecture and the per-step condition.
 
 Nothing here imports a trainer. The trainers' model classes call ``net_d(x)`` with one tensor;
-:func:`step_condition` gives the bare :class:`ConditionedSeD` the HR batch for the duration of
-one training step, and :class:`ConditionedSeD` is what a trainer's registry builds from
-``network_d: {type: ConditionedSeD, ...}``.
+:func:`step_condition` gives the bare :class:`~sed_discriminator.ConditionedSeD` the HR batch for
+the duration of one training step, and :class:`TrainerConditionedSeD` is what a trainer's
+registry builds from ``network_d: {type: ConditionedSeD, ...}``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import runpy
-import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,11 +19,22 @@ from torch import nn
 from .. import training
 from ..spectral_norm import remap_legacy_spectral_norm_keys
 
-__all__ = ["ConditionedSeD", "bare_discriminator", "check_no_data_parallel", "step_condition"]
+__all__ = [
+    "REGISTRY_NAME",
+    "TrainerConditionedSeD",
+    "bare_discriminator",
+    "log_diagnostics",
+    "check_no_data_parallel",
+    "deprecated_conditioned_sed",
+    "step_condition",
+]
+
+DIAGNOSTICS_EVERY = 100  # BasicSR's default print_freq
+REGISTRY_NAME = "ConditionedSeD"  # the `type:` users write in network_d; the class has its own name (0.2 shared it)
 
 
-class ConditionedSeD(training.ConditionedSeD):
-    """:class:`sed_discriminator.ConditionedSeD` as a trainer's registry builds it from a config.
+class TrainerConditionedSeD(training.ConditionedSeD):
+    """:class:`sed_discriminator.ConditionedSeD` as a trainer's registry builds it from ``type: ConditionedSeD``.
 
     The same network, arguments, parameters and state dict (whose ``load_state_dict``, like every
     SeD's, also takes the authors' legacy spectral-norm keys, so a trainer's own loader such as
@@ -34,7 +42,11 @@ class ConditionedSeD(training.ConditionedSeD):
 
     - ``map_state_dict`` gives the keys a state dict loads under (traiNNer-redux checks keys with it);
     - a call without a condition says which model type of the trainer sets it;
-    - ``pretrained=False`` (TOML has no null) means ``pretrained=None``: random extractor weights.
+    - ``pretrained=False`` (TOML has no null) means ``pretrained=None``: random extractor weights;
+    - ``diagnostics_every`` (config key, default 100, ``0`` = off): every that many iterations the
+      adapters measure :func:`~sed_discriminator.diagnostics.semantic_diagnostics` on the step's SR
+      batch (two no-grad D forwards) and the latest values stay in the trainer's ``log_dict``
+      (``sem_influence``, ``attn_sharpness_att1..3``), so they reach its console, TensorBoard, wandb.
 
     Args:
         variant: ``"patch"`` or ``"pixel"``.
@@ -42,15 +54,22 @@ class ConditionedSeD(training.ConditionedSeD):
             (``extractor``, ``pretrained``, ``semantic_source``, ``width``, ``heads``, ...).
 
     Example:
-        >>> net_d = ConditionedSeD("patch", pretrained=None, width=8)  # doctest: +SKIP
+        >>> net_d = TrainerConditionedSeD("patch", pretrained=None, width=8)  # doctest: +SKIP
         >>> with net_d.condition(gt):  # done by the trainer adapters  # doctest: +SKIP
         ...     logits = net_d(output)
     """
 
-    def __init__(self, variant: str = "patch", **kwargs: Any) -> None:
+    def __init__(self, variant: str = "patch", *, diagnostics_every: int = DIAGNOSTICS_EVERY, **kwargs: Any) -> None:
         if kwargs.get("pretrained", "") is False:  # TOML (neosr) has no null: `pretrained = false` means random
             kwargs["pretrained"] = None
+        if isinstance(diagnostics_every, bool) or not isinstance(diagnostics_every, int) or diagnostics_every < 0:
+            raise ValueError(
+                f"diagnostics_every must be a whole number of iterations >= 0 (0 turns the SeD diagnostics off), got "
+                f"{diagnostics_every!r}; set it under network_d in the trainer's config."
+            )
         super().__init__(variant, **kwargs)
+        self.diagnostics_every = diagnostics_every
+        self.last_diagnostics: dict[str, float] = {}
 
     def map_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The keys this network loads ``state_dict`` under (traiNNer-redux checks keys with it)."""
@@ -61,7 +80,7 @@ class ConditionedSeD(training.ConditionedSeD):
             semantic is None
             and self.semantic_fusion
             and self.semantic_source == "condition"
-            and getattr(self, "_condition", False) is None  # the parent's stored condition (unset: None)
+            and not self.has_condition
         ):
             raise RuntimeError(
                 "ConditionedSeD was called without the HR condition of the step: the trainer's model class must set "
@@ -154,25 +173,6 @@ def step_condition(net_d: nn.Module | None, hr: torch.Tensor | None, *, launch_h
         yield
 
 
-def wrap_step(step: Any, net_d_of: Any, hr_of: Any, *, launch_hint: str = "") -> Any:
-    """``step`` (a bound ``optimize_parameters``) run inside :func:`step_condition`.
-
-    Args:
-        step: the model's original ``optimize_parameters``.
-        net_d_of: callable returning the model's current ``net_d``.
-        hr_of: callable returning the HR batch of the step (read when the step starts).
-        launch_hint: see :func:`step_condition`.
-    """
-
-    def conditioned_step(*args: Any, **kwargs: Any) -> Any:
-        with step_condition(net_d_of(), hr_of(), launch_hint=launch_hint):
-            return step(*args, **kwargs)
-
-    conditioned_step.__wrapped__ = step  # type: ignore[attr-defined]
-    conditioned_step.__sed_conditioned__ = True  # type: ignore[attr-defined]
-    return conditioned_step
-
-
 def add_to_registry(registry: Any, key: str, obj: Any) -> None:
     """Put ``obj`` in a BasicSR-style ``Registry`` under ``key``, idempotently.
 
@@ -205,59 +205,62 @@ def add_to_registry(registry: Any, key: str, obj: Any) -> None:
     table[key] = obj
 
 
-def absolute_option_path(args: list[str]) -> list[str]:
-    """``args`` with the value of ``-opt`` made absolute, for launchers that change into the trainer's clone."""
-    out = list(args)
-    for i, arg in enumerate(out[:-1]):
-        if arg == "-opt":
-            out[i + 1] = os.path.abspath(out[i + 1])
-    return out
+def deprecated_conditioned_sed(module: str) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that still serves 0.2's ``<module>.ConditionedSeD``, with a deprecation warning.
 
-
-def hook_build_model(models: Any, hook_model: Callable[[Any], Any]) -> None:
-    """Make ``models.build_model`` (a trainer's model factory) pass every model it builds through ``hook_model``.
-
-    Safe to call again: a factory that is hooked already stays as it is.
+    In 0.2 the registered class was named ``ConditionedSeD`` like the library's own; it is
+    :class:`TrainerConditionedSeD` since 0.3 (the config's ``type: ConditionedSeD`` is unchanged).
     """
-    original = models.build_model
-    if getattr(original, "__sed_conditioned__", False):
+
+    def __getattr__(name: str) -> Any:
+        if name == "ConditionedSeD":
+            warnings.warn(
+                f"{module}.ConditionedSeD is deprecated since sed-discriminator 0.3 and will be removed in 0.4: import "
+                "TrainerConditionedSeD from sed_discriminator.integrations (the class a trainer's registry builds "
+                "from `type: ConditionedSeD`, which configs keep), or sed_discriminator.ConditionedSeD outside a "
+                "trainer.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return TrainerConditionedSeD
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
+def log_diagnostics(net_d: nn.Module | None, model: Any, current_iter: Any, hr: torch.Tensor | None) -> None:
+    """Measure SeD's diagnostics every ``diagnostics_every`` iterations and put the latest into ``model.log_dict``.
+
+    Called by the adapters after the step. The values are measured on the step's SR batch
+    (``model.output``) with the semantics of the step's HR batch (one extractor forward: the
+    stored condition is stale after D's optimizer step); between measurements the latest values
+    stay in each step's log dict, so every log line has them.
+
+    Args:
+        net_d: the trainer's ``net_d`` (bare, DDP-wrapped or compiled).
+        model: the trainer's model, with ``output`` and ``log_dict``.
+        current_iter: the step's iteration (the first argument of ``optimize_parameters``).
+        hr: the step's condition batch (the real images D judged).
+    """
+    from ..diagnostics import semantic_diagnostics
+
+    bare = bare_discriminator(net_d)
+    every = getattr(bare, "diagnostics_every", 0)
+    if not every or not bare.semantic_fusion:
         return
-
-    def build_model(opt: Any) -> Any:
-        return hook_model(original(opt))
-
-    build_model.__wrapped__ = original  # type: ignore[attr-defined]
-    build_model.__sed_conditioned__ = True  # type: ignore[attr-defined]
-    build_model.__doc__ = original.__doc__
-    models.build_model = build_model
-
-
-def run_train_script(clone: Path, args: list[str], install: Callable[[], None]) -> None:
-    """Run a trainer clone's ``train.py`` with ``args`` as its own ``python train.py`` would, after ``install()``.
-
-    The working directory becomes the clone (the trainers read files relative to it); a relative
-    ``-opt`` path is taken from the directory the launcher was started in.
-    """
-    args = absolute_option_path(args)
-    os.chdir(clone)
-    sys.argv = [str(clone / "train.py"), *args]  # before the trainer is imported: neosr parses the options then
-    install()
-    runpy.run_path(str(clone / "train.py"), run_name="__main__")
-
-
-def add_clone_to_path(path: str | os.PathLike, *, package: str, trainer: str, repository: str) -> Path:
-    """Put a trainer's clone first on ``sys.path`` and return its absolute path.
-
-    Raises:
-        FileNotFoundError: ``path`` is not such a clone (no ``train.py`` and ``<package>/``).
-    """
-    clone = Path(path).expanduser().resolve()
-    if not (clone / "train.py").is_file() or not (clone / package / "__init__.py").is_file():
-        raise FileNotFoundError(
-            f"{clone} is not a {trainer} clone (it needs train.py and the {package}/ package). Pass the folder "
-            f"you cloned {repository} into."
-        )
-    if str(clone) not in sys.path:
-        sys.path.insert(0, str(clone))
-    return clone
-
+    output = getattr(model, "output", None)
+    if isinstance(current_iter, int) and current_iter % every == 0 and isinstance(output, torch.Tensor):
+        if output.shape[0] < 2:
+            warnings.warn(
+                "SeD diagnostics need a batch of at least 2 images (each is judged with another's semantics); this "
+                "step's batch has 1. Raise the batch size or set diagnostics_every: 0 under network_d.",
+                stacklevel=2,
+            )
+        else:
+            source = hr if bare.semantic_source == "condition" and isinstance(hr, torch.Tensor) else output
+            with torch.no_grad():
+                semantic = bare.extractor(source.detach())
+            bare.last_diagnostics = semantic_diagnostics(bare, output.detach(), semantic)
+    log = getattr(model, "log_dict", None)
+    if bare.last_diagnostics and isinstance(log, dict):
+        log.update(bare.last_diagnostics)

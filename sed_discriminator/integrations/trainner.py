@@ -21,50 +21,14 @@ traiNNer-redux is not on the package index: nothing here imports it before :func
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
 from typing import Any
 
-from ._common import (
-    ConditionedSeD,
-    add_clone_to_path,
-    add_to_registry,
-    check_no_data_parallel,
-    hook_build_model,
-    run_train_script,
-    wrap_step,
-)
+from ._clone import CloneTrainer
+from ._common import deprecated_conditioned_sed
 
-__all__ = ["ConditionedSeD", "hook_model", "install", "main", "register", "use_clone"]
+__getattr__ = deprecated_conditioned_sed(__name__)  # 0.2's ConditionedSeD, renamed TrainerConditionedSeD
 
-LAUNCH_HINT = (
-    "torchrun --nproc_per_node=N -m sed_discriminator.integrations.trainner <clone> -opt <options.yml> "
-    "--launcher pytorch"
-)
-_USAGE = (
-    "usage: python -m sed_discriminator.integrations.trainner <path of your traiNNer-redux clone> "
-    "-opt <options.yml> [train.py flags]"
-)
-
-
-def use_clone(path: str | os.PathLike) -> Path:
-    """Put a traiNNer-redux clone first on ``sys.path`` and return its absolute path.
-
-    Raises:
-        FileNotFoundError: ``path`` is not a traiNNer-redux clone (no ``train.py`` and ``traiNNer/``).
-    """
-    return add_clone_to_path(path, package="traiNNer", trainer="traiNNer-redux", repository="github.com/the-database/traiNNer-redux")
-
-
-def register() -> None:
-    """Add ``ConditionedSeD`` to traiNNer-redux's architecture registry; safe to call again.
-
-    Needs ``traiNNer`` importable (see :func:`use_clone`).
-    """
-    from traiNNer.utils.registry import ARCH_REGISTRY
-
-    add_to_registry(ARCH_REGISTRY, ConditionedSeD.__name__.lower(), ConditionedSeD)
+__all__ = ["TRAINNER", "hook_model", "install", "main", "register", "use_clone"]
 
 
 def _real_hr(model: Any) -> Any:
@@ -72,52 +36,15 @@ def _real_hr(model: Any) -> Any:
     return real if real is not None else getattr(model, "gt", None)
 
 
-def hook_model(model: Any) -> Any:
-    """Make ``model.optimize_parameters`` give its ConditionedSeD the step's HR batch; returns ``model``.
-
-    Works on any model object with ``net_d``, ``gt`` (and optionally ``_real_hr``) and an
-    ``optimize_parameters`` method; hooking twice does nothing. Models without a
-    ConditionedSeD train as before.
-
-    Raises:
-        RuntimeError: the model's ConditionedSeD is wrapped in DataParallel.
-    """
-    check_no_data_parallel(getattr(model, "net_d", None), launch_hint=LAUNCH_HINT)
-    step = model.optimize_parameters
-    if getattr(step, "__sed_conditioned__", False):
-        return model
-    model.optimize_parameters = wrap_step(
-        step, lambda: getattr(model, "net_d", None), lambda: _real_hr(model), launch_hint=LAUNCH_HINT
-    )
-    return model
-
-
-def install() -> None:
-    """Register the architecture and hook every model ``traiNNer.models.build_model`` builds from now on.
-
-    Call it before traiNNer-redux's ``train.py`` is imported (it binds ``build_model`` at import).
-    """
-    import traiNNer.models as models
-
-    register()
-    hook_build_model(models, hook_model)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run a traiNNer-redux clone's ``train.py`` with SeD registered and its training step hooked.
-
-    The working directory becomes the clone, as for the clone's own ``python train.py`` (its
-    relative paths, e.g. datasets in the config, are read from there); a relative ``-opt``
-    path is taken from the directory the launcher was started in.
-
-    Args:
-        argv: ``[clone, *train.py arguments]``; ``None`` reads ``sys.argv[1:]``.
-    """
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0].startswith("-"):
-        raise SystemExit(f"{_USAGE}\n(the first argument must be the clone's path)")
-    run_train_script(use_clone(args[0]), args[1:], install)
-
+TRAINNER = CloneTrainer(
+    "traiNNer",
+    repository="github.com/the-database/traiNNer-redux",
+    config="options.yml",
+    trainer="traiNNer-redux",
+    lowercase_registry=True,
+    real_hr=_real_hr,
+)
+use_clone, register, hook_model, install, main = TRAINNER.functions()
 
 if __name__ == "__main__":
     main()

@@ -35,14 +35,16 @@ def _import_basicsr() -> None:
 
 _import_basicsr()
 
-from .._common import ConditionedSeD, add_to_registry  # noqa: E402
+from .._common import REGISTRY_NAME, TrainerConditionedSeD, add_to_registry, deprecated_conditioned_sed  # noqa: E402
 from .models import SeDESRGANModel, SeDRealESRGANModel, SeDSRGANModel, load_sed_checkpoint  # noqa: E402
 
+__getattr__ = deprecated_conditioned_sed(__name__)  # 0.2's ConditionedSeD, renamed TrainerConditionedSeD
+
 __all__ = [
-    "ConditionedSeD",
     "SeDESRGANModel",
     "SeDRealESRGANModel",
     "SeDSRGANModel",
+    "TrainerConditionedSeD",
     "load_sed_checkpoint",
     "main",
     "register",
@@ -50,7 +52,7 @@ __all__ = [
 
 
 def register() -> list[str]:
-    """Add SeD's architecture and model types to BasicSR's registries; safe to call again.
+    """Add SeD's architecture (``ConditionedSeD``) and model types to BasicSR's registries; safe to call again.
 
     Call it before BasicSR builds the model, in every process (the launcher does; so must a
     training script of your own: ``register()`` then ``basicsr.train.train_pipeline(root)``).
@@ -69,7 +71,7 @@ def register() -> list[str]:
     """
     from basicsr.utils.registry import ARCH_REGISTRY, MODEL_REGISTRY
 
-    add_to_registry(ARCH_REGISTRY, "ConditionedSeD", ConditionedSeD)
+    add_to_registry(ARCH_REGISTRY, REGISTRY_NAME, TrainerConditionedSeD)
     models = [m for m in (SeDSRGANModel, SeDESRGANModel, SeDRealESRGANModel) if m is not None]
     for model in models:
         add_to_registry(MODEL_REGISTRY, model.__name__, model)

@@ -16,11 +16,12 @@ import torch
 from basicsr.models.esrgan_model import ESRGANModel
 from basicsr.models.srgan_model import SRGANModel
 from basicsr.utils import get_root_logger
+from basicsr.utils.dist_util import master_only
 
 from ..._state import UntrustedFileError, read_checkpoint, unwrap_state_dict
 from ...discriminator import SeD
-from ...weights import load_official_weights
-from .._common import check_no_data_parallel, step_condition
+from ...weights import load_official_weights, save_safetensors
+from .._common import check_no_data_parallel, log_diagnostics, step_condition
 
 __all__ = ["SeDSRGANModel", "SeDESRGANModel", "SeDRealESRGANModel", "LAUNCH_HINT"]
 
@@ -49,8 +50,10 @@ class _ConditionedSteps:
         return getattr(self, "gt", None)
 
     def optimize_parameters(self, current_iter: int) -> None:
-        with step_condition(self.net_d, self.sed_condition_batch(), launch_hint=LAUNCH_HINT):
+        hr = self.sed_condition_batch()
+        with step_condition(self.net_d, hr, launch_hint=LAUNCH_HINT):
             super().optimize_parameters(current_iter)
+        log_diagnostics(self.net_d, self, current_iter, hr)
 
     def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
         net = super().model_to_device(net)
@@ -58,12 +61,31 @@ class _ConditionedSteps:
         return net
 
     def load_network(self, net: torch.nn.Module, load_path: str, strict: bool = True, param_key: str | None = "params"):
-        """BasicSR's loader, and for an SeD :func:`load_sed_checkpoint` (legacy keys, clear errors)."""
+        """BasicSR's loader, and for an SeD :func:`load_sed_checkpoint` (legacy keys, clear errors, trust rule).
+
+        ``path: {trust_pickle_d: true}`` in the YAML file is its ``trust_pickle``: needed for a
+        ``.pth`` file on torch < 2.10 (a ``.safetensors`` file never needs it).
+        """
         bare = self.get_bare_model(net)
         if not isinstance(bare, SeD):
             return super().load_network(net, load_path, strict, param_key)
-        load_sed_checkpoint(bare, load_path, strict=strict, param_key=param_key)
+        trust = bool(self.opt.get("path", {}).get("trust_pickle_d", False))
+        load_sed_checkpoint(bare, load_path, strict=strict, param_key=param_key, trust_pickle=trust)
         return None
+
+    @master_only
+    def save_network(self, net: Any, net_label: str, current_iter: Any, param_key: Any = "params") -> None:
+        """BasicSR's ``.pth`` file, and for an SeD the same weights as ``<label>_<iter>.safetensors`` beside it.
+
+        The ``.pth`` file is what BasicSR resumes from; the safetensors file is the one to share
+        (reading it never runs code). It loads into ``SeD(variant, width=...)`` strictly.
+        """
+        super().save_network(net, net_label, current_iter, param_key)
+        bare = self.get_bare_model(net) if isinstance(net, torch.nn.Module) else None
+        if isinstance(bare, SeD):
+            label = "latest" if current_iter == -1 else current_iter
+            path = os.path.join(self.opt["path"]["models"], f"{net_label}_{label}.safetensors")
+            save_safetensors(bare, path, overwrite=True, metadata={"variant": bare.variant})
 
 
 def load_sed_checkpoint(
