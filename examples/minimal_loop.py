@@ -1,6 +1,6 @@
 """SeD in a bare training loop: a toy x4 generator, L1 + SeD's adversarial loss, crops of one photo.
 
-    python examples/minimal_loop.py                   # CLIP RN50 weights via open_clip (online or cached)
+    python examples/minimal_loop.py                   # the extractor's own weights (online or cached)
     python examples/minimal_loop.py --random-weights  # offline smoke run: RANDOM semantic weights
 
 The photo comes with scikit-image, which the library itself does not need: install the ``examples``
@@ -35,7 +35,7 @@ generator = nn.Sequential(  # a toy x4 generator; put ESRGAN's RRDBNet here
 )
 # The adversary owns SeD and the frozen CLIP extractor; weight=0.01 is the paper's GAN weight.
 try:
-    adversary = SeDAdversary("patch", pretrained=None if args.random_weights else "openai", loss="vanilla", weight=0.01)
+    adversary = SeDAdversary("patch", pretrained=None if args.random_weights else "default", loss="vanilla", weight=0.01)
 except RuntimeError as err:  # offline and no cached CLIP weights
     raise SystemExit(f"{err}\n\nFor an offline smoke run, add --random-weights.") from err
 opt_g = torch.optim.Adam(generator.parameters(), lr=1e-4, betas=(0.9, 0.99))
