@@ -6,10 +6,8 @@ Module names equal those of the authors' code, so their checkpoints load through
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +18,7 @@ from ._pickling import reduce_module
 from ._upsample import conv_upsampled
 from .attention import Attention
 from .sefb import GROUP_NORM_GROUPS, SeFB
-from .spectral_norm import LEGACY_KEY_LEAVES, remap_legacy_spectral_norm_keys, spectral_norm
+from .spectral_norm import LEGACY_KEY_LEAVES, power_iteration_paused, remap_legacy_spectral_norm_keys, spectral_norm
 
 __all__ = ["SeD", "VARIANTS", "MIN_INPUT_SIZE", "CHANNELS_LAST_DEFAULT", "semantic_channel_step"]
 
@@ -60,18 +58,6 @@ def _lrelu_(x: torch.Tensor) -> torch.Tensor:
 
 def _conv(c_in: int, c_out: int, kernel: int, stride: int, padding: int, bias: bool = True) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=bias)
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode inside the block (no spectral-norm power iteration), restored after."""
-    modes = [m.training for m in module.modules()]
-    module.train(False)
-    try:
-        yield
-    finally:
-        for m, mode in zip(module.modules(), modes):
-            m.training = mode
 
 
 class SeD(nn.Module):
@@ -303,16 +289,22 @@ class SeD(nn.Module):
     def attention_maps(self, x: torch.Tensor, semantic: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cross-attention probabilities of every SeFB, for visualisation (math path, no grad).
 
-        The forward runs in eval mode, so it leaves the spectral-norm state untouched (a
-        training-mode forward would advance its power iteration).
+        The forward computes what eval mode would (spectral-norm power iteration paused on this
+        thread, see :func:`~sed_discriminator.spectral_norm.power_iteration_paused`) without
+        changing any ``training`` flag, so a thread training this module meanwhile is unaffected.
+        :func:`sed_discriminator.diagnostics.attention_grids` gives the same maps with their grids.
 
         Returns:
             ``{name: (B, heads, semantic tokens, image tokens)}`` for ``att1``..``att3``.
         """
+        return self._inspect(x, semantic)[1]
+
+    def _inspect(self, x: torch.Tensor, semantic: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and cross-attention maps as in eval mode, leaving every flag and buffer as it is."""
         maps: dict[str, torch.Tensor] = {}
-        with _eval_mode(self):
-            self._run(x, semantic, maps)
-        return maps
+        with torch.no_grad(), power_iteration_paused():
+            logits = self._run(x, semantic, maps)
+        return logits, maps
 
     def extra_repr(self) -> str:
         layout = "auto" if self.channels_last is None else self.channels_last

@@ -14,7 +14,8 @@ The parametrization stores its state under the same names as
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 __all__ = ["SpectralNorm", "spectral_norm", "remap_legacy_spectral_norm_keys", "LEGACY_KEY_LEAVES"]
+
+_THIS_THREAD = threading.local()  # .paused: power iteration paused on this thread (see power_iteration_paused)
 
 _LEGACY_SUFFIXES = {
     "weight_orig": "parametrizations.weight.original",
@@ -72,7 +75,7 @@ class SpectralNorm(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         with _autocast_disabled(weight.device.type):
             weight_mat = weight.flatten(1).to(self._u.dtype)
-            if self.training:
+            if self.training and (_compiling() or not getattr(_THIS_THREAD, "paused", False)):
                 self._power_method(weight_mat, self.n_power_iterations)
             # Clones let two forwards (real, fake) share one backward despite the in-place updates.
             u = self._u.clone(memory_format=torch.contiguous_format)
@@ -82,6 +85,37 @@ class SpectralNorm(nn.Module):
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         return value
+
+
+@contextlib.contextmanager
+def power_iteration_paused() -> Iterator[None]:
+    """Forwards on this thread leave every :class:`SpectralNorm`'s ``u`` and ``v`` alone inside the block.
+
+    The normalised weights are then those of eval mode (``W / u.W.v`` with the current vectors),
+    yet no ``training`` flag changes: a module shared with a training thread keeps training
+    there, with its power iteration, while this thread inspects it (diagnostics, attention maps).
+    Eager forwards only: a compiled graph keeps the flag it was traced with.
+
+    Example:
+        >>> conv = spectral_norm(nn.Conv2d(8, 8, 3))
+        >>> u = conv.parametrizations.weight[0]._u.clone()
+        >>> with power_iteration_paused():
+        ...     _ = conv(torch.rand(1, 8, 5, 5))
+        >>> conv.training, torch.equal(u, conv.parametrizations.weight[0]._u)
+        (True, True)
+    """
+    previous = getattr(_THIS_THREAD, "paused", False)
+    _THIS_THREAD.paused = True
+    try:
+        yield
+    finally:
+        _THIS_THREAD.paused = previous
+
+
+def _compiling() -> bool:
+    # Under torch.compile the check folds to a constant: traced graphs never read the thread-local flag.
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
 
 
 def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:

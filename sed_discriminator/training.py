@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ._upsample import _compiling
+from .diagnostics import semantic_diagnostics
 from .discriminator import SeD
 from .extractor import SemanticExtractor
 from .losses import LOSS_KINDS, discriminator_loss, generator_loss, r1_penalty
@@ -240,6 +241,22 @@ class SeDAdversary(_HoldsExtractor):
         """Both losses at once: ``(generator_loss, discriminator_loss)``."""
         return self.generator_loss(sr, hr), self.discriminator_loss(sr, hr)
 
+    @torch.no_grad()
+    def diagnostics(self, sr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
+        """How much the semantics steer the discriminator on this step's fakes (for logging every N steps).
+
+        :func:`~sed_discriminator.diagnostics.semantic_diagnostics` of ``sr`` judged with the
+        semantics of ``hr`` (those of the step's cache when it holds this batch; otherwise computed
+        without being cached). Two eval-like discriminator forwards without gradients: training
+        flags, spectral-norm vectors and the step's cache stay as they are.
+
+        Returns:
+            ``{"sem_influence", "attn_sharpness_att1", "attn_sharpness_att2", "attn_sharpness_att3"}``.
+        """
+        cache = self._cache
+        semantic = cache.semantic if cache is not None and _same_batch(cache.hr, hr) else self.extractor(hr)
+        return semantic_diagnostics(self.discriminator, sr.detach(), semantic)
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_cache"] = None  # a step's HR batch and semantics are not part of the model
@@ -359,11 +376,21 @@ class ConditionedSeD(_HoldsExtractor, SeD):
             )
         return self._condition
 
-    def forward(self, x: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        """Logits for ``x``; ``semantic`` overrides the stored condition when given."""
+    def _semantic_for(self, x: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``semantic`` when given, else the stored condition (or the input's own semantics, per ``semantic_source``)."""
         if semantic is None and self.semantic_fusion:
             if self.semantic_source == "input":
-                semantic = self.extractor(x)
-            else:
-                semantic = self._stored_condition(x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else 0)
-        return SeD.forward(self, x, semantic)
+                return self.extractor(x)
+            return self._stored_condition(x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else 0)
+        return semantic
+
+    def forward(self, x: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        """Logits for ``x``; ``semantic`` overrides the stored condition when given."""
+        return SeD.forward(self, x, self._semantic_for(x, semantic))
+
+    @torch.no_grad()
+    def attention_maps(  # type: ignore[override]
+        self, x: torch.Tensor, semantic: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`SeD.attention_maps` with the stored condition (or ``semantic`` when given)."""
+        return SeD.attention_maps(self, x, self._semantic_for(x, semantic))
