@@ -54,16 +54,18 @@ from sr_kit.models import (  # noqa: E402
 from sr_kit.plots import plot_losses, save_sample_grid  # noqa: E402
 
 from sed_discriminator import discriminator_loss, frozen_parameters, generator_loss  # noqa: E402
+from sed_discriminator.diagnostics import semantic_diagnostics  # noqa: E402
 
 LOG_COLUMNS = (
-    "step", "phase", "lr_g", "l_pix", "l_percep", "l_gan", "l_g_total", "l_d", "d_real", "d_fake",
-    "val_psnr", "sec_per_step", "img_per_sec",
+    "step", "phase", "lr_g", "l_pix", "l_percep", "l_gan", "l_g_total", "l_d", "d_real", "d_fake", "val_psnr",
+    "sem_influence", "attn_sharpness_att1", "attn_sharpness_att2", "attn_sharpness_att3", "sec_per_step", "img_per_sec",
 )  # fmt: skip
 
 # The demo preset: small networks, 96 px patches, the photos scikit-image ships; a few minutes on 2 CPU cores.
 DEMO_PRESET: dict[str, Any] = dict(
     out="runs/demo", discriminator="sed-patch", patch_size=96, batch_size=4, num_feat=32, num_blocks=2, d_width=32,
-    lr=4e-4, total_steps=340, psnr_steps=200, milestones=[200], log_every=5, sample_every=40, checkpoint_every=100,
+    lr=4e-4, total_steps=340, psnr_steps=200, milestones=[200], log_every=5, diagnostics_every=10, sample_every=40,
+    checkpoint_every=100,
     workers=1, cache_images=True, allow_random_weights=True, num_samples=2, sample_size=160,
 )  # fmt: skip
 
@@ -159,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the data order, crops and flips")
     g.add_argument("--log-every", type=int, default=100, help="steps between log.csv rows")
+    g.add_argument("--diagnostics-every", type=int, default=100, help="steps between SeD's semantic influence and "
+                   "attention sharpness in log.csv (0: off; needs a batch of 2+; cost: docs/training.md)")
     g.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids and plots (0: at end)")
     g.add_argument("--checkpoint-every", type=int, default=5000, help="steps between checkpoints (and one at the end)")
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
@@ -200,6 +204,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
     if args.run_steps is not None and args.run_steps < 1:
         raise UsageError("--run-steps must be at least 1.")
+    if args.diagnostics_every < 0:
+        raise UsageError("--diagnostics-every must be 0 (off) or more.")
     # The centre crop is cut to a multiple of the scale and PSNR drops `scale` px on each side: 3 LR px at least.
     if args.num_samples > 0 and args.sample_size < 3 * args.scale:
         raise UsageError(f"--sample-size {args.sample_size} is too small for x{args.scale}: validation PSNR ignores a "
@@ -358,6 +364,10 @@ class Trainer:
         self.sched_d = torch.optim.lr_scheduler.MultiStepLR(self.opt_d, args.milestones, args.gamma)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")  # one for both losses
         self.ema = make_ema(self.g, args.ema) if args.ema > 0 else None
+        self.diagnose_every = args.diagnostics_every if self.extractor is not None and args.batch_size > 1 else 0
+        if self.extractor is not None and args.diagnostics_every and not self.diagnose_every and info.is_main:
+            print("note: SeD's diagnostics compare the images of a batch: with --batch-size 1 they are off.",
+                  file=sys.stderr)  # fmt: skip
 
         torch.manual_seed(args.seed + 1000 * info.rank)
         if resume_state is not None:
@@ -499,6 +509,8 @@ class Trainer:
                 self.scaler.scale(l_d).backward()
                 logs |= {"l_d": l_d.item(), "d_real": torch.sigmoid(real.detach().float()).mean().item(),
                          "d_fake": torch.sigmoid(fake.detach().float()).mean().item()}  # fmt: skip
+                if self.diagnose_every and self.step % self.diagnose_every == self.diagnose_every - 1:
+                    logs |= semantic_diagnostics(self.d, hr)  # no gradient, no state change; the condition of this step
                 # ---- end of SeD's part ---------------------------------------------------------------------
         except BaseException:
             with torch.no_grad():

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:SemanticExtractor.*RANDOM weight
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(DISCRIMINATORS))
 def test_each_discriminator_trains(tmp_path, kind, capsys):
-    extra, hr = ["--discriminator", kind], None
+    extra, hr = ["--discriminator", kind, "--diagnostics-every", "1"], None
     if kind == "sed-patch":  # also cover the perceptual loss, RaGAN and the EMA once
         extra += ["--perceptual-weight", "0.1", "--gan-loss", "ragan", "--ema", "0.99"]
     if kind == "vgg":  # BasicSR's VGG-style D takes 128 px patches
@@ -40,6 +40,16 @@ def test_each_discriminator_trains(tmp_path, kind, capsys):
     rows = log_rows(run)
     assert [int(r["step"]) for r in rows] == [1, 2]
     assert all(float(r["l_d"]) > 0 and float(r["l_gan"]) > 0 for r in rows)
+    diagnostics = ["sem_influence", "attn_sharpness_att1", "attn_sharpness_att2", "attn_sharpness_att3"]
+    assert set(diagnostics) <= set(rows[0])  # the columns are there for every discriminator...
+    for row in rows:  # ...and filled for SeD: influence >= 0 (0 for the pixel SeD at init), sharpness in [0, 1]
+        values = [float(row[k]) if row[k] else None for k in diagnostics]
+        if kind.startswith("sed-"):
+            assert values[0] >= 0 and all(0 <= v <= 1 for v in values[1:]), row
+            if kind == "sed-pixel" and row["step"] == "1":  # before D's first update: proj_out is zero
+                assert values[0] == 0.0
+        else:
+            assert values == [None] * 4
     assert (run / "samples" / "latest.png").exists() and (run / "loss_curves.png").exists()
     generator = load_generator_weights(run / "generator_final.pth", scale=4)  # spandrel-loadable export
     assert generator(torch.rand(1, 3, 8, 8)).shape == (1, 3, 32, 32)
@@ -262,3 +272,16 @@ def test_minimal_loop_runs(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("step ") == 2 and "G " in result.stdout and "D " in result.stdout
+
+
+def test_help_shows_each_default_once_and_what_the_demo_sets():
+    import retrofit_esrgan
+
+    parser = retrofit_esrgan.build_parser()
+    text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        assert action.help, action.option_strings  # --seed included
+        assert formatter._expand_help(action).count("default") <= 1, action.option_strings
+    assert "sets --out runs/demo, --discriminator sed-patch, --patch-size 96" in text and "--allow-random-weights" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def save_sample_grid(rows: Sequence[tuple[torch.Tensor, ...]], path: str | os.Pa
     size = max(1.6, width / 100)
     fig, axes = plt.subplots(len(rows), cols, figsize=(cols * size, len(rows) * size * height / width + 0.9),
                              squeeze=False)  # fmt: skip
-    titles = [f"LR (bicubic x{scale})", "SR", "HR (ground truth)", "D realness of SR (1 = real)"]
+    titles = [f"LR (bicubic x{scale})", "SR", "HR (ground truth)", "D: is SR real? (1 = yes)"]
     for r, row in enumerate(rows):
         lr, sr, hr = row[:3]
         up = F.interpolate(lr[None].float(), size=hr.shape[-2:], mode="bicubic", align_corners=False)[0].clamp(0, 1)
@@ -61,9 +62,10 @@ def save_sample_grid(rows: Sequence[tuple[torch.Tensor, ...]], path: str | os.Pa
                 axes[r, c].set_title(titles[c], fontsize=9)
     fig.suptitle(f"Samples at step {step} (EMA weights when --ema is on)", fontsize=10)
     if random_weights:
-        fig.text(0.5, 0.005, "RANDOM WEIGHTS: " + ", ".join(random_weights) + " (a smoke run, not a result)",
-                 ha="center", va="bottom", color="white", backgroundcolor="red", fontsize=8, weight="bold")  # fmt: skip
-    fig.tight_layout(rect=(0, 0.04 if random_weights else 0, 1, 1))
+        mark = textwrap.fill("RANDOM WEIGHTS: " + ", ".join(random_weights) + " (a smoke run, not a result)", 60)
+        fig.text(0.5, 0.005, mark, ha="center", va="bottom", color="white", backgroundcolor="red", fontsize=8,
+                 weight="bold")  # fmt: skip
+    fig.tight_layout(rect=(0, 0.03 * (mark.count("\n") + 2) if random_weights else 0, 1, 1))
     return _save(fig, path)
 
 
@@ -107,7 +109,7 @@ def plot_losses(log_csv: str | os.PathLike, path: str | os.PathLike, *, psnr_ste
     first = min(s for points in series.values() for s, _ in points)
     last = max(s for points in series.values() for s, _ in points)
     for ax, (title, keys, unit) in zip(axes.flat, _PANELS):
-        log_scale = "log" in unit
+        log_scale = "log scale" in unit
         for key in keys:
             points = [(s, v) for s, v in series.get(key, []) if math.isfinite(v) and (v > 0 or not log_scale)]
             if points:
