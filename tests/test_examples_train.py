@@ -274,8 +274,10 @@ def test_minimal_loop_runs(tmp_path):
     assert result.stdout.count("step ") == 2 and "G " in result.stdout and "D " in result.stdout
 
 
-def test_help_shows_each_default_once_and_what_the_demo_sets():
+def test_help_shows_each_default_once_and_what_the_demo_sets(monkeypatch):
     import retrofit_esrgan
+
+    monkeypatch.setenv("COLUMNS", "2000")  # no wrapping inside the flags checked below
 
     parser = retrofit_esrgan.build_parser()
     text = " ".join(parser.format_help().split())
