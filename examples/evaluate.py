@@ -5,17 +5,11 @@
         --model runs/rrdb_sed_patch/checkpoints/step_00300000.pt --model RRDB_ESRGAN_x4.pth
 
 Each ``--model`` is a training checkpoint of ``retrofit_esrgan.py`` (its EMA weights when it has
-them) or any generator file spandrel loads; ``--sr-dir`` evaluates images already super-resolved.
-Without ``--lr-dir`` the LR inputs are made from the HR images with MATLAB-style bicubic (the
-degradation of the benchmark LR files). The table (Markdown and CSV) puts the results beside
-the paper's Table 1 rows for the same dataset, with a bicubic baseline.
-
-Each folder is read one level deep (``--hr-dir Set5`` of a pack holding ``HR/`` and
-``LR_bicubic/X4/`` is an error naming those subfolders, never LR images scored as ground
-truth), and images are paired by name, which must be unique. HR images are cropped at the
-right and bottom to a multiple of the scale (the table says how many needed it); every size
-is checked from the file headers before any work. A folder named after a benchmark (Set5,
-Set14, BSD100, Urban100, Manga109, DIV2K) with another image count gets a warning.
+them) or a generator file spandrel loads; ``--sr-dir`` scores images already super-resolved.
+Without ``--lr-dir`` the LR inputs are MATLAB-style bicubic of the HR images. The table (Markdown
+and CSV) puts the results beside the paper's Table 1 rows for the dataset, with a bicubic row.
+Folders are read one level deep, images paired by unique names, HR images cropped to a multiple
+of the scale, and every size checked from the file headers before any work.
 """
 
 from __future__ import annotations
@@ -24,7 +18,6 @@ import argparse
 import csv
 import io
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,31 +32,21 @@ from sr_kit.cli import DefaultsHelpFormatter, positive_int  # noqa: E402
 from sr_kit.dist import pick_device  # noqa: E402
 from sr_kit.metrics import SSIM_WINDOW as _SSIM_WINDOW  # noqa: E402
 from sr_kit.metrics import LPIPSMetric, psnr_y, ssim_y  # noqa: E402
-from sr_kit.models import generator_from_state_dict, load_generator_weights  # noqa: E402
+from sr_kit.models import load_generator_weights  # noqa: E402
 
-# The SeD paper's Table 1 (x4): LPIPS, PSNR (Y), SSIM (Y).
+# The SeD paper's Table 1 (x4): LPIPS, PSNR (Y), SSIM (Y) of each method, per dataset.
+_TABLE1_METHODS = ("ESRGAN", "RRDB+P", "RRDB+P+SeD", "RRDB+U", "RRDB+U+SeD")
+_TABLE1 = """
+Set5       0.076 30.44 0.852  0.070 30.67 0.860  0.064 31.22 0.867  0.072 31.13 0.869  0.069 31.73 0.880
+Set14      0.133 26.28 0.699  0.130 26.92 0.724  0.117 27.37 0.736  0.127 27.52 0.739  0.123 27.94 0.757
+DIV2K_val  0.115 28.20 0.777  0.111 28.71 0.792  0.094 29.27 0.802  0.110 29.28 0.802  0.102 29.85 0.818
+Urban100   0.123 24.37 0.734  0.120 24.86 0.752  0.106 25.93 0.779  0.125 25.61 0.768  0.112 26.20 0.788
+Manga109   0.065 28.41 0.859  0.058 28.60 0.872  0.048 29.99 0.888  0.056 29.49 0.882  0.047 30.46 0.897
+"""
 PAPER_TABLE1: dict[str, dict[str, tuple[float, float, float]]] = {
-    "Set5": {
-        "ESRGAN": (0.076, 30.44, 0.852), "RRDB+P": (0.070, 30.67, 0.860), "RRDB+P+SeD": (0.064, 31.22, 0.867),
-        "RRDB+U": (0.072, 31.13, 0.869), "RRDB+U+SeD": (0.069, 31.73, 0.880),
-    },
-    "Set14": {
-        "ESRGAN": (0.133, 26.28, 0.699), "RRDB+P": (0.130, 26.92, 0.724), "RRDB+P+SeD": (0.117, 27.37, 0.736),
-        "RRDB+U": (0.127, 27.52, 0.739), "RRDB+U+SeD": (0.123, 27.94, 0.757),
-    },
-    "DIV2K val": {
-        "ESRGAN": (0.115, 28.20, 0.777), "RRDB+P": (0.111, 28.71, 0.792), "RRDB+P+SeD": (0.094, 29.27, 0.802),
-        "RRDB+U": (0.110, 29.28, 0.802), "RRDB+U+SeD": (0.102, 29.85, 0.818),
-    },
-    "Urban100": {
-        "ESRGAN": (0.123, 24.37, 0.734), "RRDB+P": (0.120, 24.86, 0.752), "RRDB+P+SeD": (0.106, 25.93, 0.779),
-        "RRDB+U": (0.125, 25.61, 0.768), "RRDB+U+SeD": (0.112, 26.20, 0.788),
-    },
-    "Manga109": {
-        "ESRGAN": (0.065, 28.41, 0.859), "RRDB+P": (0.058, 28.60, 0.872), "RRDB+P+SeD": (0.048, 29.99, 0.888),
-        "RRDB+U": (0.056, 29.49, 0.882), "RRDB+U+SeD": (0.047, 30.46, 0.897),
-    },
-}  # fmt: skip
+    name.replace("_", " "): {m: tuple(map(float, values[3 * i : 3 * i + 3])) for i, m in enumerate(_TABLE1_METHODS)}
+    for name, *values in (line.split() for line in _TABLE1.strip().splitlines())
+}
 # Image counts of the usual x4 benchmarks (and DIV2K's splits), to notice an incomplete or mixed folder.
 DATASET_SIZES = {
     "Set5": 5, "Set14": 14, "BSD100": 100, "Urban100": 100, "Manga109": 109, "DIV2K val": 100, "DIV2K train": 800,
@@ -75,11 +58,7 @@ _DATASET_HINTS = {
 
 
 def guess_dataset(hr_dir: str) -> str | None:
-    """The benchmark named in the HR folder's path (``.../Set5/HR`` -> ``"Set5"``), or ``None``.
-
-    A DIV2K path is the validation split unless ``train`` appears in its name
-    (``DIV2K_train_HR`` -> ``"DIV2K train"``).
-    """
+    """The benchmark named in the HR folder's path (``.../Set5/HR`` -> ``"Set5"``; DIV2K: val unless ``train``)."""
     parts = [p.lower().replace("_", "").replace("-", "") for p in Path(hr_dir).resolve().parts]
     for depth in range(len(parts) - 1, -1, -1):
         key = parts[depth]
@@ -92,14 +71,18 @@ def guess_dataset(hr_dir: str) -> str | None:
 
 
 def load_model(path: str, scale: int, use_ema: bool = True) -> torch.nn.Module:
-    """A generator from a training checkpoint of retrofit_esrgan.py or from a weight file spandrel loads."""
+    """A generator from a training checkpoint of retrofit_esrgan.py (warning when it trained with random
+    extractor / VGG weights) or from a weight file spandrel loads."""
     try:
         state = ckpt.load_checkpoint(path)
     except ckpt.CheckpointError:
         return load_generator_weights(path, scale)
-    model = generator_from_state_dict(state["generator"], path, scale)
-    if use_ema and state.get("ema") is not None:
-        model.load_state_dict(state["ema"]["model"])
+    model = load_generator_weights(state["generator"], scale, name=path)
+    if use_ema and state.get("ema") is not None:  # torch's AveragedModel: the weights under "module."
+        model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"})
+    if state.get("random_weights"):
+        print(f"warning: {path} was trained with RANDOM weights for {', '.join(state['random_weights'])} (a smoke "
+              "run): its scores say nothing about what SeD achieves.", file=sys.stderr)  # fmt: skip
     return model
 
 
@@ -112,6 +95,7 @@ def labels(paths: list[str]) -> list[str]:
     return ["/".join(p[-depth:]) for p in parts]
 
 
+# fmt: off
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--hr-dir", required=True,
@@ -132,35 +116,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return p  # fmt: skip
+    return p
+# fmt: on
 
 
 @dataclass
 class ImageSet:
-    """The checked files of one evaluation: HR paths, their partners and the HR crop to a multiple of the scale."""
+    """The checked files of one evaluation: HR paths, their partners, the HR crops (name, (w, h) -> (w, h))."""
 
     hr: list[Path]
-    lr: list[Path] | None
-    sr: dict[str, list[Path]]
-    crops: list[tuple[str, tuple[int, int], tuple[int, int]]] = field(default_factory=list)  # name, (w, h) -> (w, h)
+    lr: list[Path] | None = None
+    sr: dict[str, list[Path]] = field(default_factory=dict)
+    crops: list[tuple[str, str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
-def _size_text(size: tuple[int, int]) -> str:
-    return f"{size[0]}x{size[1]}"
-
-
 def collect_images(args: argparse.Namespace, sr_labels: list[str]) -> ImageSet:
-    """List and pair the files (one folder level each), and check every size from the file headers.
-
-    Raises:
-        DataError: a folder problem, two files with one name, an image too small to score,
-            or an LR / SR image whose size does not fit its HR image (the message says why).
-    """
+    """List and pair the files (one folder level each) and check every size from the headers (a DataError says why)."""
     scale = args.scale
     hr_paths = sr_data.list_images(args.hr_dir, "HR folder (--hr-dir)", recursive=False)
     sr_data.check_distinct_stems(hr_paths, f"HR folder (--hr-dir) {args.hr_dir!r}")
-    images = ImageSet(hr_paths, None, {})
+    images = ImageSet(hr_paths)
     nested = sr_data.subfolder_images(args.hr_dir)
     if nested:
         shown = ", ".join(f"{name}/ ({count})" for name, count in list(nested.items())[:4])
@@ -182,11 +158,11 @@ def collect_images(args: argparse.Namespace, sr_labels: list[str]) -> ImageSet:
                 f"{smallest}x{smallest} px (after cropping to a multiple of {scale}). Remove it or check --scale."
             )
         if (hc, wc) != (h, w):
-            images.crops.append((hr_path.name, (w, h), (wc, hc)))
+            images.crops.append((hr_path.name, f"{w}x{h}", f"{wc}x{hc}"))
         if images.lr is not None:
             lh, lw = sr_data.image_size(images.lr[index])
             if (lh, lw) != (hc // scale, wc // scale):
-                raise sr_data.DataError(_lr_size_message(images.lr[index], (lw, lh), hr_path, (w, h), scale))
+                raise sr_data.DataError(_lr_size_message(images.lr[index], lw, lh, hr_path, w, h, scale))
         for label, paths in images.sr.items():
             sh, sw = sr_data.image_size(paths[index])
             if (sh, sw) != (hc, wc):
@@ -197,39 +173,17 @@ def collect_images(args: argparse.Namespace, sr_labels: list[str]) -> ImageSet:
     return images
 
 
-def _lr_size_message(
-    lr_path: Path, lr_size: tuple[int, int], hr_path: Path, hr_size: tuple[int, int], scale: int
-) -> str:
-    (lw, lh), (w, h) = lr_size, hr_size
+def _lr_size_message(lr_path: Path, lw: int, lh: int, hr_path: Path, w: int, h: int, scale: int) -> str:
     wc, hc = w - w % scale, h - h % scale
-    message = (
-        f"{lr_path} is {lw}x{lh} but {hr_path} ({w}x{h}, scored at {wc}x{hc}: cropped to a multiple of {scale}) "
-        f"needs an LR image of {wc // scale}x{hc // scale} at x{scale}."
-    )
+    message = (f"{lr_path} is {lw}x{lh} but {hr_path} ({w}x{h}, scored at {wc}x{hc}: cropped to a multiple of {scale}) "
+               f"needs an LR image of {wc // scale}x{hc // scale} at x{scale}.")  # fmt: skip
     if (lw * scale, lh * scale) == (w - w % 12, h - h % 12):
-        message += (
-            f" These LR images fit the HR image cropped to a multiple of 12: they come from a mod-12 benchmark pack "
-            f"(LRbicx{scale} made from GTmod12), so pass that pack's GTmod12 folder as --hr-dir."
-        )
-    else:
-        message += (
-            f" Take --hr-dir and --lr-dir from the same benchmark pack: its GTmod12 HR images (cropped to a "
-            f"multiple of 12) with its LRbicx{scale} LR images, or HR/ with LR_bicubic/X{scale}; or leave out "
-            "--lr-dir to make the LR images from the HR ones."
-        )
-    return message
-
-
-def _check_count(dataset: str | None, guessed: bool, count: int, hr_dir: str) -> str | None:
-    expected = DATASET_SIZES.get(dataset or "")
-    if expected is None or expected == count:
-        return None
-    source = "its path" if guessed else "--dataset"
-    return (
-        f"{dataset} has {expected} images but --hr-dir {hr_dir!r} holds {count} (the dataset is named by {source}): "
-        "check that the folder holds exactly the dataset's HR images, or pass the right --dataset. "
-        "The paper's rows are for the full dataset."
-    )
+        return message + (f" These LR images fit the HR image cropped to a multiple of 12: they come from a mod-12 "
+                          f"benchmark pack (LRbicx{scale} made from GTmod12), so pass that pack's GTmod12 folder as "
+                          "--hr-dir.")  # fmt: skip
+    return message + (f" Take --hr-dir and --lr-dir from the same benchmark pack: its GTmod12 HR images (cropped to "
+                      f"a multiple of 12) with its LRbicx{scale} LR images, or HR/ with LR_bicubic/X{scale}; or leave "
+                      "out --lr-dir to make the LR images from the HR ones.")  # fmt: skip
 
 
 def _check_labels(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -240,21 +194,14 @@ def _check_labels(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         raise sr_data.DataError(f"{repeated} given more than once: pass each --model / --sr-dir once.")
     names = labels(sources)
     if "Bicubic" in names:
-        raise sr_data.DataError(
-            f"{sources[names.index('Bicubic')]!r} would be named Bicubic, as the baseline row: rename it."
-        )
+        raise sr_data.DataError(f"{sources[names.index('Bicubic')]!r} would be named Bicubic, as the baseline row: "
+                                "rename it.")  # fmt: skip
     return names[: len(args.model)], names[len(args.model) :]
-
-
-def _open_device(name: str) -> torch.device:
-    try:
-        return pick_device(name)
-    except (RuntimeError, ValueError) as err:
-        raise sr_data.DataError(f"--device {name!r} cannot be used ({err}). Use auto, cpu, cuda or cuda:N.") from err
 
 
 def evaluate(args: argparse.Namespace) -> list[dict[str, object]]:
     """Score every method on every image; returns the summary rows (also written to ``--out``)."""
+    from basicsr.data.transforms import mod_crop
     from tqdm import tqdm
 
     if not (args.model or args.sr_dir or not args.no_bicubic):
@@ -262,12 +209,16 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, object]]:
     model_labels, sr_labels = _check_labels(args)
     images = collect_images(args, sr_labels)
     dataset = args.dataset or guess_dataset(args.hr_dir)
-    count_warning = _check_count(dataset, args.dataset is None, len(images.hr), args.hr_dir)
-    if count_warning:
-        images.notes.append(f"Warning: {count_warning}")
-        print(f"warning: {count_warning}", file=sys.stderr)
+    expected = DATASET_SIZES.get(dataset or "")
+    if expected not in (None, len(images.hr)):
+        images.notes.append(f"Warning: {dataset} has {expected} images but --hr-dir {args.hr_dir!r} holds "
+                            f"{len(images.hr)} (the dataset is named by {'--dataset' if args.dataset else 'its path'}"
+                            "): "
+                            "check that the folder holds exactly the dataset's HR images, or pass the right --dataset. "
+                            "The paper's rows are for the full dataset.")  # fmt: skip
+        print(images.notes[-1].replace("Warning:", "warning:"), file=sys.stderr)
     if images.crops:
-        shown = ", ".join(f"{name} {_size_text(a)} -> {_size_text(b)}" for name, a, b in images.crops[:5])
+        shown = ", ".join(f"{name} {a} -> {b}" for name, a, b in images.crops[:5])
         more = f", and {len(images.crops) - 5} more" if len(images.crops) > 5 else ""
         print(f"note: {len(images.crops)} HR image(s) cropped at the right / bottom to a multiple of x{args.scale}: "
               f"{shown}{more}.", file=sys.stderr)  # fmt: skip
@@ -277,7 +228,11 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, object]]:
     except OSError as err:
         raise sr_data.DataError(f"Cannot create the output folder --out {str(out)!r}: {err}.") from err
 
-    device = _open_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except (RuntimeError, ValueError) as err:
+        message = f"--device {args.device!r} cannot be used ({err}). Use auto, cpu, cuda or cuda:N."
+        raise sr_data.DataError(message) from err
     models = {label: load_model(m, args.scale, not args.no_ema).to(device).eval()
               for label, m in zip(model_labels, args.model)}  # fmt: skip
     lpips = None if args.no_lpips else LPIPSMetric(device)
@@ -289,32 +244,24 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, object]]:
     per_image: list[dict[str, object]] = []
     bar = tqdm(total=len(images.hr) * len(methods), unit="img", disable=args.no_progress, file=sys.stderr)
     for index, hr_path in enumerate(images.hr):
-        hr = _mod_crop(sr_data.to_tensor(sr_data.read_image(hr_path)), args.scale)
-        if images.lr is not None:
-            lr = sr_data.to_tensor(sr_data.read_image(images.lr[index]))
-        else:
-            lr = sr_data.bicubic_downsample(hr, args.scale, method="matlab")
+        hr = sr_data.to_tensor(mod_crop(sr_data.read_image(hr_path), args.scale))
+        lr = (sr_data.to_tensor(sr_data.read_image(images.lr[index])) if images.lr is not None
+              else sr_data.bicubic_downsample(hr, args.scale, method="matlab"))  # fmt: skip
         for method in methods:
             bar.set_description(f"{hr_path.name} / {method}")
             if method == "Bicubic":
                 sr = sr_data.matlab_imresize(lr, tuple(hr.shape[-2:]), quantize=True)
             elif method in models:
-                with torch.no_grad():
-                    sr = _quantize(models[method](lr[None].to(device)).float().cpu()[0])
+                with torch.no_grad():  # scored as the 8-bit images they would be saved as
+                    sr = models[method](lr[None].to(device)).float().cpu()[0].clamp(0, 1).mul(255).round().div(255)
             else:
                 sr = sr_data.to_tensor(sr_data.read_image(images.sr[method][index]))
             if sr.shape != hr.shape:
-                raise sr_data.DataError(
-                    f"{method} gives {tuple(sr.shape)} for {hr_path.name}, expected {tuple(hr.shape)}."
-                )
-            row: dict[str, object] = {
-                "image": hr_path.name,
-                "method": method,
-                "psnr_y": psnr_y(sr, hr, args.scale),
-                "ssim_y": ssim_y(sr, hr, args.scale),
-                "lpips": lpips(sr, hr, args.scale) if lpips is not None else None,
-            }
-            per_image.append(row)
+                raise sr_data.DataError(f"{method} gives {tuple(sr.shape)} for {hr_path.name}, expected "
+                                        f"{tuple(hr.shape)}.")  # fmt: skip
+            per_image.append({"image": hr_path.name, "method": method, "psnr_y": psnr_y(sr, hr, args.scale),
+                              "ssim_y": ssim_y(sr, hr, args.scale),
+                              "lpips": lpips(sr, hr, args.scale) if lpips is not None else None})  # fmt: skip
             if args.save_sr and method in models:
                 folder = out / "sr" / method
                 folder.mkdir(parents=True, exist_ok=True)
@@ -322,30 +269,15 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, object]]:
             bar.update(1)
     bar.close()
 
-    summary = []
+    summary: list[dict[str, object]] = []
     for method in methods:
         rows = [r for r in per_image if r["method"] == method]
-        summary.append({
-            "method": method,
-            "lpips": _mean([r["lpips"] for r in rows]),
-            "psnr_y": _mean([r["psnr_y"] for r in rows]),
-            "ssim_y": _mean([r["ssim_y"] for r in rows]),
-            "source": "this evaluation",
-        })  # fmt: skip
+        means = {k: _mean([r[k] for r in rows]) for k in ("lpips", "psnr_y", "ssim_y")}
+        summary.append({"method": method, **means, "source": "this evaluation"})
     for method, (lp, ps, ss) in PAPER_TABLE1.get(dataset, {}).items():
         summary.append({"method": method, "lpips": lp, "psnr_y": ps, "ssim_y": ss, "source": "paper, Table 1"})
     _write_outputs(out, summary, per_image, dataset, args, images)
     return summary
-
-
-def _mod_crop(hr: torch.Tensor, scale: int) -> torch.Tensor:
-    h, w = hr.shape[-2:]
-    return hr[:, : h - h % scale, : w - w % scale]
-
-
-def _quantize(img: torch.Tensor) -> torch.Tensor:
-    # Results are compared as the 8-bit images they would be saved as.
-    return img.clamp(0, 1).mul(255).round().div(255)
 
 
 def _mean(values: list[object]) -> float | None:
@@ -360,42 +292,29 @@ def _cell(value: object, digits: int) -> str:
     return "inf" if math.isinf(value) else f"{value:.{digits}f}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # A run stopped while writing leaves the previous file, never half a file.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, newline="")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _csv_text(rows: list[dict[str, object]], fields: list[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+def _write_atomic(path: Path, text: str | list[dict[str, object]]) -> None:
+    """``text``, or CSV of the rows ``text``, written whole or not at all."""
+    if not isinstance(text, str):
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(text[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(text)
+        text = buffer.getvalue()
+    ckpt.atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def _write_outputs(out: Path, summary, per_image, dataset, args, images: ImageSet) -> None:
     lr_source = f"files of {args.lr_dir}" if args.lr_dir else "MATLAB-style bicubic of the HR images"
     cropped = f"{len(images.crops)} of {len(images.hr)} needed it" if images.crops else "none needed it"
     lines = [
-        f"# x{args.scale} results on {dataset or Path(args.hr_dir).name} ({len(images.hr)} images)",
-        "",
+        f"# x{args.scale} results on {dataset or Path(args.hr_dir).name} ({len(images.hr)} images)", "",
         f"PSNR / SSIM on the Y channel with {args.scale} px cropped from each border; LPIPS (AlexNet) on RGB "
         f"with the same crop. LR: {lr_source}. HR images cropped at the right / bottom to a multiple of "
-        f"{args.scale} ({cropped}).",
-        "",
-        "| method | LPIPS ↓ | PSNR ↑ | SSIM ↑ | source |",
-        "|---|---|---|---|---|",
-    ]
-    for row in summary:
-        lines.append(
-            f"| {row['method']} | {_cell(row['lpips'], 3)} | {_cell(row['psnr_y'], 2)} | {_cell(row['ssim_y'], 3)} "
-            f"| {row['source']} |"
-        )
+        f"{args.scale} ({cropped}).", "", "| method | LPIPS ↓ | PSNR ↑ | SSIM ↑ | source |", "|---|---|---|---|---|",
+        *(f"| {r['method']} | {_cell(r['lpips'], 3)} | {_cell(r['psnr_y'], 2)} | {_cell(r['ssim_y'], 3)} "
+          f"| {r['source']} |"
+          for r in summary),
+    ]  # fmt: skip
     if dataset not in PAPER_TABLE1:
         lines += ["", f"The paper's Table 1 has no rows for {dataset or 'this folder'}; pass --dataset to pick one of "
                   f"{', '.join(PAPER_TABLE1)}."]  # fmt: skip
@@ -403,8 +322,8 @@ def _write_outputs(out: Path, summary, per_image, dataset, args, images: ImageSe
     text = "\n".join(lines) + "\n"
     print(text)  # first, so that a failed write (a full disk) still shows the results
     _write_atomic(out / "results.md", text)
-    _write_atomic(out / "results.csv", _csv_text(summary, ["method", "lpips", "psnr_y", "ssim_y", "source"]))
-    _write_atomic(out / "per_image.csv", _csv_text(per_image, ["image", "method", "psnr_y", "ssim_y", "lpips"]))
+    _write_atomic(out / "results.csv", summary)
+    _write_atomic(out / "per_image.csv", per_image)
     print(f"Written: {out / 'results.md'}, {out / 'results.csv'}, {out / 'per_image.csv'}")
 
 
@@ -412,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         evaluate(args)
-    except (sr_data.DataError, ValueError, OSError) as err:  # OSError: a file that vanished, a full disk
+    except (sr_data.DataError, ValueError, OSError, ckpt.CheckpointError) as err:  # a file that vanished, a full disk
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -35,7 +35,8 @@ generator = nn.Sequential(  # a toy x4 generator; put ESRGAN's RRDBNet here
 )
 # The adversary owns SeD and the frozen CLIP extractor; weight=0.01 is the paper's GAN weight.
 try:
-    adversary = SeDAdversary("patch", pretrained=None if args.random_weights else "openai", loss="vanilla", weight=0.01)
+    weights = None if args.random_weights else "default"
+    adversary = SeDAdversary("patch", pretrained=weights, loss="vanilla", weight=0.01)
 except RuntimeError as err:  # offline and no cached CLIP weights
     raise SystemExit(f"{err}\n\nFor an offline smoke run, add --random-weights.") from err
 opt_g = torch.optim.Adam(generator.parameters(), lr=1e-4, betas=(0.9, 0.99))

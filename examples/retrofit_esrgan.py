@@ -12,9 +12,9 @@
     torchrun --nproc_per_node=4 examples/retrofit_esrgan.py --hr-dir DF2K/HR ... --out runs/x
     torchrun --nproc_per_node=4 examples/retrofit_esrgan.py --hr-dir DF2K/HR ... --out runs/x --resume
 
-The generator is ESRGAN's RRDBNet (spandrel's implementation, so existing ESRGAN / Real-ESRGAN
-/ KAIR RRDBNet weights load with --generator-weights). ``--discriminator`` picks SeD (patch or
-pixel) or the baselines without semantics; see docs/training.md for the full guide.
+The generator is ESRGAN's RRDBNet (spandrel's, so ESRGAN / Real-ESRGAN / KAIR weights load with
+--generator-weights). SeD's part of the training step is the block marked ``SeD`` in
+:meth:`Trainer.train_step`; everything else is ESRGAN's recipe. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import inspect
+import io
 import json
 import os
 import re
@@ -44,62 +45,38 @@ from torch import nn  # noqa: E402
 from sr_kit import checkpoint as ckpt  # noqa: E402
 from sr_kit import data as sr_data  # noqa: E402
 from sr_kit import dist as sr_dist  # noqa: E402
+from sr_kit.cli import DefaultsHelpFormatter, positive_int  # noqa: E402
 from sr_kit.metrics import psnr_y  # noqa: E402
 from sr_kit.models import (  # noqa: E402
-    DISCRIMINATORS,
-    EMA,
-    VGGPerceptualLoss,
-    WeightsUnavailable,
-    banner,
-    build_discriminator,
-    build_generator,
-    generator_from_state_dict,
-    load_extractor,
-    load_generator_weights,
-    load_vgg19_features,
-)
+    DISCRIMINATORS, WeightsUnavailable, banner, build_discriminator, build_generator, load_extractor,
+    load_generator_weights, load_vgg19_features, make_ema, perceptual_loss,
+)  # fmt: skip
 from sr_kit.plots import plot_losses, save_sample_grid  # noqa: E402
 
 from sed_discriminator import discriminator_loss, frozen_parameters, generator_loss  # noqa: E402
+from sed_discriminator.diagnostics import semantic_diagnostics  # noqa: E402
 
 LOG_COLUMNS = (
-    "step", "phase", "lr_g", "l_pix", "l_percep", "l_gan", "l_g_total", "l_d", "d_real", "d_fake",
-    "val_psnr", "sec_per_step", "img_per_sec",
+    "step", "phase", "lr_g", "l_pix", "l_percep", "l_gan", "l_g_total", "l_d", "d_real", "d_fake", "val_psnr",
+    "sem_influence", "attn_sharpness_att1", "attn_sharpness_att2", "attn_sharpness_att3", "sec_per_step", "img_per_sec",
 )  # fmt: skip
 
 # The demo preset: small networks, 96 px patches, the photos scikit-image ships; a few minutes on 2 CPU cores.
 DEMO_PRESET: dict[str, Any] = dict(
-    out="runs/demo",
-    discriminator="sed-patch",
-    patch_size=96,
-    batch_size=4,
-    num_feat=32,
-    num_blocks=2,
-    d_width=32,
-    lr=4e-4,
-    total_steps=340,
-    psnr_steps=200,
-    milestones=[200],
-    log_every=5,
-    sample_every=40,
+    out="runs/demo", discriminator="sed-patch", patch_size=96, batch_size=4, num_feat=32, num_blocks=2, d_width=32,
+    lr=4e-4, total_steps=340, psnr_steps=200, milestones=[200], log_every=5, diagnostics_every=10, sample_every=40,
     checkpoint_every=100,
-    workers=1,
-    cache_images=True,
-    allow_random_weights=True,
-    num_samples=2,
-    sample_size=160,
-)
+    workers=1, cache_images=True, allow_random_weights=True, num_samples=2, sample_size=160,
+)  # fmt: skip
 
 # Settings that define the networks: a resumed run must use the checkpoint's (G's width and depth
 # are compared as given: with --generator-weights, the architecture came from that file).
 _ARCH_KEYS = ("discriminator", "d_width", "scale", "extractor", "num_feat", "num_blocks")
 # Settings that define the data order: changing them on resume changes what the run sees.
 _ORDER_KEYS = ("seed", "batch_size", "patch_size", "downsample")
-
-
 # What a run writes into --out: an existing one is a run that --overwrite or --resume must name.
-RUN_OUTPUTS = ("checkpoints", "samples", "log.csv", "loss_curves.png", "config.json", "generator_final.pth")
-
+RUN_OUTPUTS = ("checkpoints", "samples", "log.csv", "loss_curves.png", "config.json", "generator_final.pth",
+               "generator_final.safetensors")  # fmt: skip
 # DDP's switch for re-broadcasting buffers at every forward (renamed in torch 2.14).
 _NO_BUFFER_SYNC = (
     "forward_sync_buffers"
@@ -115,18 +92,22 @@ class UsageError(RuntimeError):
 # ------------------------------------------------------------------------------------ arguments
 
 
+# fmt: off
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train ESRGAN's RRDBNet with SeD (or a baseline discriminator), following the SeD paper's recipe.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("--preset", choices=["demo"], help="demo: a few minutes on CPU on bundled photos (see README)")
+    demo = ", ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                     for k, v in DEMO_PRESET.items() if not isinstance(v, bool))  # fmt: skip
+    p.add_argument("--preset", choices=["demo"], help="demo: a few minutes on CPU on photos bundled with scikit-image; "
+                   f"sets {demo}, --cache-images, --allow-random-weights (each can still be given)")  # fmt: skip
 
     g = p.add_argument_group("data")
     g.add_argument("--hr-dir", help="folder of HR training images (DIV2K/DF2K style)")
     g.add_argument("--lr-dir", help="folder of matching LR images; without it LR is made on the fly")
     g.add_argument("--val-dir", help="images for the sample grid and validation PSNR (default: the training images)")
-    g.add_argument("--scale", type=int, default=4, help="SR factor")
+    g.add_argument("--scale", type=positive_int, default=4, help="SR factor")
     g.add_argument("--patch-size", type=int, default=256, help="HR training patch (LR patch = this / scale)")
     g.add_argument("--batch-size", type=int, default=8, help="batch per process (per GPU)")
     g.add_argument("--workers", type=int, default=4, help="data-loading worker processes per process")
@@ -134,29 +115,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bicubic that makes LR on the fly: MATLAB imresize's (the benchmarks') or torch's")
     g.add_argument("--no-augment", action="store_true", help="no random flips / rotations")
     g.add_argument("--cache-images", action="store_true", help="keep decoded images in memory (small datasets)")
-    g.add_argument("--strict-data", action="store_true",
-                   help="stop on unreadable or too-small images instead of skipping them")
+    g.add_argument("--strict-data", action="store_true", help="stop on unreadable or too-small images (not skip them)")
 
     g = p.add_argument_group("networks")
-    g.add_argument("--generator-weights",
-                   help="start G from these weights (PSNR-trained ESRGAN, Real-ESRGAN, KAIR RRDBNet, ...)")
+    g.add_argument("--generator-weights", help="start G from these weights (PSNR-trained ESRGAN, Real-ESRGAN, ...)")
     g.add_argument("--num-feat", type=int, default=64, help="RRDBNet width (when not loading weights)")
     g.add_argument("--num-blocks", type=int, default=23, help="RRDBNet blocks (when not loading weights)")
     g.add_argument("--discriminator", choices=list(DISCRIMINATORS), default="sed-patch",
                    help="; ".join(f"{k}: {v}" for k, v in DISCRIMINATORS.items()))
     g.add_argument("--d-width", type=int, default=64, help="discriminator base width")
-    g.add_argument("--extractor", default="clip_rn50",
-                   help="SeD's semantic extractor: a preset (docs/extractors.md) or timm:NAME")  # fmt: skip
-    g.add_argument("--extractor-weights", default="default",
-                   help="'default' (the preset's own weights), a timm tag, a local file, or 'random'")  # fmt: skip
-    g.add_argument("--vgg-weights", default="imagenet",
-                   help="'imagenet' (torchvision), a local vgg19 .pth, or 'random'")
+    g.add_argument("--extractor", default="clip_rn50", help="SeD's semantic extractor: a preset or timm:NAME")
+    g.add_argument("--extractor-weights", default="default", help="'default' (the preset's), timm tag, file, 'random'")
+    g.add_argument("--vgg-weights", default="imagenet", help="'imagenet' (torchvision), a vgg19 .pth file, or 'random'")
     g.add_argument("--allow-random-weights", action="store_true",
-                   help="if pretrained CLIP / VGG19 weights cannot be loaded, use RANDOM ones (smoke runs only)")
+                   help="if pretrained extractor / VGG19 weights cannot be loaded, use RANDOM ones (smoke runs only)")
 
     g = p.add_argument_group("losses (defaults: the paper's recipe)")
     g.add_argument("--pixel-weight", type=float, default=1.0, help="L1 weight")
-    g.add_argument("--perceptual-weight", type=float, default=None,
+    g.add_argument("--perceptual-weight", type=float,
                    help="VGG19 perceptual weight (default 1.0 for the pixel discriminators, 0.1 otherwise; 0: off)")
     g.add_argument("--gan-loss", choices=["vanilla", "ragan", "lsgan", "hinge"], default="vanilla",
                    help="vanilla: BCE (the paper); ragan: ESRGAN's relativistic average")
@@ -164,43 +140,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of G")
-    g.add_argument("--lr-d", type=float, default=None, help="Adam learning rate of D (default: --lr)")
+    g.add_argument("--lr-d", type=float, help="Adam learning rate of D (default: --lr)")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.99), help="Adam betas")
     g.add_argument("--total-steps", type=int, default=300_000, help="training iterations")
-    g.add_argument("--milestones", type=int, nargs="*", default=[100_000, 200_000],
-                   help="steps where the lr is multiplied by --gamma")
+    g.add_argument("--milestones", type=int, nargs="*", default=[100_000, 200_000], help="steps where lr *= --gamma")
     g.add_argument("--gamma", type=float, default=0.5, help="lr factor at each milestone")
-    g.add_argument("--psnr-steps", type=int, default=0,
-                   help="train G with L1 alone for the first N steps (ESRGAN's PSNR stage, without PSNR weights)")
+    g.add_argument("--psnr-steps", type=int, default=0, help="train G with L1 alone for the first N steps (ESRGAN's)")
     g.add_argument("--ema", type=float, default=0.0, help="EMA decay of G's weights (e.g. 0.999); 0 disables it")
 
     g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/esrgan_sed",
-                   help="run folder: checkpoints/, samples/, log.csv, loss_curves.png")
-    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+    g.add_argument("--out", default="runs/esrgan_sed", help="run folder: checkpoints/, samples/, log.csv, plots")
+    g.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                    help="continue from the newest valid checkpoint of --out (or from PATH)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="delete the outputs of an earlier run in --out (checkpoints, samples, logs) and start again")
-    g.add_argument("--run-steps", type=int, default=None,
-                   help="stop (with a checkpoint) after N steps of this invocation, e.g. to fit a job time limit")
+    g.add_argument("--overwrite", action="store_true", help="delete an earlier run's outputs in --out, start again")
+    g.add_argument("--run-steps", type=int, help="stop (with a checkpoint) after N steps of this invocation")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
-                   help="mixed precision (bf16 on Ampere or newer)")
-    g.add_argument("--channels-last", action="store_true",
-                   help="channels_last memory format (faster convolutions on tensor cores)")
+    g.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision (bf16: Ampere+)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format (tensor cores)")
     g.add_argument("--compile", action="store_true", help="torch.compile the generator")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the data order, crops and flips")
     g.add_argument("--log-every", type=int, default=100, help="steps between log.csv rows")
-    g.add_argument("--sample-every", type=int, default=1000,
-                   help="steps between sample grids and loss plots (0: only at the end)")
-    g.add_argument("--checkpoint-every", type=int, default=5000,
-                   help="steps between checkpoints (one is always written at the end)")
+    g.add_argument("--diagnostics-every", type=int, default=100, help="steps between SeD's semantic influence and "
+                   "attention sharpness in log.csv (0: off; needs a batch of 2+; cost: docs/training.md)")
+    g.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids and plots (0: at end)")
+    g.add_argument("--checkpoint-every", type=int, default=5000, help="steps between checkpoints (and one at the end)")
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
     g.add_argument("--num-samples", type=int, default=4, help="images in the sample grid")
     g.add_argument("--sample-size", type=int, default=192, help="HR size of each sample (centre crop)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+# fmt: on
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -219,13 +189,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     if args.preset is None and not args.hr_dir:
         raise UsageError("Pass --hr-dir FOLDER with your HR training images (or --preset demo for a demo run).")
-    if args.scale < 1:
-        raise UsageError(f"--scale must be at least 1, got {args.scale}.")
     if args.resume is not None and args.overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite deletes it: pass one of them.")
     if args.patch_size % args.scale:
         raise UsageError(f"--patch-size {args.patch_size} must be a multiple of --scale {args.scale}.")
-    if args.discriminator != "vgg" and args.patch_size < 32:
+    if args.discriminator == "vgg" and args.patch_size not in (128, 256):
+        raise UsageError(f"The 'vgg' discriminator (BasicSR's) takes --patch-size 128 or 256, got {args.patch_size}.")
+    if args.patch_size < 32:
         raise UsageError(f"--patch-size must be at least 32 for the {args.discriminator!r} discriminator.")
     if args.psnr_steps > args.total_steps:
         raise UsageError("--psnr-steps cannot exceed --total-steps.")
@@ -234,59 +204,26 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
     if args.run_steps is not None and args.run_steps < 1:
         raise UsageError("--run-steps must be at least 1.")
-    if args.num_samples > 0 and args.sample_size < _min_val_side(args.scale):
-        raise UsageError(
-            f"--sample-size {args.sample_size} is too small for x{args.scale}: validation PSNR ignores a "
-            f"{args.scale} px border, so the samples need at least {_min_val_side(args.scale)} px "
-            "(or pass --num-samples 0)."
-        )
-
-
-def _min_val_side(scale: int) -> int:
-    # The centre crop is cut to a multiple of the scale and PSNR drops `scale` px on each side:
-    # three LR pixels leave one HR pixel block to compare.
-    return 3 * scale
-
-
-def check_val_images(paths: list[Path], args: argparse.Namespace) -> None:
-    """Each validation image the samples use must hold a centre crop that PSNR can score (checked at start).
-
-    Raises:
-        sr_data.DataError: naming each image that is unreadable or too small, and the fix.
-    """
-    need = _min_val_side(args.scale)
-    small = []
-    for path in paths[: args.num_samples]:
-        height, width = sr_data.image_size(path)  # unreadable: DataError naming the file
-        if min(height, width) < need:
-            small.append(f"{path} ({width}x{height} px)")
-    if small:
-        raise sr_data.DataError(
-            f"Validation image(s) too small for x{args.scale} samples (at least {need}x{need} px: PSNR ignores a "
-            f"{args.scale} px border): " + ", ".join(small) + ". Remove them from --val-dir or pass another --val-dir."
-        )
+    if args.diagnostics_every < 0:
+        raise UsageError("--diagnostics-every must be 0 (off) or more.")
+    # The centre crop is cut to a multiple of the scale and PSNR drops `scale` px on each side: 3 LR px at least.
+    if args.num_samples > 0 and args.sample_size < 3 * args.scale:
+        raise UsageError(f"--sample-size {args.sample_size} is too small for x{args.scale}: validation PSNR ignores a "
+                         f"{args.scale} px border, so the samples need at least {3 * args.scale} px (or pass "
+                         "--num-samples 0).")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- the run folder
 
 
-def _is_output(path: Path) -> bool:
-    return path.is_file() or (path.is_dir() and any(path.iterdir()))
-
-
 def open_run_folder(
     args: argparse.Namespace, info: sr_dist.DistInfo
 ) -> tuple[ckpt.RunLock | None, tuple[Path, dict[str, Any]] | None]:
-    """Lock ``--out``, clean what killed runs left there, and check it against ``--resume`` / ``--overwrite``.
+    """Lock ``--out`` (rank 0, for the whole run), remove leftovers of killed writes, check earlier outputs.
 
-    Rank 0 holds :class:`~sr_kit.checkpoint.RunLock` for the whole run, so two runs never write
-    into one folder. Holding it, every temporary file there is a leftover and is removed. A
-    folder that holds any output of an earlier run (:data:`RUN_OUTPUTS`) is an error unless
-    ``--resume`` continues that run or ``--overwrite`` deletes those outputs (and nothing else).
-
-    Returns:
-        ``(lock, resume)``: the lock (``None`` on other ranks) and ``(path, state)`` of the
-        checkpoint to resume, or ``None``.
+    A folder holding any of :data:`RUN_OUTPUTS` is an error unless ``--resume`` continues that run
+    or ``--overwrite`` deletes those outputs (and nothing else). Returns ``(lock or None, (path,
+    state) of the checkpoint to resume or None)``.
     """
     out = Path(args.out)
     ckpt_dir = out / "checkpoints"
@@ -304,7 +241,8 @@ def open_run_folder(
             if removed:
                 names = ", ".join(p.name for p in removed[:5]) + (" ..." if len(removed) > 5 else "")
                 print(f"Removed {len(removed)} temporary file(s) left by an interrupted run: {names}", file=sys.stderr)
-            existing = [name for name in RUN_OUTPUTS if _is_output(out / name)]
+            found = [(name, out / name) for name in RUN_OUTPUTS]
+            existing = [name for name, path in found if path.is_file() or path.is_dir() and any(path.iterdir())]
             if args.resume is None and existing and not args.overwrite:
                 newest = ckpt.list_checkpoints(ckpt_dir)
                 newest_text = f" (newest checkpoint: {newest[-1][1].name})" if newest else ""
@@ -360,7 +298,7 @@ class StopFlag:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.signum = signum
         print(f"\nReceived {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting "
-              "(Ctrl-C again to stop now).", file=sys.stderr, flush=True)
+              "(Ctrl-C again to stop now).", file=sys.stderr, flush=True)  # fmt: skip
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -373,21 +311,12 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def _autocast(device: torch.device, amp: str):
-    if amp == "off":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 class Trainer:
     """Everything of one run: networks, optimisers, data stream, logging and checkpoints."""
 
-    def __init__(
-        self, args: argparse.Namespace, info: sr_dist.DistInfo, resume: tuple[Path, dict[str, Any]] | None = None
-    ) -> None:
-        self.args = args
-        self.info = info
-        self.device = info.device
+    def __init__(self, args: argparse.Namespace, info: sr_dist.DistInfo,
+                 resume: tuple[Path, dict[str, Any]] | None = None) -> None:  # fmt: skip
+        self.args, self.info, self.device = args, info, info.device
         self.out = Path(args.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.random_weights: list[str] = []
@@ -396,175 +325,123 @@ class Trainer:
         self.resumed_from, resume_state = resume if resume is not None else (None, None)
         torch.manual_seed(args.seed)  # identical initial weights on every rank
 
-        self.dataset, self.val_paths = self._build_data()
-        self.g = self._build_generator(resume_state)
-        self.d, self.extractor = self._build_discriminator()
-        self.perceptual = self._build_perceptual()
-        self._to_device()
+        hr_paths = sr_data.list_images(args.hr_dir, "HR folder (--hr-dir)")
+        lr_paths = sr_data.pair_lr_files(hr_paths, args.lr_dir, args.scale) if args.lr_dir else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("default" if info.is_main else "ignore", UserWarning)  # rank 0 alone reports
+            self.dataset = sr_data.SRTrainDataset(hr_paths, args.patch_size, args.scale, seed=args.seed,
+                                                  lr_paths=lr_paths, augment=not args.no_augment,
+                                                  cache=args.cache_images, downsample=args.downsample,
+                                                  strict=args.strict_data)  # fmt: skip
+        if len(self.dataset) < info.world_size:
+            raise UsageError(f"{len(self.dataset)} usable image(s) for {info.world_size} processes; add images.")
+        if resume_state is not None:
+            self.g = load_generator_weights(resume_state["generator"], args.scale, name=str(self.resumed_from))
+        elif args.generator_weights:
+            try:
+                self.g = load_generator_weights(args.generator_weights, args.scale)
+            except (FileNotFoundError, ValueError) as err:
+                raise UsageError(str(err)) from err
+        else:
+            self.g = build_generator(args.num_feat, args.num_blocks, args.scale)
+        self.extractor = None
+        if args.discriminator.startswith("sed-"):
+            self.extractor = self._pretrained("semantic extractor " + args.extractor, load_extractor, args.extractor,
+                                              args.extractor_weights, args.allow_random_weights)  # fmt: skip
+        self.d = build_discriminator(args.discriminator, args.d_width, args.patch_size, self.extractor)
+        self.perceptual = None
+        if args.perceptual_weight > 0:
+            features = self._pretrained("VGG19 (perceptual loss)", load_vgg19_features, args.vgg_weights,
+                                        args.allow_random_weights)  # fmt: skip
+            self.perceptual = perceptual_loss(features).to(self.device)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        for model in (self.g, self.d):  # D also moves SeD's extractor
+            model.to(self.device, memory_format=self.memory_format).train()
 
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=args.lr, betas=tuple(args.betas))
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=args.lr_d, betas=tuple(args.betas))
         self.sched_g = torch.optim.lr_scheduler.MultiStepLR(self.opt_g, args.milestones, args.gamma)
         self.sched_d = torch.optim.lr_scheduler.MultiStepLR(self.opt_d, args.milestones, args.gamma)
-        fp16 = args.amp == "fp16"
-        self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=fp16)
-        self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=fp16)
-        self.ema = EMA(self.g, args.ema) if args.ema > 0 else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")  # one for both losses
+        self.ema = make_ema(self.g, args.ema) if args.ema > 0 else None
+        self.diagnose_every = args.diagnostics_every if self.extractor is not None and args.batch_size > 1 else 0
+        if self.extractor is not None and args.diagnostics_every and not self.diagnose_every and info.is_main:
+            print("note: SeD's diagnostics compare the images of a batch: with --batch-size 1 they are off.",
+                  file=sys.stderr)  # fmt: skip
 
         torch.manual_seed(args.seed + 1000 * info.rank)
         if resume_state is not None:
             self._load_state(resume_state)
-        self.g_train, self.d_train = self._wrap()
-        self.stream = sr_data.SampleStream(
-            len(self.dataset), args.seed, info.rank, info.world_size, start=self.step * args.batch_size
-        )
-        self.loader = sr_data.make_loader(
-            self.dataset, self.stream, args.batch_size, args.workers, pin_memory=self.device.type == "cuda"
-        )
-        self.val_pairs = []
-        if info.is_main:
-            check_val_images(self.val_paths, args)
-            self.val_pairs = sr_data.center_crops(
-                self.val_paths, args.sample_size, args.scale, args.num_samples, args.downsample
-            )
-
-    # -- set-up -------------------------------------------------------------------------------
-
-    def _build_data(self) -> tuple[sr_data.SRTrainDataset, list[Path]]:
-        args = self.args
-        hr_paths = sr_data.list_images(args.hr_dir, "HR folder (--hr-dir)")
-        lr_paths = sr_data.pair_lr_files(hr_paths, args.lr_dir, args.scale) if args.lr_dir else None
-        with warnings.catch_warnings():
-            if not self.info.is_main:
-                warnings.simplefilter("ignore", UserWarning)
-            dataset = sr_data.SRTrainDataset(
-                hr_paths, args.patch_size, args.scale, seed=args.seed, lr_paths=lr_paths,
-                augment=not args.no_augment, cache=args.cache_images, downsample=args.downsample,
-                strict=args.strict_data,
-            )  # fmt: skip
-        if len(dataset) < self.info.world_size:
-            raise UsageError(f"{len(dataset)} usable image(s) for {self.info.world_size} processes; add images.")
-        val_paths = dataset.hr_paths
-        if args.val_dir:
-            val_paths = sr_data.list_images(args.val_dir, "validation folder (--val-dir)")
-        return dataset, val_paths
-
-    def _build_generator(self, resume_state: dict[str, Any] | None) -> nn.Module:
-        args = self.args
-        if resume_state is not None:
-            return generator_from_state_dict(resume_state["generator"], str(self.resumed_from), args.scale)
-        if args.generator_weights:
-            try:
-                return load_generator_weights(args.generator_weights, args.scale)
-            except (FileNotFoundError, ValueError) as err:
-                raise UsageError(str(err)) from err
-        return build_generator(args.num_feat, args.num_blocks, args.scale)
-
-    def _build_discriminator(self) -> tuple[nn.Module, Any]:
-        args = self.args
-        extractor = None
-        if args.discriminator.startswith("sed-"):
-            extractor, is_random = load_extractor(args.extractor, args.extractor_weights, args.allow_random_weights)
-            if is_random:
-                self.random_weights.append(f"semantic extractor {args.extractor}")
-        return build_discriminator(args.discriminator, args.d_width, args.patch_size, extractor), extractor
-
-    def _build_perceptual(self) -> VGGPerceptualLoss | None:
-        args = self.args
-        if args.perceptual_weight <= 0:
-            return None
-        features, is_random = load_vgg19_features(args.vgg_weights, args.allow_random_weights)
-        if is_random:
-            self.random_weights.append("VGG19 (perceptual loss)")
-        return VGGPerceptualLoss(features)
-
-    def _to_device(self) -> None:
-        fmt = {"memory_format": torch.channels_last} if self.args.channels_last else {}
-        self.g.to(self.device, **fmt)
-        self.d.to(self.device, **fmt)  # also moves SeD's extractor
-        if self.perceptual is not None:
-            self.perceptual.to(self.device)
-        self.g.train()
-        self.d.train()
-
-    def _wrap(self) -> tuple[nn.Module, nn.Module]:
-        g, d = self.g, self.d
-        if self.info.distributed:
+        self.g_train, self.d_train = self.g, self.d
+        if info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            g = nn.parallel.DistributedDataParallel(g, device_ids=ids)
-            # BatchNorm (VGG-style D) buffers must not be re-broadcast between the real and fake
-            # forwards of one backward; spectral-norm vectors stay equal on all ranks anyway.
-            d = nn.parallel.DistributedDataParallel(d, device_ids=ids, **{_NO_BUFFER_SYNC: False})
-        if self.args.compile:
-            g = torch.compile(g)  # D keeps eager mode: compile + DDP + spectral norm is unreliable
-        return g, d
+            self.g_train = nn.parallel.DistributedDataParallel(self.g, device_ids=ids)
+            # BatchNorm (VGG-style D) buffers must not be re-broadcast between the real and fake forwards of one
+            # backward; spectral-norm vectors stay equal on all ranks anyway.
+            self.d_train = nn.parallel.DistributedDataParallel(self.d, device_ids=ids, **{_NO_BUFFER_SYNC: False})
+        if args.compile:
+            self.g_train = torch.compile(self.g_train)  # D stays eager: compile + DDP + spectral norm is unreliable
+        stream = sr_data.SampleStream(len(self.dataset), args.seed, info.rank, info.world_size,
+                                      start=self.step * args.batch_size)  # fmt: skip
+        self.loader = sr_data.make_loader(self.dataset, stream, args.batch_size, args.workers,
+                                          pin_memory=self.device.type == "cuda")  # fmt: skip
+        self.val_pairs = []
+        if info.is_main:  # samples: centre crops that PSNR can score (3 LR px: it ignores a `scale` px border)
+            val_paths = sr_data.list_images(args.val_dir, "validation folder (--val-dir)") if args.val_dir else None
+            self.val_pairs = sr_data.center_crops(val_paths or self.dataset.hr_paths, args.sample_size, args.scale,
+                                                  args.num_samples, args.downsample,
+                                                  min_side=3 * args.scale)  # fmt: skip
+
+    def _pretrained(self, what: str, load: Any, *load_args: Any) -> Any:
+        model, is_random = load(*load_args)
+        if is_random:
+            self.random_weights.append(what)
+        return model
 
     # -- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        rng = sr_dist.gather_objects(ckpt.rng_state(), self.info)
-        config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.args).items()}
+        rng = sr_dist.gather_objects(ckpt.rng_state(), self.info)  # a collective call: every rank takes part
         return {
-            "format": ckpt.FORMAT,
-            "step": self.step,
-            "config": config,
-            "generator": self.g.state_dict(),
-            "discriminator": self.d.state_dict(),
-            "opt_g": self.opt_g.state_dict(),
-            "opt_d": self.opt_d.state_dict(),
-            "sched_g": self.sched_g.state_dict(),
-            "sched_d": self.sched_d.state_dict(),
-            "scaler_g": self.scaler_g.state_dict(),
-            "scaler_d": self.scaler_d.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "format": ckpt.FORMAT, "step": self.step,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.args).items()},
+            "generator": self.g.state_dict(), "discriminator": self.d.state_dict(),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
+            "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": rng,
-            "data": {
-                "seed": self.args.seed,
-                "samples_per_rank": self.step * self.args.batch_size,
-                "world_size": self.info.world_size,
-                "fingerprint": sr_data.fingerprint(self.dataset.hr_paths),
-            },
-            "random_weights": list(self.random_weights),
-            "torch": str(torch.__version__),
-        }
+            "data": {"seed": self.args.seed, "samples_per_rank": self.step * self.args.batch_size,
+                     "world_size": self.info.world_size, "fingerprint": sr_data.fingerprint(self.dataset.hr_paths)},
+            "random_weights": list(self.random_weights), "torch": str(torch.__version__),
+        }  # fmt: skip
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        self.g.load_state_dict(state["generator"])
-        self.d.load_state_dict(state["discriminator"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        self.sched_g.load_state_dict(state["sched_g"])
-        self.sched_d.load_state_dict(state["sched_d"])
-        # Milestones come from the command line, so a resumed run may change the schedule.
-        for sched in (self.sched_g, self.sched_d):
+        for name in ("generator", "discriminator", "opt_g", "opt_d", "sched_g", "sched_d", "scaler"):
+            getattr(self, {"generator": "g", "discriminator": "d"}.get(name, name)).load_state_dict(state[name])
+        for sched in (self.sched_g, self.sched_d):  # milestones come from the command line: a resume may change them
             sched.milestones = type(sched.milestones)(self.args.milestones)
             sched.gamma = self.args.gamma
-        self.scaler_g.load_state_dict(state["scaler_g"])
-        self.scaler_d.load_state_dict(state["scaler_d"])
+        main = self.info.is_main
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        elif self.info.is_main and state.get("ema") is not None:
+        elif main and state.get("ema") is not None:
             warnings.warn("The checkpoint has an EMA of G but --ema is 0: the EMA is dropped.", stacklevel=2)
-        elif self.info.is_main and self.ema is not None:
+        elif main and self.ema is not None:
             warnings.warn("--ema is on but the checkpoint has no EMA: it starts from the current weights.",
-                          stacklevel=2)
+                          stacklevel=2)  # fmt: skip
         self.step = int(state["step"])
-        data = state.get("data", {})
-        if self.info.is_main and data.get("fingerprint") not in (None, sr_data.fingerprint(self.dataset.hr_paths)):
+        if main and state["data"]["fingerprint"] != sr_data.fingerprint(self.dataset.hr_paths):
             warnings.warn("The training images differ from those of the checkpoint; the data order differs.",
-                          stacklevel=2)
-        rng = state["rng"]
-        if len(rng) == self.info.world_size:
-            ckpt.set_rng_state(rng[self.info.rank])
-        elif self.info.is_main:
-            warnings.warn(
-                f"The checkpoint was written by {len(rng)} process(es), this run has {self.info.world_size}: "
-                "the data order and RNG streams differ from an uninterrupted run.",
-                stacklevel=2,
-            )
+                          stacklevel=2)  # fmt: skip
+        if len(state["rng"]) == self.info.world_size:
+            ckpt.set_rng_state(state["rng"][self.info.rank])
+        elif main:
+            warnings.warn(f"The checkpoint was written by {len(state['rng'])} process(es), this run has "
+                          f"{self.info.world_size}: the data order and RNG streams differ from an uninterrupted run.",
+                          stacklevel=2)  # fmt: skip
 
     def save_checkpoint(self) -> Path | None:
-        state = self.state_dict()  # a collective call: every rank takes part
+        state = self.state_dict()
         path = None
         if self.info.is_main:
             path = ckpt.atomic_save(state, self.ckpt_dir / ckpt.checkpoint_name(self.step))
@@ -572,20 +449,26 @@ class Trainer:
         sr_dist.barrier(self.info)
         return path
 
-    def export_generator(self) -> Path:
-        """G's weights alone (EMA too when enabled), loadable by spandrel / chaiNNer / BasicSR."""
-        state = {"params": self.g.state_dict()}
+    def export_generator(self) -> tuple[Path, Path]:
+        """G's weights for users: ``generator_final.pth`` (BasicSR's ``params`` / ``params_ema``, for spandrel,
+        chaiNNer, BasicSR) and ``generator_final.safetensors`` (the EMA weights when there is one; no pickle)."""
+        from safetensors.torch import save
+
+        weights = {"params": self.g.state_dict()}
         if self.ema is not None:
-            state["params_ema"] = self.ema.model.state_dict()
-        return ckpt.atomic_save(state, self.out / "generator_final.pth")
+            weights["params_ema"] = self.ema.module.state_dict()
+        pth = ckpt.atomic_save(weights, self.out / "generator_final.pth")
+        shared = {k: v.contiguous() for k, v in weights.get("params_ema", weights["params"]).items()}
+        meta = {"weights": "ema" if self.ema else "raw", "step": str(self.step), "scale": str(self.args.scale)}
+        tensors = ckpt.atomic_write(self.out / "generator_final.safetensors", lambda h: h.write(save(shared, meta)))
+        return pth, tensors
 
     # -- training -----------------------------------------------------------------------------
 
-    def _buffers(self) -> list[torch.Tensor]:
-        # What the forward passes change before the optimiser steps: spectral-norm vectors, BatchNorm
-        # statistics (of modules in training mode: the frozen extractor's never change).
-        modules = [m for model in (self.g, self.d) for m in model.modules() if m.training]
-        return [b for m in modules for b in m.buffers(recurse=False)]
+    def _autocast(self):
+        if self.args.amp == "off":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.args.amp == "bf16" else torch.float16)
 
     def train_step(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
         """One step: the forward and backward passes of G and D first, then all optimiser steps.
@@ -593,52 +476,42 @@ class Trainer:
         Until the optimiser steps, an exception leaves the run as it was after the previous step
         (the buffers the forwards updated are restored), so that state can still be saved.
         """
-        args, device = self.args, self.device
-        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-        lr = lr.to(device, non_blocking=True).contiguous(memory_format=fmt)
-        hr = hr.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        args = self.args
+        lr, hr = (x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format) for x in (lr, hr))
         gan_phase = self.step >= args.psnr_steps
-        d_raw = self.d
-        logs: dict[str, float] = {}
-        buffers = self._buffers()
+        # What the forwards change before the optimiser steps: spectral-norm vectors, BatchNorm statistics.
+        buffers = [b for model in (self.g, self.d) for m in model.modules() if m.training for b in m.buffers(False)]
         saved = [b.clone() for b in buffers]
         try:
-            if self.extractor is not None and gan_phase:
-                d_raw.set_condition(hr)  # HR semantics for the three D calls of this step
-            # Generator: L1 (+ perceptual + adversarial after the PSNR stage).
-            with _autocast(device, args.amp):
+            with self._autocast():
                 sr = self.g_train(lr)
-                l_pix = args.pixel_weight * F.l1_loss(sr.float(), hr.float())
-                l_total = l_pix
-                logs["l_pix"] = l_pix.item()
+                losses = {"l_pix": args.pixel_weight * F.l1_loss(sr.float(), hr.float())}
+                if gan_phase and self.perceptual is not None:
+                    losses["l_percep"] = args.perceptual_weight * self.perceptual(sr, hr)[0]
                 if gan_phase:
-                    if self.perceptual is not None:
-                        l_percep = args.perceptual_weight * self.perceptual(sr, hr)
-                        l_total = l_total + l_percep
-                        logs["l_percep"] = l_percep.item()
-                    # The G-side D call bypasses DDP: D's parameters get no gradient from it.
-                    with frozen_parameters(d_raw):
-                        fake = d_raw(sr)
-                        real = d_raw(hr).detach() if args.gan_loss == "ragan" else None
-                    real = None if real is None else real.float()
-                    l_gan = generator_loss(fake.float(), real_logits=real, kind=args.gan_loss, weight=args.gan_weight)
-                    l_total = l_total + l_gan
-                    logs["l_gan"] = l_gan.item()
+                    # ---- SeD: the HR batch's semantics condition all three D calls of this step --------------
+                    if self.extractor is not None:
+                        self.d.set_condition(hr)
+                    with frozen_parameters(self.d):  # G's adversarial loss: D's parameters get no gradient
+                        fake = self.d(sr)  # the G-side call bypasses DDP
+                        real = self.d(hr).detach().float() if args.gan_loss == "ragan" else None
+                    losses["l_gan"] = generator_loss(fake.float(), real_logits=real, kind=args.gan_loss,
+                                                     weight=args.gan_weight)  # fmt: skip
+            l_g_total = sum(losses.values())
             self.opt_g.zero_grad(set_to_none=True)
-            self.scaler_g.scale(l_total).backward()
-            logs["l_g_total"] = l_total.item()
-
-            # Discriminator: real vs (detached) fake; G's update does not change what D sees.
-            if gan_phase:
-                with _autocast(device, args.amp):
-                    real = self.d_train(hr)
-                    fake = self.d_train(sr.detach())
+            self.scaler.scale(l_g_total).backward()
+            logs = {key: value.item() for key, value in losses.items()} | {"l_g_total": l_g_total.item()}
+            if gan_phase:  # D: real vs the detached fake, under the same semantics
+                with self._autocast():
+                    real, fake = self.d_train(hr), self.d_train(sr.detach())
                     l_d = discriminator_loss(fake_logits=fake.float(), real_logits=real.float(), kind=args.gan_loss)
                 self.opt_d.zero_grad(set_to_none=True)
-                self.scaler_d.scale(l_d).backward()
-                logs["l_d"] = l_d.item()
-                logs["d_real"] = torch.sigmoid(real.detach().float()).mean().item()
-                logs["d_fake"] = torch.sigmoid(fake.detach().float()).mean().item()
+                self.scaler.scale(l_d).backward()
+                logs |= {"l_d": l_d.item(), "d_real": torch.sigmoid(real.detach().float()).mean().item(),
+                         "d_fake": torch.sigmoid(fake.detach().float()).mean().item()}  # fmt: skip
+                if self.diagnose_every and self.step % self.diagnose_every == self.diagnose_every - 1:
+                    logs |= semantic_diagnostics(self.d, hr)  # no gradient, no state change; the condition of this step
+                # ---- end of SeD's part ---------------------------------------------------------------------
         except BaseException:
             with torch.no_grad():
                 for buffer, value in zip(buffers, saved):
@@ -646,16 +519,15 @@ class Trainer:
             raise
         finally:
             if self.extractor is not None:
-                d_raw.clear_condition()
+                self.d.clear_condition()
 
         self.committing = True
-        self.scaler_g.step(self.opt_g)
-        self.scaler_g.update()
-        if self.ema is not None:
-            self.ema.update(self.g)
+        self.scaler.step(self.opt_g)
         if gan_phase:
-            self.scaler_d.step(self.opt_d)
-            self.scaler_d.update()
+            self.scaler.step(self.opt_d)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update_parameters(self.g)
         self.sched_g.step()
         with warnings.catch_warnings():  # D's optimiser has not stepped yet during the PSNR stage
             warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"), UserWarning)
@@ -664,22 +536,36 @@ class Trainer:
         self.committing = False
         return logs
 
+    def _realness(self, sr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(map,)``: a pixel D's per-pixel probability that ``sr`` is real; ``()`` for other Ds."""
+        if not self.args.discriminator.endswith("pixel"):
+            return ()
+        self.d.eval()  # eval: the spectral-norm vectors are not updated (the run stays bit-for-bit resumable)
+        try:
+            if self.extractor is not None:
+                self.d.set_condition(hr)
+            return (torch.sigmoid(self.d(sr).float())[0, 0].cpu(),)
+        finally:
+            if self.extractor is not None:
+                self.d.clear_condition()
+            self.d.train()
+
     @torch.no_grad()
     def write_samples(self) -> float | None:
         """Sample grid (samples/step_N.png and samples/latest.png) and mean validation PSNR; rank 0 only."""
         if not self.val_pairs:
             return None
-        model = self.ema.model if self.ema is not None else self.g
+        model = self.ema.module if self.ema is not None else self.g
         rows, scores = [], []
         for lr, hr in self.val_pairs:
-            sr = model(lr[None].to(self.device)).float().clamp(0, 1)[0].cpu()
-            rows.append((lr, sr, hr))
-            scores.append(psnr_y(sr, hr, crop_border=self.args.scale))
+            sr = model(lr[None].to(self.device)).float().clamp(0, 1)
+            rows.append((lr, sr[0].cpu(), hr, *self._realness(sr, hr[None].to(self.device))))
+            scores.append(psnr_y(rows[-1][1], hr, crop_border=self.args.scale))
         folder = self.out / "samples"
-        folder.mkdir(exist_ok=True)
-        save_sample_grid(rows, folder / f"step_{self.step:08d}.png")
-        shutil.copyfile(folder / f"step_{self.step:08d}.png", folder / ".latest.tmp.png")
-        os.replace(folder / ".latest.tmp.png", folder / "latest.png")
+        save_sample_grid(rows, folder / f"step_{self.step:08d}.png", step=self.step, scale=self.args.scale,
+                         psnrs=scores, random_weights=self.random_weights)  # fmt: skip
+        shutil.copyfile(folder / f"step_{self.step:08d}.png", folder / f".latest.png.tmp-{os.getpid()}")
+        os.replace(folder / f".latest.png.tmp-{os.getpid()}", folder / "latest.png")
         return sum(scores) / len(scores)
 
 
@@ -695,22 +581,16 @@ class CsvLog:
         if resume_step is not None and path.exists():
             with open(path, newline="") as handle:
                 rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        ckpt.atomic_write(path, lambda handle: handle.write(text.getvalue().encode()))
 
     def append(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS, extrasaction="ignore")
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
-def _fmt_time(seconds: float) -> str:
-    minutes, sec = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -742,13 +622,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = previous[2]
 
 
-def _write_config(trainer: Trainer) -> None:
-    path = trainer.out / "config.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(vars(trainer.args), indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _save_after_error(trainer: Trainer, err: BaseException, last_saved: int) -> None:
     """On an error between steps, save what the steps since the last checkpoint did (then the caller re-raises)."""
     step = trainer.step
@@ -773,148 +646,114 @@ def _save_after_error(trainer: Trainer, err: BaseException, last_saved: int) -> 
 
 
 def _run(trainer: Trainer, started: float) -> dict[str, Any]:
-    args, info = trainer.args, trainer.info
+    args, info, out = trainer.args, trainer.info, trainer.out
     main = info.is_main
     if main:
         _print_header(trainer)
-        _write_config(trainer)
-    log = CsvLog(trainer.out / "log.csv", trainer.step if trainer.resumed_from else None) if main else None
-    start_step = trainer.step
-    stop_at = args.total_steps if args.run_steps is None else min(args.total_steps, start_step + args.run_steps)
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
+        config = json.dumps(vars(args), indent=2, default=str) + "\n"
+        ckpt.atomic_write(out / "config.json", lambda handle: handle.write(config.encode()))
+    log = CsvLog(out / "log.csv", trainer.step if trainer.resumed_from else None) if main else None
+    plot = lambda: plot_losses(out / "log.csv", out / "loss_curves.png", psnr_steps=args.psnr_steps)  # noqa: E731
+    stop_at = args.total_steps if args.run_steps is None else min(args.total_steps, trainer.step + args.run_steps)
+    logged: dict[str, list[float]] = {}
     last_logs: dict[str, float] = {}
-    tick, tick_step = time.time(), start_step
-    interrupted: int | None = None
-    last_saved = start_step if trainer.resumed_from else -1
-
+    tick, tick_step, interrupted = time.time(), trainer.step, None
+    last_saved = trainer.step if trainer.resumed_from else -1
     from tqdm import tqdm
 
-    bar = tqdm(total=args.total_steps, initial=start_step, disable=not main or args.no_progress,
-               unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)  # fmt: skip
-    # The signal handlers stay in place until the end: a SIGTERM during the final save or the
-    # export is noted, not fatal.
-    with StopFlag() as stop:
+    bar = tqdm(total=args.total_steps, initial=trainer.step, disable=not main or args.no_progress, unit="step",
+               dynamic_ncols=True, mininterval=1.0, file=sys.stderr)  # fmt: skip
+    with StopFlag() as stop:  # until the end: a SIGTERM during the final save or the export is noted, not fatal
         try:
             batches = iter(trainer.loader)
             while trainer.step < stop_at:
-                lr, hr = next(batches)
-                logs = trainer.train_step(lr, hr)
-                for key, value in logs.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                    counts[key] = counts.get(key, 0) + 1
+                for key, value in trainer.train_step(*next(batches)).items():
+                    logged.setdefault(key, []).append(value)
                 step = trainer.step
                 bar.update(1)
                 if sr_dist.any_rank(stop.signum is not None, info):  # every rank stops after the same step
                     interrupted = stop.signum or signal.SIGTERM
-                last = step == stop_at or interrupted is not None
-                sample_now = (args.sample_every > 0 and step % args.sample_every == 0) or last
+                sample_now = (args.sample_every > 0 and step % args.sample_every == 0) or step == stop_at or interrupted
                 if step % args.log_every == 0 or sample_now:
-                    keys = sorted(sums)
-                    means = torch.tensor([sums[k] / counts[k] for k in keys], dtype=torch.float64)
-                    means = sr_dist.mean_over_ranks(means, info)
-                    last_logs = dict(zip(keys, means.tolist()))
+                    means = torch.tensor([sum(v) / len(v) for v in logged.values()], dtype=torch.float64)
+                    last_logs = dict(zip(logged, sr_dist.mean_over_ranks(means, info).tolist()))
                     elapsed = (time.time() - tick) / max(1, step - tick_step)
-                    row: dict[str, Any] = {
-                        "step": step,
-                        "phase": "gan" if step > args.psnr_steps else "psnr",
-                        "lr_g": trainer.opt_g.param_groups[0]["lr"],
-                        **last_logs,
-                        "sec_per_step": elapsed,
-                        "img_per_sec": args.batch_size * info.world_size / elapsed,
-                    }
+                    row = {"step": step, "phase": "gan" if step > args.psnr_steps else "psnr",
+                           "lr_g": trainer.opt_g.param_groups[0]["lr"], **last_logs, "sec_per_step": elapsed,
+                           "img_per_sec": args.batch_size * info.world_size / elapsed}  # fmt: skip
                     if main:
-                        if sample_now:
-                            row["val_psnr"] = trainer.write_samples()
-                            log.append(row)
-                            plot_losses(trainer.out / "log.csv", trainer.out / "loss_curves.png")
-                        else:
-                            log.append(row)
-                        bar.set_postfix({k: f"{v:.3g}" for k, v in last_logs.items()
-                                         if k in ("l_pix", "l_g_total", "l_d")}
-                                        | {"img/s": f"{row['img_per_sec']:.1f}"})  # fmt: skip
-                    sums, counts, tick, tick_step = {}, {}, time.time(), step
+                        row["val_psnr"] = trainer.write_samples() if sample_now else None
+                        log.append(row)
+                        plot() if sample_now else None
+                        shown = {k: f"{v:.3g}" for k, v in last_logs.items() if k in ("l_pix", "l_g_total", "l_d")}
+                        bar.set_postfix(shown | {"img/s": f"{row['img_per_sec']:.1f}"})
+                    logged, tick, tick_step = {}, time.time(), step
                 if step % args.checkpoint_every == 0:
                     trainer.save_checkpoint()
                     last_saved = step
                 if interrupted is not None:
                     break
             bar.close()
-
-            final_ckpt = None
+            final_ckpt = trainer.ckpt_dir / ckpt.checkpoint_name(trainer.step) if main else None
             if trainer.step != last_saved:
-                final_ckpt = trainer.save_checkpoint()
-                last_saved = trainer.step
-            elif main:
-                final_ckpt = trainer.ckpt_dir / ckpt.checkpoint_name(trainer.step)
+                final_ckpt, last_saved = trainer.save_checkpoint(), trainer.step
         except Exception as err:  # a second Ctrl-C (KeyboardInterrupt) stops at once, without a save
             bar.close()
             _save_after_error(trainer, err, last_saved)
             raise
-        summary: dict[str, Any] = {
-            "step": trainer.step,
-            "checkpoint": final_ckpt,
-            "interrupted": interrupted,
-            "losses": last_logs,
-            "seconds": time.time() - started,
-            "random_weights": trainer.random_weights,
-            "out": trainer.out,
-        }
+        summary: dict[str, Any] = {"step": trainer.step, "checkpoint": final_ckpt, "interrupted": interrupted,
+                                   "losses": last_logs, "seconds": time.time() - started, "out": out,
+                                   "random_weights": trainer.random_weights}  # fmt: skip
         if main:
             finished = trainer.step >= args.total_steps
             if finished:
                 summary["generator"] = trainer.export_generator()
-            if trainer.val_pairs and (not (trainer.out / "samples" / f"step_{trainer.step:08d}.png").exists()):
+            if trainer.val_pairs and not (out / "samples" / f"step_{trainer.step:08d}.png").exists():
                 trainer.write_samples()
-            plot_losses(trainer.out / "log.csv", trainer.out / "loss_curves.png")
+            plot()
             _print_summary(trainer, summary, finished)
     return summary
 
 
 def _print_header(trainer: Trainer) -> None:
     args, info = trainer.args, trainer.info
-    g_params = sum(p.numel() for p in trainer.g.parameters()) / 1e6
-    d_params = sum(p.numel() for p in trainer.d.parameters()) / 1e6
+    params = [sum(p.numel() for p in model.parameters()) / 1e6 for model in (trainer.g, trainer.d)]
     origin = f"resumed from {trainer.resumed_from} at step {trainer.step}" if trainer.resumed_from else "new run"
     lr_source = f"from {args.lr_dir}" if args.lr_dir else f"{args.downsample} bicubic x{args.scale}"
     losses = f"{args.pixel_weight} L1 + {args.perceptual_weight} VGG19 + {args.gan_weight} {args.gan_loss} GAN"
-    if args.psnr_steps:
-        losses += f" (L1 only for the first {args.psnr_steps} steps)"
-    lines = [
-        f"[retrofit_esrgan] {origin}; {info.world_size} process(es) on {trainer.device.type}",
-        f"  data: {len(trainer.dataset)} HR image(s) from {args.hr_dir}, {args.patch_size} px patches, "
-        f"batch {args.batch_size}/process, LR {lr_source}",
-        f"  G: RRDBNet {g_params:.2f}M params | D: {args.discriminator} {d_params:.2f}M params | losses: {losses}",
-        f"  out: {trainer.out}",
-    ]
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    losses += f" (L1 only for the first {args.psnr_steps} steps)" if args.psnr_steps else ""
+    print(f"[retrofit_esrgan] {origin}; {info.world_size} process(es) on {trainer.device.type}\n"
+          f"  data: {len(trainer.dataset)} HR image(s) from {args.hr_dir}, {args.patch_size} px patches, "
+          f"batch {args.batch_size}/process, LR {lr_source}\n"
+          f"  G: RRDBNet {params[0]:.2f}M params | D: {args.discriminator} {params[1]:.2f}M params | losses: {losses}\n"
+          f"  out: {trainer.out}", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _print_summary(trainer: Trainer, summary: dict[str, Any], finished: bool) -> None:
     out = trainer.out
+    minutes, seconds = divmod(int(round(summary["seconds"])), 60)
     state = "finished" if finished else "stopped"
     if summary["interrupted"]:
         state = f"interrupted ({signal.Signals(summary['interrupted']).name})"
-    losses = ", ".join(f"{k} {v:.4g}" for k, v in sorted(summary["losses"].items()))
     lines = [
-        f"Training {state} at step {summary['step']}/{trainer.args.total_steps} after {_fmt_time(summary['seconds'])}.",
-        f"  last losses : {losses}",
+        f"Training {state} at step {summary['step']}/{trainer.args.total_steps} after {minutes}m{seconds:02d}s.",
+        f"  last losses : {', '.join(f'{k} {v:.4g}' for k, v in sorted(summary['losses'].items()))}",
         f"  checkpoint  : {summary['checkpoint']}",
         f"  samples     : {out / 'samples' / 'latest.png'}   (LR bicubic | SR | HR)",
         f"  loss curves : {out / 'loss_curves.png'}",
         f"  log         : {out / 'log.csv'}",
     ]
     if finished:
-        hr_dir = trainer.args.val_dir or "Set5/HR"
-        lines.append(f"  generator   : {summary['generator']}")
-        lines.append(f"  evaluate    : python examples/evaluate.py --model {summary['checkpoint']} --hr-dir {hr_dir}")
+        evaluate = os.path.relpath(Path(__file__).resolve().with_name("evaluate.py"))  # works from any folder
+        lines.append(f"  generator   : {'  and  '.join(map(str, summary['generator']))}")
+        lines.append(f"  evaluate    : python {evaluate} --model {summary['checkpoint']} "
+                     f"--hr-dir {trainer.args.val_dir or 'Set5/HR'}")  # fmt: skip
     else:
         lines.append(f"  continue    : add --resume to the same command (--out {out})")
     print("\n".join(lines), flush=True)
     if trainer.random_weights:
-        used = ", ".join(trainer.random_weights)
         notice = "Its samples and losses show that the pipeline runs, not what SeD achieves."
-        banner([f"This run used RANDOM weights for: {used}.", notice], stream=sys.stdout)
+        banner([f"This run used RANDOM weights for: {', '.join(trainer.random_weights)}.", notice], stream=sys.stdout)
 
 
 # -------------------------------------------------------------------------------------------- main

@@ -85,16 +85,16 @@ def test_damaged_checkpoint_fails_its_checksum_and_resume_takes_the_previous_one
 
 def test_stale_temporaries_are_removed(tmp_path):
     dead, alive = 2**22 + 12345, os.getppid()  # above Linux's pid_max: no such process
-    names = [f".{C.checkpoint_name(3)}.tmp-{dead}", f".{C.checkpoint_name(4)}.tmp-{alive}", ".log.csv.tmp",
-             ".latest.tmp.png"]  # fmt: skip
-    for name in names:
+    names = [f".{C.checkpoint_name(3)}.tmp-{dead}", f".{C.checkpoint_name(4)}.tmp-{alive}", f".log.csv.tmp-{alive}",
+             f".latest.png.tmp-{alive}"]  # fmt: skip
+    for name in names + [".notes.txt.tmp-1", ".latest.png.tmp"]:  # not the script's temporaries: kept
         (tmp_path / name).write_bytes(b"left by a kill -9")
     C.atomic_save(_state(1), tmp_path / C.checkpoint_name(1))
     removed = C.remove_stale_temporaries([tmp_path, tmp_path / "missing"], single_writer=False)
     assert [p.name for p in removed] == [names[0]]  # another writer may still own the others
     removed = C.remove_stale_temporaries([tmp_path], single_writer=True)
     assert sorted(p.name for p in removed) == sorted(names[1:])
-    assert [p.name for p in tmp_path.iterdir()] == [C.checkpoint_name(1)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".latest.png.tmp", ".notes.txt.tmp-1", C.checkpoint_name(1)]
 
 
 def test_run_lock_admits_one_run_per_folder(tmp_path):

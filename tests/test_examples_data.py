@@ -144,6 +144,15 @@ def test_matlab_weights_keep_constants_and_match_torch_inside_the_image():
     assert (ours - torch_aa).abs().max() > 1e-3  # the border handling differs
 
 
+def test_matlab_resize_equals_basicsrs_imresize_to_float32_precision():
+    from basicsr.utils.matlab_functions import imresize
+
+    x = D.to_tensor(photo_crops(1, 64)[0])
+    for size, factor in (((16, 16), 1 / 4), ((128, 128), 2)):
+        theirs = imresize(x, factor)
+        torch.testing.assert_close(D.matlab_imresize(x, size), theirs, atol=2e-6, rtol=0)
+
+
 def test_lr_is_quantised_to_8_bits_by_default():
     lr = D.bicubic_downsample(torch.rand(3, 32, 32), 4)
     torch.testing.assert_close(lr * 255, (lr * 255).round())

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from examples_helpers import one_thread, photo_crops, write_images  # noqa: F401  (autouse fixture)
 from sr_kit import data as D
-from sr_kit.metrics import LPIPSMetric, psnr_y, rgb_to_y, ssim_y
+from sr_kit.metrics import LPIPSMetric, psnr_y, ssim_y
 
 
 def test_identical_images():
@@ -19,11 +19,29 @@ def test_identical_images():
     assert ssim_y(img, img) == pytest.approx(1.0, abs=1e-12)
 
 
-def test_y_channel_is_bt601_in_16_235():
-    black, white = torch.zeros(3, 4, 4), torch.ones(3, 4, 4)
-    assert rgb_to_y(black).unique().item() == pytest.approx(16.0)
-    assert rgb_to_y(white).unique().item() == pytest.approx(235.0)
-    assert rgb_to_y(torch.full((3, 2, 2), 255, dtype=torch.uint8)).unique().item() == pytest.approx(235.0)
+def rgb_to_y(img):
+    # MATLAB's rgb2ycbcr luma in [16, 235], written out here as the independent reference.
+    return 16.0 + (img.double() * torch.tensor([65.481, 128.553, 24.966], dtype=torch.float64).view(3, 1, 1)).sum(0)
+
+
+def test_uint8_and_float_images_score_alike():
+    hr = D.to_tensor(photo_crops(1, 48)[0])
+    sr = (hr + 0.03).clamp(0, 1)
+    as_uint8 = lambda x: x.mul(255).round().byte()  # noqa: E731
+    exact = psnr_y(as_uint8(sr).double() / 255, as_uint8(hr).double() / 255)
+    assert psnr_y(as_uint8(sr), as_uint8(hr)) == exact and ssim_y(as_uint8(sr), as_uint8(hr)) < 1
+
+
+def test_psnr_equals_basicsrs_up_to_its_epsilon():
+    from basicsr.metrics.psnr_ssim import calculate_psnr_pt
+
+    hr = D.to_tensor(photo_crops(1, 64)[0]).double()
+    for noise in (0.1, 0.01, 0.002):
+        sr = (hr + noise * torch.randn(hr.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+        theirs = calculate_psnr_pt(sr[None], hr[None], 4, test_y_channel=True).item()
+        mse = 10 ** (-psnr_y(sr, hr) / 10)
+        assert theirs == pytest.approx(-10 * math.log10(mse + 1e-8), abs=1e-6)  # ours, but for their +1e-8 in the MSE
+    assert calculate_psnr_pt(hr[None], hr[None], 4, test_y_channel=True).item() == pytest.approx(80.0)  # not inf
 
 
 def test_known_offset_gives_the_exact_psnr():
@@ -63,7 +81,7 @@ def test_ssim_matches_scikit_image():
 
 
 def _ssim_full_2d(sr, hr, crop_border):
-    # SSIM as 0.1 computed it: one 11x11 float64 convolution per statistic (kept here as the reference).
+    # SSIM as 0.1 computed it: one 11x11 float64 convolution per statistic (the reference for BasicSR's).
     b = crop_border
     y_sr, y_hr = rgb_to_y(sr)[b:-b, b:-b], rgb_to_y(hr)[b:-b, b:-b]
     coords = torch.arange(11, dtype=torch.float64) - 5
@@ -78,7 +96,7 @@ def _ssim_full_2d(sr, hr, crop_border):
 
 
 @pytest.mark.parametrize("size", [(64, 64), (45, 70)])
-def test_separable_ssim_equals_the_full_2d_convolution(size):
+def test_basicsrs_ssim_equals_the_full_2d_convolution(size):
     gen = torch.Generator().manual_seed(1)
     photo = D.to_tensor(photo_crops(1, max(size))[0])[:, : size[0], : size[1]]
     cases = [
@@ -94,7 +112,7 @@ def test_separable_ssim_equals_the_full_2d_convolution(size):
 
 
 def test_shape_mismatch_and_tiny_images_are_errors():
-    with pytest.raises(ValueError, match="differ in shape"):
+    with pytest.raises(ValueError, match="of one shape"):
         psnr_y(torch.rand(3, 16, 16), torch.rand(3, 16, 18))
     with pytest.raises(ValueError, match="too small"):
         psnr_y(torch.rand(3, 8, 8), torch.rand(3, 8, 8), crop_border=4)
@@ -273,8 +291,7 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
 
 def test_a_failed_write_still_shows_the_results_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
     import errno
-
-    import evaluate
+    import os
 
     write_images(tmp_path / "HR", photo_crops(1, 48), names=["a"])
     assert _evaluate(tmp_path, "--hr-dir", str(tmp_path / "HR")) == 0
@@ -284,7 +301,7 @@ def test_a_failed_write_still_shows_the_results_and_leaves_no_partial_file(tmp_p
     def disk_full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(evaluate.os, "replace", disk_full)
+    monkeypatch.setattr(os, "replace", disk_full)
     assert _evaluate(tmp_path, "--hr-dir", str(tmp_path / "HR"), "--no-bicubic", "--sr-dir", str(tmp_path / "HR")) == 2
     captured = capsys.readouterr()
     assert "No space left on device" in captured.err and "| HR | n/a | inf | 1.000 | this evaluation |" in captured.out

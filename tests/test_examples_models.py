@@ -1,4 +1,4 @@
-"""examples/sr_kit/models.py: generator loading, the VGG-style discriminator, the perceptual loss, EMA, weights."""
+"""examples/sr_kit/models.py: generator loading, BasicSR's VGG-style D and perceptual loss, torch's EMA, weights."""
 
 from __future__ import annotations
 
@@ -23,30 +23,37 @@ def test_generator_weights_load_from_wrapped_files_and_check_the_scale(tmp_path)
         M.load_generator_weights(tmp_path / "other.pth")
 
 
-def test_vgg_style_discriminator_shapes_and_errors():
-    d = M.VGGStyleDiscriminator(width=8, input_size=32)
-    assert d(torch.rand(3, 3, 32, 32)).shape == (3, 1)
-    with pytest.raises(ValueError, match="built for 32 px inputs"):
-        d(torch.rand(1, 3, 64, 64))
-    with pytest.raises(ValueError, match=r"4 \* 2\^k"):
-        M.VGGStyleDiscriminator(input_size=48)
-    esrgan_sized = M.VGGStyleDiscriminator(width=8, input_size=128)
-    assert sum(isinstance(m, torch.nn.Conv2d) for m in esrgan_sized.modules()) == 10  # ESRGAN's conv0_0 ... conv4_1
+def test_vgg_style_discriminator_is_basicsrs_at_esrgans_sizes():
+    d = M.build_discriminator("vgg", width=8, patch_size=128)
+    assert d(torch.rand(3, 3, 128, 128)).shape == (3, 1)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in d.modules()) == 10  # ESRGAN's conv0_0 ... conv4_1
+    with pytest.raises(ValueError, match=r"128 or 256 px patches \(--patch-size\), got 96"):
+        M.build_discriminator("vgg", width=8, patch_size=96)
 
 
-def test_perceptual_loss_taps_features_before_the_relu():
+def test_perceptual_loss_is_basicsrs_on_our_vgg19_features():
     features, is_random = M.load_vgg19_features("random")
     assert is_random
-    loss = M.VGGPerceptualLoss(features)
+    loss = M.perceptual_loss(features)
     hr = torch.rand(2, 3, 32, 32)
-    assert loss(hr, hr).item() == 0.0
-    taps = loss._features(hr)
-    assert set(taps) == {2, 7, 16, 25, 34} and all((t < 0).any() for t in taps.values())  # not rectified in place
+    assert loss(hr, hr)[0].item() == 0.0
+    taps = loss.vgg(hr)
+    assert set(taps) == set(M.PAPER_LAYER_WEIGHTS) and all((t < 0).any() for t in taps.values())  # before the ReLU
+    assert loss.vgg.vgg_net.conv1_1.weight.data_ptr() == features[0].weight.data_ptr()  # our weights, not a download
+    # The paper's weighted L1 of the features, computed here from torchvision's layers directly.
     sr = torch.rand(2, 3, 32, 32, requires_grad=True)
-    loss(sr, hr).backward()
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    index = {"conv1_2": 2, "conv2_2": 7, "conv3_4": 16, "conv4_4": 25, "conv5_4": 34}
+    expected, a, b = 0.0, (sr - mean) / std, (hr - mean) / std
+    relu_free = [torch.nn.ReLU() if isinstance(m, torch.nn.ReLU) else m for m in features]
+    for i, layer in enumerate(relu_free[:35]):
+        a, b = layer(a), layer(b)
+        name = next((k for k, v in index.items() if v == i), None)
+        expected = expected + (M.PAPER_LAYER_WEIGHTS[name] * (a - b).abs().mean() if name else 0.0)
+    torch.testing.assert_close(loss(sr, hr)[0], expected)
+    loss(sr, hr)[0].backward()
     assert sr.grad is not None and all(p.grad is None for p in loss.parameters())
-    loss.train()
-    assert not loss.training
 
 
 def test_random_vgg_weights_are_the_same_every_time():
@@ -61,19 +68,20 @@ def test_unavailable_vgg_weights_raise_with_the_fix(tmp_path):
         M.load_vgg19_features(str(tmp_path / "nope.pth"))
 
 
-def test_ema_tracks_the_weights():
+def test_ema_is_torchs_averaged_model():
     model = torch.nn.Linear(2, 2)
-    ema = M.EMA(model, decay=0.5)
-    before = ema.model.weight.clone()
+    ema = M.make_ema(model, decay=0.5)
+    ema.update_parameters(model)  # the first update copies
+    before = ema.module.weight.clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update(model)
-    torch.testing.assert_close(ema.model.weight, before + 0.5)
-    clone = M.EMA(model, decay=0.9)
+    ema.update_parameters(model)
+    torch.testing.assert_close(ema.module.weight, before + 0.5)
+    clone = M.make_ema(model, decay=0.9)
     clone.load_state_dict(ema.state_dict())
-    assert clone.decay == 0.5 and torch.equal(clone.model.weight, ema.model.weight)
+    assert torch.equal(clone.module.weight, ema.module.weight) and clone.n_averaged == 2
     with pytest.raises(ValueError, match="decay"):
-        M.EMA(model, decay=1.0)
+        M.make_ema(model, decay=1.0)
 
 
 def test_discriminator_factory():

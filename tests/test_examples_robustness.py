@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from examples_helpers import (  # noqa: F401  (one_thread: autouse fixture)
-    EXAMPLES, ROOT, TINY_ARGS, hr_folder, lock_held_elsewhere, one_thread, train, write_images,
+    EXAMPLES, ROOT, TINY_ARGS, assert_same, hr_folder, lock_held_elsewhere, log_rows, one_thread, train, write_images,
 )
 from sr_kit import checkpoint as C
 from sr_kit import data as D
@@ -21,34 +20,13 @@ from sr_kit import data as D
 pytestmark = pytest.mark.filterwarnings("ignore:SemanticExtractor.*RANDOM weights:UserWarning")
 
 # The model and optimiser states of a checkpoint (the config differs when --total-steps does).
-STATE_KEYS = ("generator", "discriminator", "opt_g", "opt_d", "sched_g", "sched_d", "scaler_g", "scaler_d", "rng",
-              "step")  # fmt: skip
-
-
-def _rows(run):
-    with open(run / "log.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _assert_same(a, b, path=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"tensor {path} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"keys of {path} differ"
-        for key in a:
-            _assert_same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"length of {path} differs"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
+STATE_KEYS = ("generator", "discriminator", "opt_g", "opt_d", "sched_g", "sched_d", "scaler", "rng", "step")
 
 
 def _assert_same_checkpoint(path_a, path_b):
     a, b = C.load_checkpoint(path_a), C.load_checkpoint(path_b)
     for key in STATE_KEYS:
-        _assert_same(a[key], b[key], key)
+        assert_same(a[key], b[key], key)
 
 
 def _ckpt(tmp_path, run, step):
@@ -72,7 +50,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_bit_for_bit
     try:
         deadline = time.time() + 240  # a loaded 2-core machine: wait for progress, not for a fixed time
         while time.time() < deadline and proc.poll() is None:
-            if (out / "log.csv").exists() and len(_rows(out)) >= 2:
+            if (out / "log.csv").exists() and len(log_rows(out)) >= 2:
                 break
             time.sleep(0.1)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -146,7 +124,7 @@ def test_earlier_run_outputs_without_checkpoints_are_an_error_unless_overwrite(t
     (run / "notes.txt").write_text("mine")  # not a run output: --overwrite leaves it alone
     assert train(tmp_path, "run", "--discriminator", "patch", "--total-steps", "1", "--overwrite") == 0
     assert "--overwrite: deleted" in capsys.readouterr().err
-    assert (run / "notes.txt").read_text() == "mine" and len(_rows(run)) == 1
+    assert (run / "notes.txt").read_text() == "mine" and len(log_rows(run)) == 1
 
 
 def test_the_same_command_twice_into_one_folder_is_refused_the_second_time(tmp_path, capsys):
@@ -265,7 +243,7 @@ def test_temporary_files_of_killed_writes_are_removed_at_start(tmp_path, capsys)
     assert train(tmp_path, "run", "--discriminator", "patch", "--total-steps", "1") == 0
     folder = tmp_path / "run" / "checkpoints"
     leftovers = [folder / f".{C.checkpoint_name(2)}.tmp-{os.getpid()}", folder / f".{C.checkpoint_name(3)}.tmp-1",
-                 tmp_path / "run" / ".log.csv.tmp"]  # fmt: skip
+                 tmp_path / "run" / ".log.csv.tmp-1"]  # fmt: skip
     for path in leftovers:
         path.write_bytes(b"half a checkpoint")
     assert train(tmp_path, "run", "--discriminator", "patch", "--total-steps", "2", "--resume") == 0

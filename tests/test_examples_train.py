@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import socket
@@ -12,32 +11,13 @@ import time
 
 import pytest
 import torch
-from examples_helpers import EXAMPLES, ROOT, TINY_ARGS, hr_folder, one_thread, train, write_images  # noqa: F401
+from examples_helpers import (  # noqa: F401  (one_thread: autouse fixture)
+    EXAMPLES, ROOT, TINY_ARGS, assert_same, hr_folder, log_rows, one_thread, photo_crops, train, write_images,
+)  # fmt: skip
 from sr_kit import checkpoint as C
 from sr_kit.models import DISCRIMINATORS, load_generator_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:SemanticExtractor.*RANDOM weights:UserWarning")
-
-
-def _rows(run):
-    with open(run / "log.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _assert_same_state(a, b, path=""):
-    """Exact equality of two nested checkpoint structures (tensors bit for bit)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"tensor {path} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"keys of {path} differ"
-        for key in a:
-            _assert_same_state(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"length of {path} differs"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_state(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 # ------------------------------------------------------------------------------- smoke runs
@@ -46,20 +26,36 @@ def _assert_same_state(a, b, path=""):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(DISCRIMINATORS))
 def test_each_discriminator_trains(tmp_path, kind, capsys):
-    extra = ["--discriminator", kind]
+    extra, hr = ["--discriminator", kind, "--diagnostics-every", "1"], None
     if kind == "sed-patch":  # also cover the perceptual loss, RaGAN and the EMA once
         extra += ["--perceptual-weight", "0.1", "--gan-loss", "ragan", "--ema", "0.99"]
-    assert train(tmp_path, "run", *extra) == 0
+    if kind == "vgg":  # BasicSR's VGG-style D takes 128 px patches
+        extra, hr = extra + ["--patch-size", "128"], tmp_path / "hr128"
+        write_images(hr, photo_crops(2, 128))
+    assert train(tmp_path, "run", *extra, hr=hr) == 0
     run = tmp_path / "run"
     state = C.load_checkpoint(run / "checkpoints" / C.checkpoint_name(2))
     assert state["step"] == 2 and state["config"]["discriminator"] == kind
     assert not any("extractor" in k or "trunk" in k for k in state["discriminator"])  # CLIP is never saved
-    rows = _rows(run)
+    rows = log_rows(run)
     assert [int(r["step"]) for r in rows] == [1, 2]
     assert all(float(r["l_d"]) > 0 and float(r["l_gan"]) > 0 for r in rows)
+    diagnostics = ["sem_influence", "attn_sharpness_att1", "attn_sharpness_att2", "attn_sharpness_att3"]
+    assert set(diagnostics) <= set(rows[0])  # the columns are there for every discriminator...
+    for row in rows:  # ...and filled for SeD: influence >= 0 (0 for the pixel SeD at init), sharpness in [0, 1]
+        values = [float(row[k]) if row[k] else None for k in diagnostics]
+        if kind.startswith("sed-"):
+            assert values[0] >= 0 and all(0 <= v <= 1 for v in values[1:]), row
+            if kind == "sed-pixel" and row["step"] == "1":  # before D's first update: proj_out is zero
+                assert values[0] == 0.0
+        else:
+            assert values == [None] * 4
     assert (run / "samples" / "latest.png").exists() and (run / "loss_curves.png").exists()
     generator = load_generator_weights(run / "generator_final.pth", scale=4)  # spandrel-loadable export
     assert generator(torch.rand(1, 3, 8, 8)).shape == (1, 3, 32, 32)
+    shared = load_generator_weights(run / "generator_final.safetensors", scale=4)  # the pickle-free copy
+    ema_or_raw = "params_ema" if kind == "sed-patch" else "params"
+    assert_same(shared.state_dict(), torch.load(run / "generator_final.pth", weights_only=True)[ema_or_raw])
     out = capsys.readouterr()
     assert "Training finished at step 2/2" in out.out and str(run / "checkpoints") in out.out
     assert ("RANDOM WEIGHTS" in out.err) == kind.startswith("sed-")
@@ -72,7 +68,7 @@ def test_mixed_precision_runs_and_checkpoints_its_scalers(tmp_path, flags):
     state = C.load_checkpoint(tmp_path / "run" / "checkpoints" / C.checkpoint_name(1))
     assert all(torch.isfinite(v).all() for v in state["generator"].values())
     if "fp16" in flags:
-        assert state["scaler_g"]["scale"] > 0 and state["scaler_d"]["scale"] > 0
+        assert state["scaler"]["scale"] > 0
     assert train(tmp_path, "run", "--discriminator", "sed-pixel", "--total-steps", "2", "--resume", *flags) == 0
 
 
@@ -96,12 +92,12 @@ def test_interrupt_and_resume_gives_the_same_weights_as_a_straight_run(tmp_path)
     straight = C.load_checkpoint(tmp_path / "straight" / "checkpoints" / C.checkpoint_name(5))
     resumed = C.load_checkpoint(split / "checkpoints" / C.checkpoint_name(5))
     for key in ("generator", "discriminator", "opt_g", "opt_d", "sched_g", "sched_d", "ema", "rng", "step"):
-        _assert_same_state(straight[key], resumed[key], key)
+        assert_same(straight[key], resumed[key], key)
     # Same data order and losses at every step; the log holds each step once.
     timing = ("sec_per_step", "img_per_sec")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
-    assert strip(_rows(tmp_path / "straight")) == strip(_rows(split))
-    assert [int(r["step"]) for r in _rows(split)] == [1, 2, 3, 4, 5]
+    assert strip(log_rows(tmp_path / "straight")) == strip(log_rows(split))
+    assert [int(r["step"]) for r in log_rows(split)] == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.slow
@@ -135,7 +131,7 @@ def test_sigint_saves_a_checkpoint_then_resume_continues(tmp_path):
            "--discriminator", "patch", "--total-steps", "100000"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "log.csv").exists() and len(_rows(out)) >= 1):
+    while time.time() < deadline and not ((out / "log.csv").exists() and len(log_rows(out)) >= 1):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
@@ -267,7 +263,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     result = launch("--total-steps", "3", "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr
-    assert [int(r["step"]) for r in _rows(out)] == [1, 2, 3]
+    assert [int(r["step"]) for r in log_rows(out)] == [1, 2, 3]
 
 
 @pytest.mark.slow
@@ -276,3 +272,19 @@ def test_minimal_loop_runs(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("step ") == 2 and "G " in result.stdout and "D " in result.stdout
+
+
+def test_help_shows_each_default_once_and_what_the_demo_sets(monkeypatch):
+    import retrofit_esrgan
+
+    monkeypatch.setenv("COLUMNS", "2000")  # no wrapping inside the flags checked below
+
+    parser = retrofit_esrgan.build_parser()
+    text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        assert action.help, action.option_strings  # --seed included
+        assert formatter._expand_help(action).count("default") <= 1, action.option_strings
+    assert "sets --out runs/demo, --discriminator sed-patch, --patch-size 96" in text
+    assert "(each can still be given)" in text

@@ -1,18 +1,10 @@
-"""One-file training checkpoints: written atomically, verified on load, the last K kept, RNG states included.
+"""One-file training checkpoints: written atomically, CRC-verified on load, the last K kept, RNG states included.
 
-A checkpoint is a dict saved with :func:`torch.save` and read back with ``weights_only=True``
-(so only tensors and plain Python containers are stored: the numpy RNG state is converted).
-The writer puts it in a temporary file of the same folder, flushes and fsyncs it, then
-renames it over the final name (atomic on POSIX and Windows) and fsyncs the folder: a crash
-or a full disk during the save leaves the previous checkpoints untouched.
-
-``torch.save`` writes a zip archive that holds a CRC-32 of every record, but ``torch.load``
-never checks them: a file damaged on disk or in a copy loads with wrong weights. The reader
-here checks every CRC first (:func:`verify_archive`), so damage is an error that names the file.
-
-One run writes into its folder at a time: :class:`RunLock` holds an exclusive lock on
-``.lock`` in the run folder while a run uses it, which makes every temporary file found
-there at start-up a leftover of a killed run (:func:`remove_stale_temporaries`).
+A checkpoint is a dict of tensors and plain containers (``torch.save``; read back with
+``weights_only=True``), written to a temporary file, fsynced and renamed over its name: a crash
+or a full disk leaves the previous checkpoints untouched. ``torch.load`` never checks the CRC-32
+of the archive's records, so :func:`verify_archive` does: damage is an error naming the file.
+:class:`RunLock` admits one run per folder, so every temporary file found there is a leftover.
 """
 
 from __future__ import annotations
@@ -24,7 +16,7 @@ import re
 import socket
 import warnings
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -78,11 +70,7 @@ def _free_bytes(folder: Path) -> int | None:
 
 
 def _disk_full(err: BaseException, folder: Path) -> bool:
-    """Whether ``err`` (or an exception it chains) says the disk is full.
-
-    torch's archive writer can replace the ``ENOSPC`` of a failed write with
-    ``[enforce fail at inline_container.cc] unexpected pos``; the free space tells then.
-    """
+    # torch's archive writer can replace the ENOSPC of a failed write by "unexpected pos": the free space tells then.
     seen: set[int] = set()
     cause: BaseException | None = err
     while cause is not None and id(cause) not in seen:
@@ -90,28 +78,25 @@ def _disk_full(err: BaseException, folder: Path) -> bool:
         if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
             return True
         cause = cause.__cause__ or cause.__context__
-    if "unexpected pos" in str(err):
-        free = _free_bytes(folder)
-        return free is not None and free < _LOW_SPACE
-    return False
+    free = _free_bytes(folder) if "unexpected pos" in str(err) else None
+    return free is not None and free < _LOW_SPACE
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` through a temporary file, fsync and rename.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    """``write(handle)`` into a temporary file beside ``path``, fsync, rename over ``path``.
 
-    If anything fails (an exception during pickling, a full disk, a signal) the temporary file
-    is removed and ``path`` keeps its previous content (or stays absent).
+    If anything fails (an exception, a full disk, a signal) the temporary file is removed and
+    ``path`` keeps its previous content (or stays absent).
 
     Raises:
-        DiskFullError: the disk or the quota is full (the message names the folder and says
-            that the earlier files are intact); other errors are raised as they are.
+        DiskFullError: the disk or the quota is full (the message says the earlier files are intact).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with _open_for_writing(tmp) as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -119,11 +104,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
         full = _disk_full(err, path.parent)  # before the unlink gives the space back
         tmp.unlink(missing_ok=True)
         if full:
-            raise DiskFullError(
-                f"Cannot write {path}: the disk holding {path.parent} is full ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else 'No space left on device'}). Nothing was replaced: the "
-                "files already there are intact. Free some space (or raise the quota), then run again with --resume."
-            ) from err
+            raise DiskFullError(f"Cannot write {path}: the disk holding {path.parent} is full ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0] if str(err) else 'No space left on device'}). Nothing was "
+                                "replaced: the files already there are intact. Free some space (or raise the quota), "
+                                "then run again (training: --resume).") from err  # fmt: skip
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -132,9 +116,15 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-# Temporary files of atomic_save (".step_N.pt.tmp-PID") and of the script's other atomic writes.
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+# The temporary files of atomic_write for what the training script writes (".step_00000002.pt.tmp-PID").
 _TEMPORARY = re.compile(
-    r"^\.[^/]+\.(pt|pth)\.tmp(-\d+)$|^\.(log\.csv|config\.json)\.tmp$|^\.(loss_curves|latest|step_\d+)\.tmp\.png$"
+    r"^\.(step_\d+\.pt|generator_final\.(pth|safetensors)|log\.csv|config\.json|(loss_curves|latest|step_\d+)\.png)"
+    r"\.tmp-(\d+)$"
 )
 
 
@@ -143,57 +133,36 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
+    except OSError:
         return True  # exists, owned by someone else (or we cannot tell: keep the file)
     return True
 
 
 def remove_stale_temporaries(folders: Iterable[str | os.PathLike], *, single_writer: bool) -> list[Path]:
-    """Delete the temporary files that interrupted writes left in ``folders`` (not recursive).
+    """Delete the temporary files that interrupted writes left in ``folders`` (not recursive); returns them.
 
-    Args:
-        folders: folders to clean.
-        single_writer: this process holds the run folder's :class:`RunLock`, so every temporary
-            file is a leftover; otherwise only those whose writer PID is no longer alive on this host.
-
-    Returns:
-        The deleted paths.
+    With ``single_writer`` (this process holds the :class:`RunLock`) every one is a leftover;
+    otherwise only those whose writer PID is no longer alive on this host.
     """
     removed = []
     for folder in map(Path, folders):
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.iterdir()):
+        for path in sorted(folder.iterdir()) if folder.is_dir() else ():
             match = _TEMPORARY.match(path.name)
-            if not match or not path.is_file():
-                continue
-            pid = int(match.group(2)[1:]) if match.group(2) else None
-            if single_writer or (pid is not None and pid != os.getpid() and not _pid_alive(pid)):
+            pid = int(match.group(4)) if match else None
+            if match and path.is_file() and (single_writer or (pid != os.getpid() and not _pid_alive(pid))):
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
 
 
 class RunLock:
-    """Exclusive lock on ``folder/.lock`` while a run writes into ``folder`` (a POSIX record lock).
+    """Exclusive POSIX lock on ``folder/.lock`` while a run writes into ``folder``; ``held`` says whether it is.
 
-    The lock belongs to this process: DataLoader workers forked from it do not inherit it, so
-    it ends with the process however it ends (a ``kill -9`` included). A second lock taken in
-    the same process is not refused (POSIX locks do not conflict within one process).
-
-    Args:
-        folder: the run folder (created if missing).
-
-    Attributes:
-        held: whether the lock is held; false where the file system has no locks (then a
-            warning says that concurrent runs into the folder are not detected).
+    The lock belongs to this process (forked DataLoader workers do not inherit it) and ends with
+    it however it ends. Where the file system has no locks, a warning says so and ``held`` is false.
 
     Raises:
         RunFolderBusy: another process holds it (the message names its PID and host).
-
-    Example:
-        >>> with RunLock("runs/x"):  # doctest: +SKIP
-        ...     train()
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
@@ -215,10 +184,9 @@ class RunLock:
             self._handle.seek(0)
             owner = self._handle.read().strip() or "unknown"
             self._handle.close()
-            raise RunFolderBusy(
-                f"Another run is writing to {str(self.path.parent)!r} (lock {self.path.name} held by {owner}). Wait "
-                "for it to end or stop it, or choose another --out: two runs in one folder overwrite each other."
-            ) from None
+            raise RunFolderBusy(f"Another run is writing to {str(self.path.parent)!r} (lock {self.path.name} held by "
+                                f"{owner}). Wait for it to end or stop it, or choose another --out: two runs in one "
+                                "folder overwrite each other.") from None  # fmt: skip
         self.held = True
         self._handle.seek(0)
         self._handle.truncate()
@@ -226,11 +194,8 @@ class RunLock:
         self._handle.flush()
 
     def _unsupported(self, reason: str) -> None:
-        warnings.warn(
-            f"Cannot lock {self.path} ({reason}): a second run started into the same folder would not be detected.",
-            UserWarning,
-            stacklevel=3,
-        )
+        warnings.warn(f"Cannot lock {self.path} ({reason}): a second run started into the same folder would not be "
+                      "detected.", UserWarning, stacklevel=3)  # fmt: skip
 
     def release(self) -> None:
         """Unlock (the file stays: deleting it would let two processes lock different files)."""
@@ -247,34 +212,20 @@ class RunLock:
 
 def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
     """``(step, path)`` of the checkpoints in ``folder``, oldest first (temporary files are ignored)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        match = _NAME.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    paths = Path(folder).iterdir() if Path(folder).is_dir() else ()
+    return sorted((int(m.group(1)), path) for path in paths if (m := _NAME.match(path.name)))
 
 
 def prune_checkpoints(folder: str | os.PathLike, keep: int) -> list[Path]:
     """Delete all but the ``keep`` newest checkpoints of ``folder``; returns the deleted paths."""
-    if keep < 1:
-        return []
-    doomed = [path for _, path in list_checkpoints(folder)[:-keep]]
+    doomed = [path for _, path in list_checkpoints(folder)[:-keep]] if keep > 0 else []
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed
 
 
 def verify_archive(path: str | os.PathLike) -> None:
-    """Check the CRC-32 of every record of the zip archive that ``torch.save`` wrote.
-
-    Raises:
-        CheckpointError: not a zip archive (truncated, or not written by ``torch.save``), or a
-            record whose bytes no longer match their CRC (damaged on disk or in a copy).
-    """
+    """Check the CRC-32 of every record of a ``torch.save`` zip archive; :class:`CheckpointError` when one fails."""
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
@@ -282,23 +233,15 @@ def verify_archive(path: str | os.PathLike) -> None:
         reason = f"{type(err).__name__}: {err}"
         raise CheckpointError(f"{path} cannot be read, it is truncated or damaged ({reason}).") from err
     if bad is not None:
-        raise CheckpointError(
-            f"{path} is damaged: the checksum (CRC-32) of its record {bad!r} does not match its bytes. "
-            "Use an earlier checkpoint, or copy the file again if it came from elsewhere."
-        )
+        raise CheckpointError(f"{path} is damaged: the checksum (CRC-32) of its record {bad!r} does not match its "
+                              "bytes. Use an earlier checkpoint, or copy the file again if it came from "
+                              "elsewhere.")  # fmt: skip
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a checkpoint written by :func:`atomic_save` (``weights_only=True``).
-
-    The archive's checksums are verified first (:func:`verify_archive`), so a damaged file is an
-    error instead of wrong weights.
-
-    Raises:
-        CheckpointError: the file is unreadable, truncated, damaged, or not a checkpoint of this script.
-    """
+    """Read a checkpoint of this script, its CRCs verified first; :class:`CheckpointError` names what is wrong."""
     verify_archive(path)
-    try:
+    try:  # the script's own files: tensors and plain containers only (weights_only), never code
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
@@ -311,17 +254,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def find_resumable(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """The newest checkpoint of ``folder`` that loads and passes its checksums (newer broken ones: a warning).
-
-    Raises:
-        CheckpointError: no checkpoint in ``folder``, or none of them loads.
-    """
+    """``(path, state)`` of the newest checkpoint of ``folder`` that loads (newer broken ones: a warning)."""
     candidates = list_checkpoints(folder)
     if not candidates:
-        raise CheckpointError(
-            f"Nothing to resume: no step_*.pt checkpoint in {str(folder)!r}. "
-            "Check --out, or pass the file with --resume PATH (or start again: --overwrite instead of --resume)."
-        )
+        raise CheckpointError(f"Nothing to resume: no step_*.pt checkpoint in {str(folder)!r}. Check --out, or pass "
+                              "the file with --resume PATH (or start again: --overwrite instead of "
+                              "--resume).")  # fmt: skip
     failures = []
     for _, path in reversed(candidates):
         try:
@@ -330,11 +268,8 @@ def find_resumable(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
             failures.append(str(err))
             continue
         if failures:
-            warnings.warn(
-                "Skipped unreadable newer checkpoint(s):\n  " + "\n  ".join(failures) + f"\nResuming from {path}.",
-                UserWarning,
-                stacklevel=2,
-            )
+            warnings.warn("Skipped unreadable newer checkpoint(s):\n  " + "\n  ".join(failures)
+                          + f"\nResuming from {path}.", UserWarning, stacklevel=2)  # fmt: skip
         return path, state
     raise CheckpointError("No checkpoint could be loaded:\n  " + "\n  ".join(failures))
 
@@ -361,10 +296,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        states = state["cuda"]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _as_tuple(value: Any) -> Any:

@@ -6,12 +6,7 @@ import argparse
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends ``(default: X)`` to an option's help only where it tells something.
-
-    Nothing is added when the help already states its default (``"default: ..."``) or when the
-    default is ``None``, ``False`` or an empty list (options that are off unless given), so no
-    option shows its default twice or as ``(default: None)``.
-    """
+    """Appends ``(default: X)`` only where the help does not state it and X is not None / False / []."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""

@@ -1,16 +1,9 @@
-"""Training data for x-scale super-resolution: folders, degradation, augmentation and a resumable order.
+"""Training data for x-scale SR: HR folders (LR made on the fly) or paired HR / LR folders, and a resumable order.
 
-Two sources:
-
-- a folder of HR images (DIV2K style): random HR crops, the LR crop made on the fly by
-  bicubic downsampling (:func:`bicubic_downsample`);
-- paired HR / LR folders: aligned random crops of both.
-
-Randomness never comes from worker processes. :class:`SampleStream` yields one key
-``(index, epoch, position)`` per sample, and the crop and the flips of that sample are drawn
-from a generator seeded with ``(seed, epoch, position)``. The data a run sees is therefore a
-function of the seed and the number of samples already consumed: the worker count does not
-change it, and a resumed run continues the stream exactly where the interrupted one stopped.
+Randomness never comes from worker processes: :class:`SampleStream` yields one key
+``(index, epoch, position)`` per sample, whose crop and flips are drawn from a generator seeded
+with ``(seed, epoch, position)``. What a run sees is a function of the seed and the samples
+consumed: the worker count does not change it, and a resumed run continues the stream exactly.
 """
 
 from __future__ import annotations
@@ -21,8 +14,8 @@ import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -49,15 +42,8 @@ def _is_image(path: Path) -> bool:
 def list_images(folder: str | os.PathLike, what: str = "image folder", *, recursive: bool = True) -> list[Path]:
     """Image files in ``folder`` (and its subfolders when ``recursive``), sorted by path; hidden files are skipped.
 
-    Args:
-        folder: the folder to list.
-        what: how error messages name the folder (e.g. ``"HR folder (--hr-dir)"``).
-        recursive: also list the subfolders. Evaluation lists one level only, so that a dataset
-            folder holding ``HR/`` and ``LR_bicubic/X4/`` never mixes LR images into the HR set.
-
-    Raises:
-        DataError: the folder is missing, not a folder, or holds no image (without
-            ``recursive``, the message names the subfolders that do hold images).
+    Evaluation lists one level only, so that a pack holding ``HR/`` and ``LR_bicubic/X4/`` never
+    mixes LR images into the HR set; the :class:`DataError` of an empty level names the subfolders.
     """
     root = Path(folder)
     if not root.exists():
@@ -65,28 +51,21 @@ def list_images(folder: str | os.PathLike, what: str = "image folder", *, recurs
     if not root.is_dir():
         raise DataError(f"The {what} {str(root)!r} is a file, not a folder of images.")
     files = sorted(p for p in (root.rglob("*") if recursive else root.iterdir()) if _is_image(p))
+    nested = subfolder_images(root) if not (files or recursive) else {}
+    if nested:
+        counts = ", ".join(f"{name}/ ({count})" for name, count in list(nested.items())[:6])
+        raise DataError(f"The {what} {str(root)!r} has no image at its top level, and its subfolders are not read. "
+                        f"Images are in {counts}: pass the folder that holds them, e.g. "
+                        f"{str(root / next(iter(nested)))!r}.")  # fmt: skip
     if not files:
-        nested = subfolder_images(root) if not recursive else {}
-        if nested:
-            counts = ", ".join(f"{name}/ ({count})" for name, count in list(nested.items())[:6])
-            raise DataError(
-                f"The {what} {str(root)!r} has no image at its top level, and its subfolders are not read. "
-                f"Images are in {counts}: pass the folder that holds them, e.g. {str(root / next(iter(nested)))!r}."
-            )
         others = sorted(p.name for p in root.rglob("*") if p.is_file())[:5]
         found = f" It holds {others} ..." if others else " It is empty."
-        raise DataError(
-            f"The {what} {str(root)!r} contains no image ({', '.join(IMAGE_EXTENSIONS)}).{found}"
-        )
+        raise DataError(f"The {what} {str(root)!r} contains no image ({', '.join(IMAGE_EXTENSIONS)}).{found}")
     return files
 
 
 def subfolder_images(root: str | os.PathLike, max_depth: int = 3) -> dict[str, int]:
-    """Image count of each subfolder of ``root``, down to ``max_depth`` levels, that holds images directly.
-
-    Returns:
-        relative POSIX path -> count, sorted by path (``{"HR": 5, "LR_bicubic/X4": 5}``).
-    """
+    """``{"HR": 5, "LR_bicubic/X4": 5}``: image count of each subfolder (down to ``max_depth``) holding images."""
     root = Path(root)
     counts: dict[str, int] = {}
     for folder, subfolders, names in os.walk(root):
@@ -100,11 +79,7 @@ def subfolder_images(root: str | os.PathLike, max_depth: int = 3) -> dict[str, i
 
 
 def check_distinct_stems(paths: Sequence[Path], what: str) -> None:
-    """Raise when two files share a name stem (case-insensitive): pairing by name would be ambiguous.
-
-    Raises:
-        DataError: naming each clash (``baby.png`` and ``baby.bmp``, or ``a/0001.png`` and ``b/0001.png``).
-    """
+    """:class:`DataError` naming each clash where files share a stem (case-insensitive): pairing would be ambiguous."""
     by_stem: dict[str, list[Path]] = {}
     for path in paths:
         by_stem.setdefault(path.stem.lower(), []).append(path)
@@ -112,10 +87,8 @@ def check_distinct_stems(paths: Sequence[Path], what: str) -> None:
     if clashes:
         shown = "; ".join(" and ".join(str(p) for p in group) for group in clashes[:5])
         more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
-        raise DataError(
-            f"The {what} has {len(clashes)} name(s) used by more than one file: {shown}{more}. Images are paired "
-            "by name (stem, case-insensitive): keep one file per name."
-        )
+        raise DataError(f"The {what} has {len(clashes)} name(s) used by more than one file: {shown}{more}. Images are "
+                        "paired by name (stem, case-insensitive): keep one file per name.")  # fmt: skip
 
 
 def _integer_white(img) -> float:
@@ -123,22 +96,17 @@ def _integer_white(img) -> float:
     bits = None
     tags = getattr(img, "tag_v2", None)  # TIFF: BitsPerSample (a 12-bit camera file says 12, not 16)
     if tags is not None and 258 in tags:
-        value = tags[258]
-        bits = int(value[0] if isinstance(value, tuple) else value)
+        bits = int(tags[258][0] if isinstance(tags[258], tuple) else tags[258])
     elif img.mode.startswith("I;16") or img.format == "PNG":  # PNG integer grey is always 16-bit
         bits = 16
     if bits is None or not 1 <= bits <= 16:
-        raise ValueError(
-            f"{bits or 32}-bit integer images are not supported (mode {img.mode}); save it with 8 or 16 bits per sample"
-        )
+        raise ValueError(f"{bits or 32}-bit integer images are not supported (mode {img.mode}); save it with 8 or 16 "
+                         "bits per sample")  # fmt: skip
     return float(2**bits - 1)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file to an (H, W, 3) uint8 RGB array (grey and RGBA are converted).
-
-    16-bit grey images are scaled by the bit depth the file declares (65535 is white), never
-    by their values: a dark 16-bit image stays dark.
+    """An (H, W, 3) uint8 RGB array (grey, RGBA converted; 16-bit grey scaled by its declared bit depth).
 
     Raises:
         DataError: the file cannot be decoded or has an unsupported sample format; the message names it.
@@ -172,11 +140,11 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     return height, width
 
 
-def save_image(array: np.ndarray, path: str | os.PathLike) -> None:
-    """Write an (H, W, 3) uint8 array as an image file (format from the suffix)."""
+def save_image(array: np.ndarray, path: str | os.PathLike | BinaryIO, format: str | None = None) -> None:
+    """Write an (H, W, 3) uint8 array as an image file (format from the suffix unless given)."""
     from PIL import Image
 
-    Image.fromarray(array).save(path)
+    Image.fromarray(array).save(path, format=format)
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
@@ -191,8 +159,7 @@ def to_uint8(tensor: torch.Tensor) -> np.ndarray:
 
 def fingerprint(paths: Sequence[Path]) -> str:
     """Short hash of the file names, stored in checkpoints to notice a changed dataset on resume."""
-    digest = hashlib.sha1("\n".join(p.name for p in paths).encode()).hexdigest()
-    return digest[:12]
+    return hashlib.sha1("\n".join(p.name for p in paths).encode()).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------------- degradation
@@ -205,28 +172,11 @@ DEFAULT_DOWNSAMPLER = "matlab"  # the benchmarks' degradation; the default of ev
 def bicubic_downsample(
     hr: torch.Tensor, scale: int, quantize: bool = True, method: str = DEFAULT_DOWNSAMPLER
 ) -> torch.Tensor:
-    """LR image by bicubic downsampling with an anti-aliasing (widened) kernel.
+    """LR of (…, 3, H, W) images in [0, 1] (cropped to multiples of ``scale``) by anti-aliased bicubic, float32.
 
-    Both methods use Keys' cubic with a = -0.5 stretched by the scale factor, as MATLAB's
-    ``imresize`` does; they differ at the image border only (see ``docs/training.md``):
-
-    - ``"torch"``: ``F.interpolate(mode="bicubic", antialias=True)``, which truncates and
-      renormalises the kernel at the border; fast, runs on any device.
-    - ``"matlab"`` (default): a re-implementation of ``imresize``'s weights with its symmetric
-      border padding, computed and rounded in float64 (the degradation of DIV2K's and the
-      benchmarks' LR files), see :func:`matlab_imresize`.
-
-    Args:
-        hr: (3, H, W) or (B, 3, H, W) in [0, 1]; H and W are cropped to multiples of ``scale``.
-        scale: integer downscaling factor (at least 1).
-        quantize: round to 8-bit levels, as LR images stored as PNG are.
-        method: ``"matlab"`` or ``"torch"``.
-
-    Returns:
-        The LR tensor, (…, H // scale, W // scale), in [0, 1], float32.
-
-    Raises:
-        ValueError: unknown method, a scale below 1, or an image smaller than the scale.
+    ``"matlab"`` (default): MATLAB ``imresize``'s weights and symmetric border (the benchmarks' LR
+    files), see :func:`matlab_imresize`; ``"torch"``: ``F.interpolate(antialias=True)``, fast, on any
+    device, different at the border only. ``quantize`` rounds to 8-bit levels, as stored LR files are.
 
     Example:
         >>> bicubic_downsample(torch.full((3, 8, 12), 0.5), 4).shape
@@ -252,23 +202,14 @@ def bicubic_downsample(
     return lr if batched else lr.squeeze(0)
 
 
-def _keys_cubic(x: torch.Tensor) -> torch.Tensor:
-    # Keys' cubic convolution kernel with a = -0.5 (MATLAB's "bicubic").
-    ax = x.abs()
-    near = 1.5 * ax**3 - 2.5 * ax**2 + 1
-    far = -0.5 * ax**3 + 2.5 * ax**2 - 4 * ax + 2
-    return torch.where(ax <= 1, near, torch.where(ax <= 2, far, torch.zeros_like(ax)))
-
-
 def matlab_resize_weights(in_len: int, out_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(out_len, in_len) float64 matrix of MATLAB's ``imresize(..., "bicubic")`` along one axis.
 
-    With ``s = out_len / in_len``, output pixel ``i`` (1-based) is centred at
-    ``u = i / s + (1 - 1 / s) / 2`` in input coordinates. Upsampling uses Keys' cubic over 4
-    input pixels; downsampling stretches it to ``cubic(s * x) * s`` over ``4 / s`` pixels
-    (anti-aliasing). Weights are normalised to sum to one and indices outside the image are
-    mirrored (symmetric padding).
+    BasicSR's ``calculate_weights_indices`` (Keys' cubic, widened by the scale when downsampling),
+    taken in float64 and as one matrix with the symmetric border folded in.
     """
+    from basicsr.utils.matlab_functions import cubic
+
     s = out_len / in_len
     i = torch.arange(1, out_len + 1, dtype=torch.float64)
     centre = i / s + 0.5 * (1 - 1 / s)
@@ -277,7 +218,7 @@ def matlab_resize_weights(in_len: int, out_len: int, device: torch.device | str 
     taps = int(math.ceil(width)) + 2
     index = left[:, None] + torch.arange(taps, dtype=torch.float64)[None, :]
     distance = centre[:, None] - index
-    weights = s * _keys_cubic(s * distance) if s < 1 else _keys_cubic(distance)
+    weights = s * cubic(s * distance) if s < 1 else cubic(distance)
     weights = weights / weights.sum(dim=1, keepdim=True)
     mirror = torch.cat([torch.arange(in_len), torch.arange(in_len - 1, -1, -1)])
     index = mirror[(index.long() - 1) % (2 * in_len)]
@@ -287,21 +228,12 @@ def matlab_resize_weights(in_len: int, out_len: int, device: torch.device | str 
 
 
 def matlab_imresize(x: torch.Tensor, size: tuple[int, int], *, quantize: bool = False) -> torch.Tensor:
-    """Resize (…, H, W) images to ``size`` as MATLAB's ``imresize(x, size, "bicubic")`` does.
+    """Resize (…, H, W) images in [0, 1] to ``size`` as MATLAB's ``imresize(x, size, "bicubic")`` does.
 
-    The image is taken on the 0-255 scale, at its exact integer levels when it is an 8-bit
-    image (every value within 1e-3 of a level, as :func:`to_tensor` gives: float32 ``k / 255``
-    is off by up to 1.5e-5 levels); weights and products are float64.
-
-    Args:
-        x: (…, H, W) float images in [0, 1].
-        size: (height, width) of the result.
-        quantize: round to 8-bit levels as MATLAB does for a uint8 image: in float64, half
-            away from zero, saturated to [0, 255]. Rounding in float32 instead gets a value
-            wrong when its exact result lies within float32 precision of k + 0.5.
-
-    Returns:
-        float32 (…, *size): in [0, 1] and on the 8-bit grid with ``quantize``, otherwise not clamped.
+    Not BasicSR's ``imresize``: it computes in float32 and loops over rows in Python; float32 rounds
+    some 8-bit levels wrong (tests/test_examples_data.py shows one). Here 8-bit images are taken at
+    their exact levels, weights and sums are float64, and ``quantize`` rounds half away from zero
+    to [0, 255] as MATLAB does for uint8. Returns float32, not clamped without ``quantize``.
     """
     rows = matlab_resize_weights(x.shape[-2], size[0], x.device)
     cols = matlab_resize_weights(x.shape[-1], size[1], x.device)
@@ -316,113 +248,65 @@ def matlab_imresize(x: torch.Tensor, size: tuple[int, int], *, quantize: bool = 
 
 
 def augment(tensors: Sequence[torch.Tensor], rng: np.random.Generator) -> list[torch.Tensor]:
-    """The same random horizontal flip, vertical flip and transposition (90 degree rotations) on each tensor."""
+    """BasicSR's ``augment`` (the same random h-flip, v-flip, transposition on each image) on tensors.
+
+    Not BasicSR's own: it draws from the global ``random`` module; this one from the sample's generator.
+    """
     hflip, vflip, transpose = rng.random(3) < 0.5
-    out = []
-    for t in tensors:
-        if hflip:
-            t = t.flip(-1)
-        if vflip:
-            t = t.flip(-2)
-        if transpose:
-            t = t.transpose(-1, -2)
-        out.append(t.contiguous())
-    return out
+    dims = [d for d, flip in ((-1, hflip), (-2, vflip)) if flip]
+    flipped = [t.flip(dims) if dims else t for t in tensors]
+    return [(t.transpose(-1, -2) if transpose else t).contiguous() for t in flipped]
 
 
 # ------------------------------------------------------------------------------------ datasets
 
 
-@dataclass
-class ScanReport:
-    """Outcome of checking the files of a dataset before training."""
-
-    usable: list[int] = field(default_factory=list)
-    unreadable: list[str] = field(default_factory=list)
-    too_small: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
-
-    def problems(self) -> list[str]:
-        lines = []
-        for title, names in (
-            ("unreadable", self.unreadable),
-            ("smaller than the training patch", self.too_small),
-            ("with an HR/LR size mismatch", self.mismatched),
-        ):
-            if names:
-                shown = "\n    ".join(names[:10])
-                more = f"\n    ... and {len(names) - 10} more" if len(names) > 10 else ""
-                lines.append(f"{len(names)} image(s) {title}:\n    {shown}{more}")
-        return lines
-
-
 class SRTrainDataset(Dataset):
-    """Random (LR, HR) training crops from an HR folder, or from paired HR / LR folders.
+    """Random (LR, HR) training crops from HR files (LR made on the fly) or from paired HR / LR files.
 
-    Indexed by the keys of :class:`SampleStream`; ``dataset[i]`` with a plain int gives the
-    sample of position ``i`` of epoch 0.
+    Indexed by the keys of :class:`SampleStream` (a plain int ``i``: position ``i`` of epoch 0).
+    Unreadable, too small or mismatched files are skipped with a warning naming them (``strict``:
+    a :class:`DataError`); no usable file is a :class:`DataError`.
 
     Args:
-        hr_paths: HR image files.
+        hr_paths: HR image files; ``lr_paths``: their LR partners (same order), or ``None``.
         patch_size: HR crop size (a multiple of ``scale``).
-        scale: SR factor.
-        seed: seed of the crop / flip draws.
-        lr_paths: LR files paired with ``hr_paths`` (same order), or ``None`` to make LR on the fly.
-        augment: random flips and transpositions.
-        cache: keep decoded images in memory (for small datasets such as the demo's).
-        quantize_lr: round on-the-fly LR to 8-bit levels (as stored LR files are).
-        downsample: ``"matlab"`` (default) or ``"torch"`` bicubic, see :func:`bicubic_downsample`.
-        strict: raise on unreadable / too-small images instead of skipping them with a warning.
-
-    Raises:
-        DataError: no usable image, or (``strict``) any unusable one; the message names the files.
+        augment: random flips and transpositions; ``cache``: keep decoded images in memory.
+        quantize_lr: round on-the-fly LR to 8-bit levels; ``downsample``: ``"matlab"`` or ``"torch"``.
     """
 
     def __init__(
-        self,
-        hr_paths: Sequence[Path],
-        patch_size: int,
-        scale: int,
-        seed: int = 0,
-        lr_paths: Sequence[Path] | None = None,
-        augment: bool = True,
-        cache: bool = False,
-        quantize_lr: bool = True,
-        downsample: str = DEFAULT_DOWNSAMPLER,
-        strict: bool = False,
-    ) -> None:
+        self, hr_paths: Sequence[Path], patch_size: int, scale: int, seed: int = 0,
+        lr_paths: Sequence[Path] | None = None, augment: bool = True, cache: bool = False, quantize_lr: bool = True,
+        downsample: str = DEFAULT_DOWNSAMPLER, strict: bool = False,
+    ) -> None:  # fmt: skip
         if patch_size % scale:
             raise DataError(f"--patch-size {patch_size} must be a multiple of the scale {scale}.")
         if lr_paths is not None and len(lr_paths) != len(hr_paths):
             raise DataError(f"{len(hr_paths)} HR images but {len(lr_paths)} LR images.")
-        self.patch_size = patch_size
-        self.scale = scale
-        self.seed = seed
-        self.augment = augment
-        self.cache = cache
-        self.quantize_lr = quantize_lr
         if downsample not in DOWNSAMPLERS:
             raise DataError(f"Unknown downsampling method {downsample!r}; choose one of {DOWNSAMPLERS}.")
-        self.downsample = downsample
+        self.patch_size, self.scale, self.seed, self.augment, self.cache = patch_size, scale, seed, augment, cache
+        self.quantize_lr, self.downsample = quantize_lr, downsample
         self._cache: dict[Path, np.ndarray] = {}
-        report = self._scan(list(hr_paths), None if lr_paths is None else list(lr_paths))
-        self.report = report
-        problems = report.problems()
-        if problems and (strict or not report.usable):
-            prefix = "No usable training image. " if not report.usable else ""
+        usable, problems = self._scan(list(hr_paths), None if lr_paths is None else list(lr_paths))
+        lines = []
+        for title, names in problems.items():
+            more = f"\n    ... and {len(names) - 10} more" if len(names) > 10 else ""
+            lines += [f"{len(names)} image(s) {title}:\n    " + "\n    ".join(names[:10]) + more] if names else []
+        if lines and (strict or not usable):
+            prefix = "No usable training image. " if not usable else ""
             raise DataError(prefix + "Fix or remove these files (the patch is "
-                            f"{patch_size} px HR, {patch_size // scale} px LR):\n  " + "\n  ".join(problems))
-        if problems:
-            warnings.warn(
-                "Skipping unusable training images (pass --strict-data to stop instead):\n  " + "\n  ".join(problems),
-                UserWarning,
-                stacklevel=2,
-            )
-        self.hr_paths = [hr_paths[i] for i in report.usable]
-        self.lr_paths = None if lr_paths is None else [lr_paths[i] for i in report.usable]
+                            f"{patch_size} px HR, {patch_size // scale} px LR):\n  " + "\n  ".join(lines))  # fmt: skip
+        if lines:
+            warnings.warn("Skipping unusable training images (pass --strict-data to stop instead):\n  "
+                          + "\n  ".join(lines), UserWarning, stacklevel=2)  # fmt: skip
+        self.hr_paths = [hr_paths[i] for i in usable]
+        self.lr_paths = None if lr_paths is None else [lr_paths[i] for i in usable]
 
-    def _scan(self, hr_paths: list[Path], lr_paths: list[Path] | None) -> ScanReport:
-        report = ScanReport()
+    def _scan(self, hr_paths: list[Path], lr_paths: list[Path] | None) -> tuple[list[int], dict[str, list[str]]]:
+        usable: list[int] = []
+        unreadable, too_small, mismatched = [], [], []
         lr_patch = self.patch_size // self.scale
         for i, hr_path in enumerate(hr_paths):
             sizes = []
@@ -430,33 +314,34 @@ class SRTrainDataset(Dataset):
                 try:
                     sizes.append(image_size(path))
                 except DataError as err:
-                    report.unreadable.append(f"{path} ({type(err.__cause__).__name__})")
+                    unreadable.append(f"{path} ({type(err.__cause__).__name__})")
             if len(sizes) < (1 if lr_paths is None else 2):
                 continue
             (h, w), lr_size = sizes[0], (sizes[1] if lr_paths is not None else None)
             if lr_size is not None:
                 lh, lw = lr_size
                 if not (lh * self.scale <= h < (lh + 1) * self.scale and lw * self.scale <= w < (lw + 1) * self.scale):
-                    report.mismatched.append(f"{hr_path} is {w}x{h}, {lr_paths[i]} is {lw}x{lh} (x{self.scale})")
+                    mismatched.append(f"{hr_path} is {w}x{h}, {lr_paths[i]} is {lw}x{lh} (x{self.scale})")
                     continue
                 if lh < lr_patch or lw < lr_patch:
-                    report.too_small.append(f"{lr_paths[i]} ({lw}x{lh} px, LR patch {lr_patch})")
+                    too_small.append(f"{lr_paths[i]} ({lw}x{lh} px, LR patch {lr_patch})")
                     continue
             elif h < self.patch_size or w < self.patch_size:
-                report.too_small.append(f"{hr_path} ({w}x{h} px)")
+                too_small.append(f"{hr_path} ({w}x{h} px)")
                 continue
-            report.usable.append(i)
-        return report
+            usable.append(i)
+        problems = {"unreadable": unreadable, "smaller than the training patch": too_small,
+                    "with an HR/LR size mismatch": mismatched}  # fmt: skip
+        return usable, problems
 
     def __len__(self) -> int:
         return len(self.hr_paths)
 
     def _load(self, path: Path) -> np.ndarray:
-        if self.cache and path in self._cache:
-            return self._cache[path]
-        array = read_image(path)
-        if self.cache:
-            self._cache[path] = array
+        array = self._cache.get(path)
+        if array is None:
+            array = read_image(path)
+            self._cache.update({path: array} if self.cache else {})
         return array
 
     def __getitem__(self, key: SampleKey | int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -464,12 +349,10 @@ class SRTrainDataset(Dataset):
         rng = np.random.default_rng([self.seed, epoch, position])
         hr = self._load(self.hr_paths[index])
         if self.lr_paths is None:
-            lr_t, hr_t = self._crop_and_degrade(hr, rng)
+            pair = self._crop_and_degrade(hr, rng)
         else:
-            lr_t, hr_t = self._crop_pair(self._load(self.lr_paths[index]), hr, rng)
-        if self.augment:
-            lr_t, hr_t = augment((lr_t, hr_t), rng)
-        return lr_t, hr_t
+            pair = self._crop_pair(self._load(self.lr_paths[index]), hr, rng)
+        return tuple(augment(pair, rng)) if self.augment else pair
 
     def _crop_and_degrade(self, hr: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         # Crops start on multiples of the scale, and the crop is downsampled with a margin of
@@ -493,33 +376,16 @@ class SRTrainDataset(Dataset):
         s, lp = self.scale, self.patch_size // self.scale
         top = int(rng.integers(0, lr.shape[0] - lp + 1))
         left = int(rng.integers(0, lr.shape[1] - lp + 1))
-        lr_crop = to_tensor(lr[top : top + lp, left : left + lp])
-        hr_crop = to_tensor(hr[top * s : (top + lp) * s, left * s : (left + lp) * s])
-        return lr_crop, hr_crop
+        hr_crop = hr[top * s : (top + lp) * s, left * s : (left + lp) * s]
+        return to_tensor(lr[top : top + lp, left : left + lp]), to_tensor(hr_crop)
 
 
-def pair_lr_files(
-    hr_paths: Sequence[Path],
-    lr_dir: str | os.PathLike,
-    scale: int,
-    *,
-    what: str = "LR folder",
-    recursive: bool = True,
-) -> list[Path]:
-    """LR file of each HR file: same stem, or the stem plus ``x{scale}`` (DIV2K's ``0001x4.png``).
-
-    Stems are compared case-insensitively and must identify one file on each side.
-
-    Args:
-        hr_paths: the HR files.
-        lr_dir: the folder of their partners.
-        scale: SR factor (for the ``x{scale}`` suffix).
-        what: how error messages name ``lr_dir``.
-        recursive: also look in the subfolders of ``lr_dir``.
+def pair_lr_files(hr_paths: Sequence[Path], lr_dir: str | os.PathLike, scale: int, *, what: str = "LR folder",
+                  recursive: bool = True) -> list[Path]:  # fmt: skip
+    """The partner in ``lr_dir`` of each HR file: same stem, or it plus ``x{scale}`` (DIV2K's ``0001x4.png``).
 
     Raises:
-        DataError: two HR files share a stem, an HR image has no partner or more than one
-            (the message names the first few).
+        DataError: two files share a stem (case-insensitive), or an HR image has no partner or several.
     """
     check_distinct_stems(hr_paths, "HR image list")
     by_stem: dict[str, list[Path]] = {}
@@ -540,15 +406,11 @@ def pair_lr_files(
         suffixed = (re.fullmatch(re.escape(stem) + r"_?x(\d+)", key) for key in by_stem)
         other_scales = sorted({int(m.group(1)) for m in suffixed if m})
         hint = f" The folder has '{stem}x{other_scales[0]}': is it the x{other_scales[0]} set?" if other_scales else ""
-        raise DataError(
-            f"{len(missing)} HR image(s) have no partner in the {what} {str(lr_dir)!r} (looked for the same stem, "
-            f"'<stem>x{scale}' and '<stem>_x{scale}'): {missing[:5]}.{hint}"
-        )
+        raise DataError(f"{len(missing)} HR image(s) have no partner in the {what} {str(lr_dir)!r} (looked for the "
+                        f"same stem, '<stem>x{scale}' and '<stem>_x{scale}'): {missing[:5]}.{hint}")  # fmt: skip
     if ambiguous:
-        raise DataError(
-            f"{len(ambiguous)} HR image(s) have more than one partner in the {what} {str(lr_dir)!r}: "
-            f"{'; '.join(ambiguous[:5])}. Keep one file per name."
-        )
+        raise DataError(f"{len(ambiguous)} HR image(s) have more than one partner in the {what} {str(lr_dir)!r}: "
+                        f"{'; '.join(ambiguous[:5])}. Keep one file per name.")  # fmt: skip
     return pairs
 
 
@@ -558,47 +420,24 @@ def pair_lr_files(
 class SampleStream(Sampler[SampleKey]):
     """Endless, seeded, resumable order of samples, sharded over distributed ranks.
 
-    Epoch ``e`` is a permutation of the dataset drawn from ``(seed, e)``, padded to a multiple
-    of ``world_size`` by repeating its head; rank ``r`` takes every ``world_size``-th sample
-    from position ``r``. Each rank's stream is a pure function of (seed, rank, world size):
-    start it at ``start`` samples to resume.
-
-    Args:
-        num_items: dataset length.
-        seed: seed of the permutations.
-        rank: this process's rank.
-        world_size: number of processes.
-        start: samples of this rank's stream to skip (``step * batch_size`` on resume).
-        shuffle: permute each epoch (otherwise dataset order).
+    Epoch ``e`` is a permutation drawn from ``(seed, e)`` (dataset order without ``shuffle``),
+    padded to a multiple of ``world_size`` by its head; rank ``r`` takes every ``world_size``-th
+    sample from position ``r``. ``start`` skips that many samples of this rank's stream (resume).
     """
 
-    def __init__(
-        self, num_items: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0, shuffle: bool = True
-    ) -> None:
+    def __init__(self, num_items: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0,
+                 shuffle: bool = True) -> None:  # fmt: skip
         if num_items < 1:
             raise DataError("The dataset is empty.")
-        self.num_items = num_items
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.start = start
-        self.shuffle = shuffle
-        self.per_rank = math.ceil(num_items / world_size)
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.num_items)
-        else:
-            order = np.arange(self.num_items)
-        total = self.per_rank * self.world_size
-        if total > self.num_items:
-            order = np.concatenate([order, order[: total - self.num_items]])
-        return order
+        self.num_items, self.seed, self.rank, self.world_size = num_items, seed, rank, world_size
+        self.start, self.shuffle, self.per_rank = start, shuffle, math.ceil(num_items / world_size)
 
     def __iter__(self) -> Iterator[SampleKey]:
         epoch, offset = divmod(self.start, self.per_rank)
         while True:
-            order = self._epoch_order(epoch)
+            order = (np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.num_items) if self.shuffle
+                     else np.arange(self.num_items))  # fmt: skip
+            order = np.resize(order, self.per_rank * self.world_size)  # padded with its head
             for local in range(offset, self.per_rank):
                 position = local * self.world_size + self.rank
                 yield int(order[position]), epoch, position
@@ -630,12 +469,9 @@ def _leave_stop_signals_to_the_parent() -> None:
 def seed_worker(worker_id: int) -> None:
     """DataLoader worker set-up: stop signals left to the main process, one intra-op thread, seeded numpy / random.
 
-    SLURM, ``kill -TERM -PGID`` and Ctrl-C signal the whole process group. The workers ignore
-    SIGINT, and SIGTERM from anyone but their parent, leaving the signal to the main process,
-    which finishes its step and saves a checkpoint (a worker killed by it would make the main
-    process fail without saving). A worker still stops when the main process ends: the
-    DataLoader tells it to (and sends it SIGTERM if it does not), and it exits by itself when
-    its parent dies.
+    SLURM, ``kill -TERM -PGID`` and Ctrl-C signal the whole process group; a worker killed by it
+    would make the main process fail without its checkpoint. So workers ignore SIGINT and any
+    SIGTERM but their parent's (the DataLoader's way to end them), and exit when the parent dies.
     """
     import random
 
@@ -646,27 +482,13 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def make_loader(
-    dataset: Dataset, stream: SampleStream, batch_size: int, workers: int, pin_memory: bool = False
-) -> DataLoader:
-    """An endless DataLoader over ``stream`` (batches are consecutive samples of the stream).
-
-    The loader draws its workers' base seed from its own generator, so starting it leaves the
-    global torch RNG untouched (a resumed run's RNG then matches an uninterrupted run's).
-    """
+def make_loader(dataset: Dataset, stream: SampleStream, batch_size: int, workers: int,
+                pin_memory: bool = False) -> DataLoader:  # fmt: skip
+    """An endless DataLoader over ``stream``; its own generator seeds the workers (the global RNG is untouched)."""
     generator = torch.Generator().manual_seed(stream.seed * 1_000_003 + stream.start)
-    return DataLoader(
-        dataset,
-        generator=generator,
-        batch_size=batch_size,
-        sampler=stream,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        worker_init_fn=seed_worker if workers else None,
-        persistent_workers=False,
-        prefetch_factor=2 if workers else None,
-        drop_last=True,
-    )
+    init = seed_worker if workers else None
+    return DataLoader(dataset, generator=generator, batch_size=batch_size, sampler=stream, num_workers=workers,
+                      pin_memory=pin_memory, worker_init_fn=init, drop_last=True)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- demo photos
@@ -679,25 +501,16 @@ DEMO_VAL = ("chelsea", "rocket")
 def _skimage_photo(name: str) -> np.ndarray:
     from skimage import data
 
-    if name == "motorcycle":
-        image = data.stereo_motorcycle()[0]
-    else:
-        image = getattr(data, name)()
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
+    image = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+    image = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
     return np.ascontiguousarray(image[..., :3]).astype(np.uint8)
 
 
 def export_demo_photos(root: str | os.PathLike) -> tuple[Path, Path]:
-    """Write the scikit-image photos as PNG into ``root/train`` and ``root/val``; returns both folders.
+    """Write the scikit-image photos as PNG into ``root/train`` and ``root/val`` (reused when there); returns both.
 
-    Photos already there are reused. The folders must hold exactly the demo's photos: in
-    folders this function made (it leaves a ``.sed-demo-photos`` mark in ``root``), other
-    images (left by an older version of the demo) are removed; in folders it did not make,
-    they are an error and nothing is deleted.
-
-    Raises:
-        DataError: ``root/train`` or ``root/val`` existed before and holds other images.
+    Other images are removed from folders this function made (marked ``.sed-demo-photos``) and a
+    :class:`DataError` in folders it did not make (nothing is deleted there).
     """
     root = Path(root)
     mark = root / ".sed-demo-photos"
@@ -711,10 +524,9 @@ def export_demo_photos(root: str | os.PathLike) -> tuple[Path, Path]:
         folder.mkdir(parents=True, exist_ok=True)
         foreign = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.stem not in names)
         if foreign and not ours:
-            raise DataError(
-                f"{str(folder)!r} holds images the demo did not write ({', '.join(p.name for p in foreign[:5])}); "
-                "the demo trains on its own photos only. Move them away, or pass another --out."
-            )
+            names = ", ".join(p.name for p in foreign[:5])
+            raise DataError(f"{str(folder)!r} holds images the demo did not write ({names}); the demo trains on its "
+                            "own photos only. Move them away, or pass another --out.")  # fmt: skip
         for stale in foreign:
             stale.unlink()
         for name in names:
@@ -727,17 +539,23 @@ def export_demo_photos(root: str | os.PathLike) -> tuple[Path, Path]:
     return folders[0], folders[1]
 
 
-def center_crops(
-    paths: Sequence[Path], size: int, scale: int, count: int, downsample: str = DEFAULT_DOWNSAMPLER
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Fixed (LR, HR) pairs for the sample grid: the centre ``size`` px crop of the first ``count`` images."""
-    size = (size // scale) * scale
+def center_crops(paths: Sequence[Path], size: int, scale: int, count: int, downsample: str = DEFAULT_DOWNSAMPLER, *,
+                 min_side: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """Fixed (LR, HR) pairs for the sample grid: the centre ``size`` px crop of the first ``count`` images.
+
+    Raises:
+        DataError: an image is unreadable or smaller than ``min_side`` px (all such images are named).
+    """
+    images = {path: read_image(path) for path in list(paths)[:count]}
+    small = [f"{path} ({a.shape[1]}x{a.shape[0]} px)" for path, a in images.items() if min(a.shape[:2]) < min_side]
+    if small:
+        raise DataError(f"Validation image(s) too small for x{scale} samples (at least {min_side}x{min_side} px: PSNR "
+                        f"ignores a {scale} px border): {', '.join(small)}. Remove them from --val-dir or pass another "
+                        "--val-dir.")  # fmt: skip
     pairs = []
-    for path in list(paths)[:count]:
-        image = read_image(path)
-        h, w = image.shape[:2]
-        side = min(size, (h // scale) * scale, (w // scale) * scale)
-        top, left = (h - side) // 2, (w - side) // 2
+    for image in images.values():
+        side = min((size // scale) * scale, *((n // scale) * scale for n in image.shape[:2]))
+        top, left = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
         hr = to_tensor(image[top : top + side, left : left + side])
         pairs.append((bicubic_downsample(hr, scale, method=downsample), hr))
     return pairs

@@ -1,8 +1,4 @@
-"""torchrun / DistributedDataParallel plumbing: one process per device, rank 0 writes files.
-
-``torchrun --nproc_per_node=N script.py ...`` sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``;
-without them the script runs as a single process. The backend is NCCL on CUDA and gloo on CPU.
-"""
+"""torchrun / DistributedDataParallel plumbing: one process per device (NCCL on CUDA, gloo on CPU), rank 0 writes."""
 
 from __future__ import annotations
 
@@ -17,7 +13,7 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process stands in the job."""
+    """Where this process stands in the job (a single process when torchrun did not start it)."""
 
     rank: int = 0
     local_rank: int = 0
@@ -35,9 +31,7 @@ class DistInfo:
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """``"auto"`` is this process's CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda was given but CUDA is not available; use --device cpu.")
@@ -47,17 +41,13 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device_name: str = "auto", timeout_minutes: int = 30) -> DistInfo:
-    """Join the process group when launched by torchrun; a single-process :class:`DistInfo` otherwise."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    """Join the process group when launched by torchrun (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` set)."""
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in
+                                    (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")))  # fmt: skip
     device = pick_device(device_name, local_rank)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(minutes=timeout_minutes)}
-        if device.type == "cuda":
-            kwargs["device_id"] = device
-        dist.init_process_group(**kwargs)
+        cuda: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes), **cuda)
     return DistInfo(rank, local_rank, world_size, device)
 
 
@@ -84,15 +74,15 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank when ``flag`` is true on at least one."""
     if not info.distributed:
         return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    tensor = torch.tensor([float(flag)], device=info.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item() > 0)
 
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
+    out: list[Any] = [None] * info.world_size
     if not info.distributed:
         return [obj]
-    out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out

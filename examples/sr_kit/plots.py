@@ -1,116 +1,137 @@
-"""Pictures of a training run: the LR | SR | HR sample grid and the loss curves (PNG files)."""
+"""Pictures of a training run: the labelled LR | SR | HR (| realness) sample grid and the curves of log.csv (PNG)."""
 
 from __future__ import annotations
 
 import csv
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import save_image, to_uint8
+from .checkpoint import atomic_write
 
 
-def sample_grid(rows: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], gap: int = 4) -> np.ndarray:
-    """One row per sample: LR (bicubic-upsampled to the HR size) | SR | HR, on a white background.
-
-    Args:
-        rows: ``(lr, sr, hr)`` tensors (3, h, w) / (3, H, W) / (3, H, W) in [0, 1].
-        gap: white pixels between tiles.
-
-    Returns:
-        An (H_total, W_total, 3) uint8 image.
-    """
-    tiles = []
-    for lr, sr, hr in rows:
-        up = F.interpolate(lr[None].float(), size=hr.shape[-2:], mode="bicubic", align_corners=False)[0]
-        tiles.append([to_uint8(t) for t in (up, sr, hr)])
-    height = sum(row[0].shape[0] for row in tiles) + gap * (len(tiles) + 1)
-    width = max(sum(t.shape[1] for t in row) + gap * 4 for row in tiles)
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    y = gap
-    for row in tiles:
-        x = gap
-        for tile in row:
-            canvas[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
-            x += tile.shape[1] + gap
-        y += row[0].shape[0] + gap
-    return canvas
-
-
-def save_sample_grid(rows: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], path: str | os.PathLike) -> Path:
-    """Write :func:`sample_grid` to ``path`` (PNG), through a temporary file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    save_image(sample_grid(rows), tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def _read_log(path: Path) -> dict[str, list[tuple[int, float]]]:
-    series: dict[str, list[tuple[int, float]]] = {}
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            step = int(row["step"])
-            for key, value in row.items():
-                if key == "step" or value in ("", None):
-                    continue
-                try:
-                    series.setdefault(key, []).append((step, float(value)))
-                except ValueError:
-                    continue
-    return series
-
-
-_PANELS = (
-    ("Generator losses (weighted)", ("l_g_total", "l_pix", "l_percep", "l_gan"), True),
-    ("Discriminator", ("l_d", "d_real", "d_fake"), False),
-    ("Validation PSNR (Y) [dB]", ("val_psnr",), False),
-)
-
-
-def plot_losses(log_csv: str | os.PathLike, path: str | os.PathLike) -> Path | None:
-    """Plot the curves of ``log.csv`` into ``path`` (PNG); ``None`` when the log has no row yet."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    log_csv, path = Path(log_csv), Path(path)
-    if not log_csv.exists():
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
+    _pyplot().close(fig)
+    return Path(path)
+
+
+def save_sample_grid(rows: Sequence[tuple[torch.Tensor, ...]], path: str | os.PathLike, *, step: int, scale: int,
+                     psnrs: Sequence[float], random_weights: Sequence[str] = ()) -> Path:  # fmt: skip
+    """One row per sample: LR (bicubic-upsampled) | SR | HR, and D's realness map when a row has a fourth tensor.
+
+    Args:
+        rows: ``(lr, sr, hr)`` or ``(lr, sr, hr, realness)``: (3, h, w), (3, H, W), (3, H, W) in [0, 1]
+            and (H, W) probabilities that each SR pixel is real.
+        step: training step (in the title); ``psnrs``: PSNR (Y) of each SR image.
+        random_weights: what ran on random weights (a red RANDOM WEIGHTS mark names them).
+    """
+    plt = _pyplot()
+    cols = max(len(row) for row in rows)
+    height, width = rows[0][2].shape[-2:]
+    size = max(1.6, width / 100)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(cols * size, len(rows) * size * height / width + 0.9),
+                             squeeze=False)  # fmt: skip
+    titles = [f"LR (bicubic x{scale})", "SR", "HR (ground truth)", "D: is SR real? (1 = yes)"]
+    for r, row in enumerate(rows):
+        lr, sr, hr = row[:3]
+        up = F.interpolate(lr[None].float(), size=hr.shape[-2:], mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        for c, tile in enumerate((up, sr, hr)):
+            axes[r, c].imshow(tile.permute(1, 2, 0).numpy())
+        axes[r, 1].set_xlabel(f"PSNR (Y) {psnrs[r]:.2f} dB", fontsize=8)
+        if len(row) > 3:
+            shown = axes[r, 3].imshow(row[3].numpy(), cmap="RdYlGn", vmin=0, vmax=1)
+            fig.colorbar(shown, ax=axes[r, 3], fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
+        for c in range(cols):
+            axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+            if r == 0:
+                axes[r, c].set_title(titles[c], fontsize=9)
+    fig.suptitle(f"Samples at step {step} (EMA weights when --ema is on)", fontsize=10)
+    if random_weights:
+        mark = textwrap.fill("RANDOM WEIGHTS: " + ", ".join(random_weights) + " (a smoke run, not a result)", 60)
+        fig.text(0.5, 0.005, mark, ha="center", va="bottom", color="white", backgroundcolor="red", fontsize=8,
+                 weight="bold")  # fmt: skip
+    fig.tight_layout(rect=(0, 0.03 * (mark.count("\n") + 2) if random_weights else 0, 1, 1))
+    return _save(fig, path)
+
+
+def read_log(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """``{column: [(step, value), ...]}`` of the numeric cells of log.csv."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            step = int(row["step"])
+            for key, value in row.items():
+                try:
+                    series.setdefault(key, []).append((step, float(value)))
+                except (TypeError, ValueError):  # empty cells, the phase column
+                    continue
+    return series
+
+
+# (title, columns, y axis); columns drawn with their own style where the meaning differs (d_real vs d_fake).
+_PANELS = (
+    ("Generator losses (weighted)", ("l_g_total", "l_pix", "l_percep", "l_gan"), "loss (log scale)"),
+    ("Discriminator loss", ("l_d",), "loss"),
+    ("D's mean probability 'real'", ("d_real", "d_fake"), "probability"),
+    ("Validation PSNR (Y)", ("val_psnr",), "dB"),
+    ("SeD: semantic influence", ("sem_influence",), "relative logit change"),
+    ("SeD: cross-attention sharpness", ("attn_sharpness_att1", "attn_sharpness_att2", "attn_sharpness_att3"),
+     "0 uniform, 1 one-hot"),
+)  # fmt: skip
+_STYLES = {"d_real": dict(color="tab:green", label="d_real (HR judged real)"),
+           "d_fake": dict(color="tab:red", linestyle="--", label="d_fake (SR judged real)")}  # fmt: skip
+
+
+def plot_losses(log_csv: str | os.PathLike, path: str | os.PathLike, *, psnr_steps: int = 0) -> Path | None:
+    """Plot log.csv into ``path`` (PNG): one x range for all panels, the end of the PSNR phase marked."""
+    if not Path(log_csv).exists():
         return None
-    series = _read_log(log_csv)
-    if not series:
+    series = read_log(log_csv)
+    if not series.get("l_pix"):
         return None
-    fig, axes = plt.subplots(1, len(_PANELS), figsize=(5 * len(_PANELS), 3.6))
-    for ax, (title, keys, log_scale) in zip(axes, _PANELS):
-        drawn = False
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), sharex=True)
+    first = min(s for points in series.values() for s, _ in points)
+    last = max(s for points in series.values() for s, _ in points)
+    for ax, (title, keys, unit) in zip(axes.flat, _PANELS):
+        log_scale = "log scale" in unit
         for key in keys:
-            points = series.get(key)
-            if not points:
-                continue
-            steps, values = zip(*points)
-            finite = [v for v in values if math.isfinite(v) and (v > 0 or not log_scale)]
-            if not finite:
-                continue
-            ax.plot(steps, values, label=key, marker="." if len(points) < 30 else None)
-            drawn = True
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if drawn:
+            points = [(s, v) for s, v in series.get(key, []) if math.isfinite(v) and (v > 0 or not log_scale)]
+            if points:
+                steps, values = zip(*points)
+                style = _STYLES.get(key, dict(label=key))
+                ax.plot(steps, values, marker="." if len(points) < 30 else None, **style)
+        if ax.lines:
             ax.legend(fontsize=8)
-            if log_scale:
-                ax.set_yscale("log")
+            ax.set_yscale("log" if log_scale else "linear")
         else:
-            ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="grey")
+            ax.text(0.5, 0.5, "not logged (yet)", ha="center", va="center", transform=ax.transAxes, color="grey")
+        if unit == "probability":
+            ax.set_ylim(-0.02, 1.02)
+        if psnr_steps > 0:
+            ax.axvline(psnr_steps, color="grey", linestyle=":", linewidth=1)
+            ax.text(psnr_steps, 0.98, " end of PSNR phase", transform=ax.get_xaxis_transform(), fontsize=7,
+                    color="grey", va="top")  # fmt: skip
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(unit, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    axes[0, 0].set_xlim(min(first, psnr_steps or first) - 0.5, last + 0.5)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)

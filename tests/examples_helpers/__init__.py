@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -34,6 +35,28 @@ TINY_ARGS = [
     "--sample-size", "32", "--num-samples", "1", "--sample-every", "0", "--log-every", "1",
     "--checkpoint-every", "100", "--no-progress", "--cache-images", "--total-steps", "2",
 ]  # fmt: skip
+
+
+def log_rows(run: Path) -> list[dict[str, str]]:
+    """The rows of ``run/log.csv``."""
+    with open(run / "log.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_same(a, b, path=""):
+    """Exact equality of two nested checkpoint structures (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"tensor {path} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"keys of {path} differ"
+        for key in a:
+            assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"length of {path} differs"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def photo_crops(count: int = 4, size: int = 48) -> list[np.ndarray]:
