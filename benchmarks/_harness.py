@@ -4,12 +4,15 @@ A *configuration* is a plain dict (JSON-serialisable) that says what to build an
 
 - ``kind``: ``"disc"`` (a whole SeD, forward + backward), ``"sefb"`` (one SeFB level, forward +
   backward), ``"step"`` (a full discriminator step through :class:`SeDAdversary`: semantics,
-  real and fake calls, backward, Adam step) or ``"extractor"`` (the frozen extractor's forward).
+  real and fake calls, backward, Adam step), ``"dstep"`` (the discriminator's share of that step
+  with the semantics given: real and fake calls, BCE loss, backward, Adam step; ``impl``
+  ``"ours"`` or ``"official"``, the authors' code from ``benchmarks/_official.py``) or
+  ``"extractor"`` (the frozen extractor's forward).
 - ``variant``, ``size`` (square patch side), ``batch``, ``level`` (SeFB name), ``path``
   (``"fused"``/``"math"``), ``dtype`` (``"fp32"``/``"bf16"``/``"fp16"``: autocast), ``layout``
   (``"default"``: the model's own choice, channels_last for the pixel SeD; ``"nchw"``/``"cl"``:
   ``SeD(channels_last=False/True)``, and for the extractor ``.to(memory_format=...)``),
-  ``compile`` (``torch.compile`` or eager),
+  ``compile`` (``torch.compile`` or eager; ``compile_backend`` picks its backend, default inductor),
   ``device``, ``warmup``, ``repeats``, ``tiny`` (small widths for smoke runs) and per-kind
   options (``semantics``, ``extractor_mode``, ``batched`` for ``"step"``).
 
@@ -104,6 +107,8 @@ def _model_kwargs(cfg: dict) -> dict:
 
 
 def _semantic_channels(cfg: dict) -> int:
+    if cfg.get("impl") == "official":
+        return 1024  # the authors' widths are fixed: no tiny version
     return 64 if cfg.get("tiny") else 1024
 
 
@@ -138,6 +143,17 @@ def _build_disc(cfg: dict, device: Any):
         kwargs.pop("channels_last", None)
         model = SeD(cfg["variant"], **kwargs).to(memory_format=_layout(cfg))
     model.to(device).train().set_fused_attn(cfg.get("path", "fused") == "fused")
+    return model
+
+
+def _build_official(cfg: dict, device: Any):
+    import torch
+    from _official import build_official
+
+    torch.manual_seed(0)
+    model = build_official(cfg["variant"]).to(device).train()
+    if cfg.get("layout") == "cl":
+        model = model.to(memory_format=torch.channels_last)
     return model
 
 
@@ -217,6 +233,13 @@ class _Runner:
             self.params = []
             if cfg.get("extractor_mode") == "inference":
                 self._wrap_inference(ext)
+        elif kind == "dstep":
+            official = cfg.get("impl", "ours") == "official"
+            self.model = _build_official(cfg, device) if official else _build_disc(cfg, device)
+            self.real, self.fake, self.semantic = image(), image(), semantic
+            self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4, betas=(0.9, 0.99))
+            self.fn = self._dstep
+            self.params = []
         elif kind == "extractor":
             self.model = _build_extractor(cfg, device)
             self.x = image()
@@ -229,7 +252,7 @@ class _Runner:
         self.compiled = None
         if cfg.get("compile"):
             target = self.adv.discriminator if kind == "step" else self.model
-            compiled = torch.compile(target)
+            compiled = torch.compile(target, backend=cfg.get("compile_backend", "inductor"))
             if kind == "step":
                 self.adv.discriminator = compiled
             else:
@@ -280,6 +303,19 @@ class _Runner:
         if self.grad is None or self.grad.shape != out.shape or self.grad.dtype != out.dtype:
             self.grad = torch.randn_like(out)
         out.backward(self.grad)
+
+    def _dstep(self) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        self.opt.zero_grad(set_to_none=True)
+        with _autocast(self.cfg, self.device):
+            real = self._call(self.real, self.semantic).float()
+            fake = self._call(self.fake, self.semantic).float()
+            loss = F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+            loss = loss + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+        loss.backward()
+        self.opt.step()
 
     def _step(self) -> None:
         from sed_discriminator import discriminator_loss
