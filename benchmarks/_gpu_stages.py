@@ -24,8 +24,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _harness as H  # noqa: E402
 import _official  # noqa: E402
+
+import _harness as H  # noqa: E402
 
 # Nominal (size, batch) of the issue -> what each plan runs. Rows keep the nominal size as ``role``.
 ROLES = (512, 256, 1024)  # measured in this order (1024, the slowest, last; its goal rows go first)
@@ -168,11 +169,20 @@ def stage_env(ctx: Context, log: StageLog) -> None:
     )
     if ctx.device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gb=props.total_memory / 2**30,
-                    capability=f"{props.major}.{props.minor}", gpu_count=torch.cuda.device_count())
+        info.update(
+            gpu=props.name,
+            gpu_memory_gb=props.total_memory / 2**30,
+            capability=f"{props.major}.{props.minor}",
+            gpu_count=torch.cuda.device_count(),
+        )
     try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=False)
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
         info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
     except (OSError, subprocess.TimeoutExpired) as err:
         info["nvidia_smi"] = f"not available ({type(err).__name__})"
@@ -272,9 +282,16 @@ def stage_sdpa(ctx: Context, log: StageLog) -> None:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         for dtype in ("fp32", "bf16"):
             ops = _attention_ops(functools.partial(_run_block, block, feats, sem, dtype, None, ctx.device), ctx.device)
-            row: dict[str, Any] = {"label": f"{variant}.{level} {dtype}", "variant": variant, "level": level,
-                                   "dtype": dtype, **shape, "default_ops": ops, "default_backend": backend_names(ops),
-                                   "forced": {}}
+            row: dict[str, Any] = {
+                "label": f"{variant}.{level} {dtype}",
+                "variant": variant,
+                "level": level,
+                "dtype": dtype,
+                **shape,
+                "default_ops": ops,
+                "default_backend": backend_names(ops),
+                "forced": {},
+            }
             for backend in SDPA_BACKENDS:
                 try:
                     _run_block(block, feats, sem, dtype, backend, ctx.device)  # warm-up, and does it accept the inputs
@@ -285,16 +302,21 @@ def stage_sdpa(ctx: Context, log: StageLog) -> None:
                         out, grad = _run_block(block, feats, sem, dtype, backend, ctx.device)
                         H._sync(torch.device(ctx.device))
                         times.append(time.perf_counter() - t0)
-                    row["forced"][backend] = {"ok": True, "ms": 1e3 * statistics.median(times),
-                                              "rel_err_out": _rel_err(out, ref_out),
-                                              "rel_err_grad": _rel_err(grad, ref_grad)}
+                    row["forced"][backend] = {
+                        "ok": True,
+                        "ms": 1e3 * statistics.median(times),
+                        "rel_err_out": _rel_err(out, ref_out),
+                        "rel_err_grad": _rel_err(grad, ref_grad),
+                    }
                 except RuntimeError as err:
                     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
                     row["forced"][backend] = {"ok": False, "error": first[:300]}
             log.add(row)
             accepted = [b for b, r in row["forced"].items() if r["ok"]]
-            print(f"  {row['label']}: default runs {row['default_backend'] or ops}; accepted when forced: {accepted}",
-                  flush=True)
+            print(
+                f"  {row['label']}: default runs {row['default_backend'] or ops}; accepted when forced: {accepted}",
+                flush=True,
+            )
         if ctx.device == "cuda":
             torch.cuda.empty_cache()
 
@@ -326,8 +348,11 @@ def dstep_plan(ctx: Context) -> list[dict]:
             _dstep_cfg(ctx, 1024, "pixel", path="fused", dtype="bf16", layout="cl"),
         ]
     # The rows goals G1 and G2 read come first, so that a stage cut short by its time limit still has them.
-    rows = [_dstep_cfg(ctx, role, "pixel", path="fused", dtype="bf16", layout=layout)
-            for role in (512, 1024) for layout in ("nchw", "cl")]
+    rows = [
+        _dstep_cfg(ctx, role, "pixel", path="fused", dtype="bf16", layout=layout)
+        for role in (512, 1024)
+        for layout in ("nchw", "cl")
+    ]
     for role in ROLES:
         for variant in ("pixel", "patch"):
             for path, dtype, layout in (
@@ -341,9 +366,11 @@ def dstep_plan(ctx: Context) -> list[dict]:
 
 
 def stage_dstep(ctx: Context, log: StageLog) -> None:
-    log.data["definition"] = ("one discriminator step with the semantics given: real and fake calls on a batch each, "
-                              "BCE loss, backward, Adam step; peak = torch.cuda.max_memory_allocated (reset per row), "
-                              "peak_abs includes weights, gradients and Adam state")
+    log.data["definition"] = (
+        "one discriminator step with the semantics given: real and fake calls on a batch each, "
+        "BCE loss, backward, Adam step; peak = torch.cuda.max_memory_allocated (reset per row), "
+        "peak_abs includes weights, gradients and Adam state"
+    )
     measure_rows(ctx, log, dstep_plan(ctx))
 
 
@@ -406,8 +433,10 @@ def stage_extractors(ctx: Context, log: StageLog) -> None:
 
     size, batch = ctx.shape(256)
     names = list(sd.list_extractors())
-    log.data["definition"] = (f"forward of each preset at {batch} x {size} px, random weights (pretrained=None), "
-                              "weights and input cast to bfloat16, inference mode; peak above the built model")
+    log.data["definition"] = (
+        f"forward of each preset at {batch} x {size} px, random weights (pretrained=None), "
+        "weights and input cast to bfloat16, inference mode; peak above the built model"
+    )
     if ctx.tiny:
         log.note("dry run: timm's tiny test ViT stands in for the presets: " + ", ".join(names))
         from sed_discriminator.extractor import ExtractorPreset, register_extractor
@@ -443,8 +472,9 @@ def stage_extractors(ctx: Context, log: StageLog) -> None:
                     model(x)
                     H._sync(device)
                     times.append(time.perf_counter() - t0)
-            row.update(ms=1e3 * statistics.median(times), n=len(times), channels=out.shape[1],
-                       grid=list(out.shape[-2:]))
+            row.update(
+                ms=1e3 * statistics.median(times), n=len(times), channels=out.shape[1], grid=list(out.shape[-2:])
+            )
             if device.type == "cuda":
                 row["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
             del model, x, out

@@ -94,15 +94,18 @@ def goal_memory_1024(stages: dict) -> dict:
     best = min(measured, key=lambda r: r["peak_abs_gb"])
     verdict = "PASS" if best["peak_abs_gb"] < MEMORY_LIMIT_GB else "FAIL"
     shown = _pick(_rows(stages, "dstep"), variant="pixel", role=1024, path="fused")
-    detail = ", ".join(f"{r['label']}: " + (f"{r['peak_abs_gb']:.1f} GB" if "peak_abs_gb" in r else r["error"])
-                       for r in shown)
+    detail = ", ".join(
+        f"{r['label']}: " + (f"{r['peak_abs_gb']:.1f} GB" if "peak_abs_gb" in r else r["error"]) for r in shown
+    )
     lowest = f"lowest {best['peak_abs_gb']:.1f} GB ({best['label']}); {detail}"
     return _goal("G2", text, verdict, best["peak_abs_gb"], lowest)
 
 
 def goal_fused_vs_math(stages: dict) -> dict:
-    text = (f"fused attention path at least as fast as the math path at 256 (within {NOISE:.0%} timing noise) "
-            "and faster at 512 and 1024 (NCHW, fp32 and bf16)")
+    text = (
+        f"fused attention path at least as fast as the math path at 256 (within {NOISE:.0%} timing noise) "
+        "and faster at 512 and 1024 (NCHW, fp32 and bf16)"
+    )
     rows = _rows(stages, "dstep")
     pairs, failures, checked = [], [], 0
     for r in _pick(rows, path="math", layout="nchw"):
@@ -189,8 +192,13 @@ def layout_advice(stages: dict) -> dict:
             choice = "NCHW"
         else:
             choice = f"NCHW (within {NOISE:.0%}: keep the reference's layout)"
-        advice[variant] = {"pairs": len(ratios), "time_ratio_geomean": geo, "time_ratios": ratios,
-                           "memory_ratios": mem, "advice": choice}
+        advice[variant] = {
+            "pairs": len(ratios),
+            "time_ratio_geomean": geo,
+            "time_ratios": ratios,
+            "memory_ratios": mem,
+            "advice": choice,
+        }
     return advice
 
 
@@ -199,8 +207,10 @@ def _tests_line(stages: dict) -> str:
     if t is None:
         return "CUDA tests: not run"
     c = t.get("counts", {})
-    line = (f"CUDA tests ({t.get('status')}): {c.get('passed', 0)} passed, {c.get('failed', 0)} failed, "
-            f"{c.get('errors', 0)} errors, {c.get('skipped', 0)} skipped")
+    line = (
+        f"CUDA tests ({t.get('status')}): {c.get('passed', 0)} passed, {c.get('failed', 0)} failed, "
+        f"{c.get('errors', 0)} errors, {c.get('skipped', 0)} skipped"
+    )
     for f in t.get("failed", [])[:8]:
         line += f"\n  FAILED {f}"
     return line
@@ -232,10 +242,21 @@ def build(out: Path, run: dict | None = None) -> dict:
         "modes": modes,
         "run": run or {},
         "env": stages.get("env", {}).get("env", {}),
-        "stages": {n: {"status": s.get("status"), "rows": len(s.get("rows", [])), "notes": s.get("notes", []),
-                       "started": s.get("started")} for n, s in stages.items()},
-        "goals": [goal_speed_vs_authors(stages), goal_memory_1024(stages), goal_fused_vs_math(stages),
-                  goal_compile(stages)],
+        "stages": {
+            n: {
+                "status": s.get("status"),
+                "rows": len(s.get("rows", [])),
+                "notes": s.get("notes", []),
+                "started": s.get("started"),
+            }
+            for n, s in stages.items()
+        },
+        "goals": [
+            goal_speed_vs_authors(stages),
+            goal_memory_1024(stages),
+            goal_fused_vs_math(stages),
+            goal_compile(stages),
+        ],
         "channels_last_advice": layout_advice(stages),
         "tests": {k: stages.get("tests", {}).get(k) for k in ("status", "counts", "failed")},
     }
@@ -250,10 +271,12 @@ def text(summary: dict, stages: dict) -> str:
         lines.append("DRY RUN: tiny sizes, one repeat; the code paths only. THESE ARE NOT FIGURES.")
     if len(summary["modes"]) > 1:
         lines.append(f"NOTE: the stage files come from runs of different modes: {summary['modes']}")
-    lines.append(f"device: {env.get('gpu', env.get('cpu', '?'))}; torch {env.get('torch', '?')}, "
-                 f"CUDA {env.get('cuda')}, "
-                 f"cuDNN {env.get('cudnn')}; TF32 matmul {env.get('matmul_allow_tf32')}, TF32 cuDNN "
-                 f"{env.get('cudnn_allow_tf32')}; sed_discriminator {env.get('sed_discriminator', '?')}")
+    lines.append(
+        f"device: {env.get('gpu', env.get('cpu', '?'))}; torch {env.get('torch', '?')}, "
+        f"CUDA {env.get('cuda')}, "
+        f"cuDNN {env.get('cudnn')}; TF32 matmul {env.get('matmul_allow_tf32')}, TF32 cuDNN "
+        f"{env.get('cudnn_allow_tf32')}; sed_discriminator {env.get('sed_discriminator', '?')}"
+    )
     run = summary.get("run", {})
     for name, s in run.get("stages", {}).items():
         lines.append(f"stage {name}: {s.get('status')} in {s.get('wall_s', 0):.0f} s")
@@ -275,9 +298,11 @@ def text(summary: dict, stages: dict) -> str:
         title = "SDPA backends (SeFB forward + backward; err: max abs error / output scale vs fp32 math, TF32 off):"
         lines += ["", title]
         lines += sdpa
-    for name, title in (("dstep", "D step (real + fake, backward, Adam; semantics given)"),
-                        ("official", "Authors' discriminators beside ours (same D step)"),
-                        ("compile", "Eager vs torch.compile")):
+    for name, title in (
+        ("dstep", "D step (real + fake, backward, Adam; semantics given)"),
+        ("official", "Authors' discriminators beside ours (same D step)"),
+        ("compile", "Eager vs torch.compile"),
+    ):
         rows = _rows(stages, name)
         notes = stages.get(name, {}).get("notes", [])
         if rows or notes:
@@ -288,8 +313,10 @@ def text(summary: dict, stages: dict) -> str:
         for r in ext:
             if "ms" in r:
                 peak = f", peak {r['peak_gb']:.2f} GB" if "peak_gb" in r else ""
-                lines.append(f"  {r['label']}: {r['ms']:.1f} ms{peak}, {r['channels']} ch on "
-                             f"{'x'.join(map(str, r['grid']))} ({r['params_m']:.0f} M params)")
+                lines.append(
+                    f"  {r['label']}: {r['ms']:.1f} ms{peak}, {r['channels']} ch on "
+                    f"{'x'.join(map(str, r['grid']))} ({r['params_m']:.0f} M params)"
+                )
             else:
                 lines.append(f"  {r['label']}: {r.get('error')}")
     return "\n".join(lines)

@@ -127,13 +127,17 @@ def child(args: argparse.Namespace) -> None:
                 row["peak_mb"] = _peak_rss_mb() - baseline
             row.update(channels=out.shape[1], grid=list(out.shape[-2:]))
         else:
-            models = {"self": model} if args.name == LEGACY else {"self": model, "legacy": _build(LEGACY, None, device, dtype)}
+            models = (
+                {"self": model}
+                if args.name == LEGACY
+                else {"self": model, "legacy": _build(LEGACY, None, device, dtype)}
+            )
             times: dict[str, list[float]] = {k: [] for k in models}
             for m in models.values():
                 m(x)  # warm-up
             sync()
             for r in range(args.repeats):
-                for key in (list(models) if r % 2 == 0 else list(models)[::-1]):
+                for key in list(models) if r % 2 == 0 else list(models)[::-1]:
                     start = time.perf_counter()
                     models[key](x)
                     sync()
@@ -145,8 +149,9 @@ def child(args: argparse.Namespace) -> None:
 
 def save_random_weights(name: str, path: Path) -> None:
     """Write a random-weight trunk of ``name`` to ``path`` (run in its own process)."""
-    import sed_discriminator as sd
     from safetensors.torch import save_file
+
+    import sed_discriminator as sd
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -193,7 +198,11 @@ def table(rows: list[dict], args: argparse.Namespace, dtypes: list[str]) -> str:
     for name in names:
         first = next((by[(name, d)] for d in dtypes if (name, d) in by and "error" not in by[(name, d)]), None)
         cells = [f"`{name}`" + (" (0.1)" if name == LEGACY else "")]
-        cells += [str(first["channels"]), "x".join(map(str, first["grid"])), f"{first['params_m']:.1f}"] if first else ["-"] * 3
+        cells += (
+            [str(first["channels"]), "x".join(map(str, first["grid"])), f"{first['params_m']:.1f}"]
+            if first
+            else ["-"] * 3
+        )
         for dtype in dtypes:
             row, ref = by.get((name, dtype), {}), by.get((LEGACY, dtype), {})
             if "ms" not in row:
@@ -243,7 +252,11 @@ def main() -> None:
                 subprocess.run([sys.executable, __file__, "--child", name, "--save-weights", str(weights)], check=True)
             for dtype in args.dtypes:
                 left = args.budget_s - (time.perf_counter() - start)
-                row = run_one(name, dtype, args, max(left, 1), weights) if left > 0 else dict(name=name, dtype=dtype, error="budget")
+                row = (
+                    run_one(name, dtype, args, max(left, 1), weights)
+                    if left > 0
+                    else dict(name=name, dtype=dtype, error="budget")
+                )
                 rows.append(row)
                 shown = f"{row['ms']:.0f} ms, peak {row['peak_mb']:.0f} MB" if "ms" in row else row["error"]
                 print(f"[{time.perf_counter() - start:6.0f}s] {name} {dtype}: {shown}", flush=True)
@@ -254,7 +267,9 @@ def main() -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "extractors.md").write_text(text + "\n")
-        (args.out / "extractors.json").write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, rows=rows), indent=1))
+        (args.out / "extractors.json").write_text(
+            json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, rows=rows), indent=1)
+        )
 
 
 if __name__ == "__main__":

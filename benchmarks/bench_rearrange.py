@@ -59,14 +59,22 @@ def main() -> None:
     attention = Attention(64, heads=1, head_dim=64)
     cases = {
         # proj_out output of the pixel SeD's att1 at 256 px: 1024 channels on a 16x16 grid, u = 8
-        "channels_to_space NCHW": (lambda x: channels_to_space(x, 8, channels_last=False),
-                                   lambda x: manual_channels_to_space(x, 8, False), torch.randn(b, 1024, 16, 16)),
-        "channels_to_space -> channels_last": (lambda x: channels_to_space(x, 8, channels_last=True),
-                                               lambda x: manual_channels_to_space(x, 8, True),
-                                               torch.randn(b, 1024, 16, 16)),
+        "channels_to_space NCHW": (
+            lambda x: channels_to_space(x, 8, channels_last=False),
+            lambda x: manual_channels_to_space(x, 8, False),
+            torch.randn(b, 1024, 16, 16),
+        ),
+        "channels_to_space -> channels_last": (
+            lambda x: channels_to_space(x, 8, channels_last=True),
+            lambda x: manual_channels_to_space(x, 8, True),
+            torch.randn(b, 1024, 16, 16),
+        ),
         "tokens of NCHW features": (_to_tokens, manual_to_tokens, torch.randn(b, 64, 128, 128)),
-        "tokens of channels_last features": (_to_tokens, manual_to_tokens,
-                                             torch.randn(b, 64, 128, 128).contiguous(memory_format=torch.channels_last)),
+        "tokens of channels_last features": (
+            _to_tokens,
+            manual_to_tokens,
+            torch.randn(b, 64, 128, 128).contiguous(memory_format=torch.channels_last),
+        ),
         "split heads": (attention._split_heads, lambda t: manual_split_heads(t, 1), torch.randn(b, 16384, 64)),
     }
     print(f"{'rearrange':36s} {'einops ms':>10s} {'manual ms':>10s} {'ratio':>7s}")

@@ -92,7 +92,9 @@ def plan(args: argparse.Namespace) -> list[dict]:
 
     def add(kind, group, cfgs, size, **shared):
         for i, extra in enumerate(cfgs):
-            rows.append(_row(kind, group, i == 0, **{"size": size, **_reps(size, quick, dev), **common, **shared, **extra}))
+            rows.append(
+                _row(kind, group, i == 0, **{"size": size, **_reps(size, quick, dev), **common, **shared, **extra})
+            )
 
     math_fp32 = {"path": "math"}
     fused = {"path": "fused"}
@@ -140,27 +142,35 @@ def plan(args: argparse.Namespace) -> list[dict]:
         for variant in variants:
             base = {"path": "math", "semantics": "per_call"}
             once = {"path": "fused", "semantics": "once"}
-            cfgs = [base, once] if quick else [
-                base,
-                {"path": "fused", "semantics": "per_call"},
-                once,
-                {**once, "batched": True},
-                {**once, "layout": _OTHER_LAYOUT[variant]},
-                {**once, "dtype": "bf16"},
-                {**once, "dtype": "bf16", "batched": True},
-            ]
+            cfgs = (
+                [base, once]
+                if quick
+                else [
+                    base,
+                    {"path": "fused", "semantics": "per_call"},
+                    once,
+                    {**once, "batched": True},
+                    {**once, "layout": _OTHER_LAYOUT[variant]},
+                    {**once, "dtype": "bf16"},
+                    {**once, "dtype": "bf16", "batched": True},
+                ]
+            )
             group = f"step {variant} {size} b{args.step_batch}"
             reps = {} if quick or dev == "cuda" else {"warmup": 1, "repeats": 2}
             add("step", group, cfgs, size, variant=variant, batch=args.step_batch, **reps)
     if "extractor" in args.suites:
         for size in [s for s in sizes if s <= 256]:
-            cfgs = [{}, {"layout": "cl"}] if quick else [
-                {},
-                {"extractor_mode": "inference"},
-                {"layout": "cl"},
-                {"dtype": "bf16"},
-                {"layout": "cl", "dtype": "bf16"},
-            ]
+            cfgs = (
+                [{}, {"layout": "cl"}]
+                if quick
+                else [
+                    {},
+                    {"extractor_mode": "inference"},
+                    {"layout": "cl"},
+                    {"dtype": "bf16"},
+                    {"layout": "cl", "dtype": "bf16"},
+                ]
+            )
             group = f"extractor {size} b{args.extractor_batch}"
             add("extractor", group, cfgs, size, batch=args.extractor_batch)
     if "gpu" in args.suites:
@@ -234,7 +244,9 @@ def run(rows: list[dict], args: argparse.Namespace) -> None:
                     row["results"].append({"error": "skipped (time budget)"})
                     continue
                 t0 = time.perf_counter()
-                res = H.run_isolated(cfg, SCRIPT, args.timeout_s, worker_env(args)) if isolated else H.measure_safely(cfg)
+                res = (
+                    H.run_isolated(cfg, SCRIPT, args.timeout_s, worker_env(args)) if isolated else H.measure_safely(cfg)
+                )
                 row["results"].append(res)
                 brief = res.get("error") or f"{res['time']:.3f} s, {res['peak'] / 2**20:.0f} MB"
                 print(
@@ -270,8 +282,10 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def table(rows: list[dict], device: str) -> str:
     """Markdown table of the measured rows."""
-    head = ("| group | configuration | time (s) | x baseline | CPU time (s) | peak memory (MB) | x baseline "
-            "| n | first iter. (s) | load |")
+    head = (
+        "| group | configuration | time (s) | x baseline | CPU time (s) | peak memory (MB) | x baseline "
+        "| n | first iter. (s) | load |"
+    )
     if device == "cuda":
         head = "| group | configuration | time (ms) | img/s | x baseline throughput | peak above build (GB) | peak total (GB) | x baseline memory | n |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -304,7 +318,9 @@ def _find(rows: Iterable[dict], **want) -> dict | None:
         cfg = r["cfg"]
         if cfg.get("library") or r.get("comparison"):
             continue  # before/after rows: another version of the library, or its counterpart
-        if all(cfg.get(k, _DEFAULTS.get(k)) == v for k, v in want.items()) and "error" not in r.get("result", {"error": 1}):
+        if all(cfg.get(k, _DEFAULTS.get(k)) == v for k, v in want.items()) and "error" not in r.get(
+            "result", {"error": 1}
+        ):
             return r
     return None
 
@@ -348,8 +364,14 @@ def gpu_targets(rows: list[dict]) -> str:
     """The GPU targets of the performance issue (an H100 in the issue), from the gpu suite."""
     out = []
     for variant in ("patch", "pixel"):
-        group = [r for r in rows if r["cfg"]["kind"] == "step" and r["cfg"]["variant"] == variant
-                 and r["cfg"]["size"] == 256 and "error" not in r.get("result", {"error": 1})]
+        group = [
+            r
+            for r in rows
+            if r["cfg"]["kind"] == "step"
+            and r["cfg"]["variant"] == variant
+            and r["cfg"]["size"] == 256
+            and "error" not in r.get("result", {"error": 1})
+        ]
         bf16 = [r for r in group if r["cfg"].get("dtype") == "bf16" and r.get("time_ratio")]
         if not bf16:
             out.append(f"- {variant} D step at 256, bf16 vs fp32 math throughput: not measured")
@@ -357,8 +379,10 @@ def gpu_targets(rows: list[dict]) -> str:
         best = min(bf16, key=lambda r: r["time_ratio"])
         speedup = 1 / best["time_ratio"]
         verdict = "met" if speedup >= 3 else "NOT met"
-        out.append(f"- {variant} D step at 256, best bf16 ({label(best['cfg'])}) vs fp32 math: "
-                   f"x{speedup:.2f} throughput (target >= 3) -> {verdict}")
+        out.append(
+            f"- {variant} D step at 256, best bf16 ({label(best['cfg'])}) vs fp32 math: "
+            f"x{speedup:.2f} throughput (target >= 3) -> {verdict}"
+        )
     for r in rows:
         cfg = r["cfg"]
         if cfg["kind"] == "step" and cfg["variant"] == "pixel" and cfg["size"] == 1024 and cfg.get("path") == "fused":
@@ -368,8 +392,10 @@ def gpu_targets(rows: list[dict]) -> str:
                 continue
             gb = res["peak_abs"] / 2**30
             verdict = "met" if gb < 40 else "NOT met"
-            out.append(f"- pixel D step at 1024, batch {cfg['batch']}, {label(cfg)}: peak {gb:.1f} GB "
-                       f"(target < 40 GB) -> {verdict}")
+            out.append(
+                f"- pixel D step at 1024, batch {cfg['batch']}, {label(cfg)}: peak {gb:.1f} GB "
+                f"(target < 40 GB) -> {verdict}"
+            )
     return "\n".join(out)
 
 
@@ -417,19 +443,35 @@ def plots(rows: list[dict], out_dir: str, machine: dict) -> list[str]:
                     any_data = True
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=name)
             if metric == "peak":
-                ref = [r for r in rows if r["cfg"]["kind"] == "disc" and r["cfg"]["variant"] == variant
-                       and not r["cfg"].get("library") and not r.get("comparison")
-                       and r["cfg"].get("path") == "fused" and r["cfg"].get("dtype", "fp32") == "fp32"
-                       and r["cfg"].get("layout", "default") == "default" and not r["cfg"].get("compile")
-                       and "error" not in r.get("result", {})]
+                ref = [
+                    r
+                    for r in rows
+                    if r["cfg"]["kind"] == "disc"
+                    and r["cfg"]["variant"] == variant
+                    and not r["cfg"].get("library")
+                    and not r.get("comparison")
+                    and r["cfg"].get("path") == "fused"
+                    and r["cfg"].get("dtype", "fp32") == "fp32"
+                    and r["cfg"].get("layout", "default") == "default"
+                    and not r["cfg"].get("compile")
+                    and "error" not in r.get("result", {})
+                ]
                 if len(ref) >= 2:
                     s0 = min(ref, key=lambda r: r["cfg"]["size"])
                     sizes = sorted(r["cfg"]["size"] for r in ref)
                     m0 = s0["result"]["peak"] * scale
-                    ax.plot(sizes, [m0 * (s / sizes[0]) ** 2 for s in sizes], "k:", lw=1, label="grows with area (fused, from smallest)")
+                    ax.plot(
+                        sizes,
+                        [m0 * (s / sizes[0]) ** 2 for s in sizes],
+                        "k:",
+                        lw=1,
+                        label="grows with area (fused, from smallest)",
+                    )
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            sides = sorted({r["cfg"]["size"] for r in rows if r["cfg"]["kind"] == "disc" and r["cfg"]["variant"] == variant})
+            sides = sorted(
+                {r["cfg"]["size"] for r in rows if r["cfg"]["kind"] == "disc" and r["cfg"]["variant"] == variant}
+            )
             sides = sides or sorted({r["cfg"]["size"] for r in rows if r["cfg"]["kind"] == "disc"})
             ax.set_xticks(sides, [str(v) for v in sides])
             ax.set_xlim(sides[0] / 1.3, sides[-1] * 1.3)
@@ -459,12 +501,22 @@ def plots(rows: list[dict], out_dir: str, machine: dict) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suites", nargs="+", default=None, choices=(*ALL_SUITES, "gpu"),
-                   help="what to measure (default: all CPU suites; 'gpu' is the table of gpu_check.sh)")
+    p.add_argument(
+        "--suites",
+        nargs="+",
+        default=None,
+        choices=(*ALL_SUITES, "gpu"),
+        help="what to measure (default: all CPU suites; 'gpu' is the table of gpu_check.sh)",
+    )
     p.add_argument("--sizes", nargs="+", type=int, default=[256, 512, 1024], help="square patch sides")
     p.add_argument("--batch", type=int, default=1, help="batch of the disc and sefb suites (and gpu)")
-    p.add_argument("--levels", nargs="+", default=None, metavar="VARIANT.LEVEL",
-                   help="SeFB levels of the sefb suite, e.g. pixel.att1 (default: all)")
+    p.add_argument(
+        "--levels",
+        nargs="+",
+        default=None,
+        metavar="VARIANT.LEVEL",
+        help="SeFB levels of the sefb suite, e.g. pixel.att1 (default: all)",
+    )
     p.add_argument("--step-size", type=int, default=256, help="patch side of the step suite")
     p.add_argument("--step-batch", type=int, default=2, help="batch of the step suite")
     p.add_argument("--extractor-batch", type=int, default=4, help="batch of the extractor suite")
@@ -475,8 +527,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny widths (smoke runs, not figures)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per configuration")
     p.add_argument("--library", default=None, help="import sed_discriminator from this directory (before/after runs)")
-    p.add_argument("--omp-passive", action="store_true",
-                   help="run the CPU workers with OMP_WAIT_POLICY=PASSIVE (robust on a shared, busy machine)")
+    p.add_argument(
+        "--omp-passive",
+        action="store_true",
+        help="run the CPU workers with OMP_WAIT_POLICY=PASSIVE (robust on a shared, busy machine)",
+    )
     p.add_argument("--rounds", type=int, default=1, help="run each group this many times, alternating its order")
     p.add_argument("--in-process", action="store_true", help="run every configuration in this process")
     p.add_argument("--budget-s", type=float, default=None, help="skip remaining configurations after this many seconds")
@@ -484,8 +539,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results/<device>[-quick])")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write PNG plots")
     p.add_argument("--dry-run", action="store_true", help="print the configurations and exit")
-    p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
-                   help="do not measure: rebuild tables and plots from earlier results.json files (merged)")
+    p.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="do not measure: rebuild tables and plots from earlier results.json files (merged)",
+    )
     args = p.parse_args(argv)
     if args.suites is None:
         args.suites = ["gpu"] if args.device.startswith("cuda") else list(ALL_SUITES)
@@ -530,7 +590,9 @@ def main(argv: list[str] | None = None) -> int:
         md += ["", "Targets of the performance issue (GPU):", gpu_targets(rows)]
     text = "\n".join(md)
     print("\n" + text, flush=True)
-    out_dir = args.out or os.path.join(os.path.dirname(SCRIPT), "results", args.device + ("-quick" if args.quick else ""))
+    out_dir = args.out or os.path.join(
+        os.path.dirname(SCRIPT), "results", args.device + ("-quick" if args.quick else "")
+    )
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as fh:
         json.dump({"machine": machine, "args": vars(args), "wall_s": wall, "rows": rows}, fh, indent=1)
@@ -552,9 +614,17 @@ def report_from_json(args: argparse.Namespace) -> int:
         rows += data["rows"]
     summarise(rows)
     device = "cuda" if any(r["cfg"].get("device") == "cuda" for r in rows) else "cpu"
-    text = "\n".join([f"Machine: {json.dumps(machine)}", f"Measurement wall time: {wall / 60:.1f} min.", "",
-                      table(rows, device), "", "Targets of the performance issue:",
-                      targets(rows) if device == "cpu" else gpu_targets(rows)])
+    text = "\n".join(
+        [
+            f"Machine: {json.dumps(machine)}",
+            f"Measurement wall time: {wall / 60:.1f} min.",
+            "",
+            table(rows, device),
+            "",
+            "Targets of the performance issue:",
+            targets(rows) if device == "cpu" else gpu_targets(rows),
+        ]
+    )
     print(text)
     out_dir = args.out or os.path.dirname(os.path.abspath(args.from_json[0]))
     os.makedirs(out_dir, exist_ok=True)

@@ -72,12 +72,21 @@ MIN_STAGE_S = 15.0  # a stage is not started with less time left than this
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", nargs="+", choices=STAGE_ORDER, default=None,
-                   help="stages to run, in the order given (default: all; --quick: env sdpa dstep official compile)")
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        choices=STAGE_ORDER,
+        default=None,
+        help="stages to run, in the order given (default: all; --quick: env sdpa dstep official compile)",
+    )
     p.add_argument("--quick", action="store_true", help="the rows the goals need only: about 3 minutes, for a rerun")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes, one repeat: every code path in about a minute")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="total seconds; stages that no longer fit are skipped (default: 450 full, 180 quick)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="total seconds; stages that no longer fit are skipped (default: 450 full, 180 quick)",
+    )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: $OUT, else runs/gpu_check)")
     p.add_argument("--summary-only", action="store_true", help="measure nothing: rebuild the summary from --out")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # internal: run one stage in this process
@@ -117,8 +126,9 @@ def _run_process(cmd: list[str], timeout: float, say: Tee, log_path: Path) -> tu
     """Run ``cmd`` with its output teed; on timeout kill its process group. Returns (status, exit code)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
 
         def pump() -> None:
             for line in proc.stdout:
@@ -145,12 +155,34 @@ def _tests_stage(out: Path, mode: str, timeout: float, say: Tee) -> str:
 
     xml_path = out / "pytest_cuda.xml"
     xml_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_perf_cuda.py", "-p", "no:cacheprovider",
-           "-rA", "-s", f"--junitxml={xml_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "cuda",
+        "tests/test_perf_cuda.py",
+        "-p",
+        "no:cacheprovider",
+        "-rA",
+        "-s",
+        f"--junitxml={xml_path}",
+    ]
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     status, rc = _run_process(cmd, timeout, say, out / "pytest_cuda.log")
-    data: dict = {"stage": "tests", "mode": mode, "started": started, "status": status, "returncode": rc,
-                  "command": " ".join(cmd[1:]), "rows": [], "notes": [], "counts": {}, "failed": []}
+    data: dict = {
+        "stage": "tests",
+        "mode": mode,
+        "started": started,
+        "status": status,
+        "returncode": rc,
+        "command": " ".join(cmd[1:]),
+        "rows": [],
+        "notes": [],
+        "counts": {},
+        "failed": [],
+    }
     if rc in (0, 1) and xml_path.is_file():  # pytest: 0 all passed, 1 some failed
         data["status"] = "done"
     if xml_path.is_file():
@@ -166,8 +198,9 @@ def _tests_stage(out: Path, mode: str, timeout: float, say: Tee) -> str:
                     message = message[0][:200] if message else ""
                     break
             counts[outcome] += 1
-            data["rows"].append({"label": name, "outcome": outcome, "message": message,
-                                 "time_s": float(case.get("time") or 0)})
+            data["rows"].append(
+                {"label": name, "outcome": outcome, "message": message, "time_s": float(case.get("time") or 0)}
+            )
             if outcome in ("failed", "errors"):
                 data["failed"].append(f"{name}: {message}")
         data["counts"] = counts
@@ -189,22 +222,32 @@ def run_all(args: argparse.Namespace) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            raise SystemExit("No CUDA device is visible to torch. For a smoke run of every stage on the CPU, run "
-                             "with --dry-run (or SED_GPU_CHECK_DEVICE=cpu).")
+            raise SystemExit(
+                "No CUDA device is visible to torch. For a smoke run of every stage on the CPU, run "
+                "with --dry-run (or SED_GPU_CHECK_DEVICE=cpu)."
+            )
     stages = list(args.stages or DEFAULT_STAGES[mode])
     budget = args.budget_s if args.budget_s is not None else DEFAULT_BUDGET_S[mode]
     caps = STAGE_CAP_S[mode]
     start = time.time()
     run = _load_run(out)
-    run.update(mode=mode, device=device, budget_s=budget, started=datetime.datetime.now(datetime.timezone.utc)
-               .isoformat(timespec="seconds"), command=sys.argv[1:], out=str(out))
+    run.update(
+        mode=mode,
+        device=device,
+        budget_s=budget,
+        started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=sys.argv[1:],
+        out=str(out),
+    )
     run.setdefault("stages", {})
     say(f"mode {mode} on {device}, stages {' '.join(stages)}, budget {budget:.0f} s, output {out}")
     for stage in stages:
         left = budget - (time.time() - start)
         if left < MIN_STAGE_S:
-            run["stages"][stage] = {"status": f"skipped: time budget ({max(left, 0):.0f} s left of {budget:.0f})",
-                                    "wall_s": 0.0}
+            run["stages"][stage] = {
+                "status": f"skipped: time budget ({max(left, 0):.0f} s left of {budget:.0f})",
+                "wall_s": 0.0,
+            }
             _mark_skipped(out, stage, mode, run["stages"][stage]["status"])
             say(f"stage {stage}: skipped (time budget)")
             continue
@@ -215,8 +258,20 @@ def run_all(args: argparse.Namespace) -> int:
             status = _tests_stage(out, mode, limit, say)
         else:
             # The stage stops starting rows a little before its limit, so it ends on its own.
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--mode", mode, "--device", device,
-                   "--out", str(out), "--deadline", str(time.time() + limit - 5)]
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--stage",
+                stage,
+                "--mode",
+                mode,
+                "--device",
+                device,
+                "--out",
+                str(out),
+                "--deadline",
+                str(time.time() + limit - 5),
+            ]
             status, _ = _run_process(cmd, limit, say, out / f"{stage}.log")
             status = _stage_status(out, stage, status)
         run["stages"][stage] = {"status": status, "wall_s": time.time() - t0, "limit_s": limit}

@@ -25,7 +25,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from sr_kit import checkpoint as ckpt  # noqa: E402
 from sr_kit import data as sr_data  # noqa: E402
 from sr_kit.cli import DefaultsHelpFormatter, positive_int  # noqa: E402

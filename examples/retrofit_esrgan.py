@@ -40,18 +40,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
 from sr_kit import checkpoint as ckpt  # noqa: E402
 from sr_kit import data as sr_data  # noqa: E402
 from sr_kit import dist as sr_dist  # noqa: E402
 from sr_kit.cli import DefaultsHelpFormatter, positive_int  # noqa: E402
 from sr_kit.metrics import psnr_y  # noqa: E402
 from sr_kit.models import (  # noqa: E402
-    DISCRIMINATORS, WeightsUnavailable, banner, build_discriminator, build_generator, load_extractor,
-    load_generator_weights, load_vgg19_features, make_ema, perceptual_loss,
+    DISCRIMINATORS,
+    WeightsUnavailable,
+    banner,
+    build_discriminator,
+    build_generator,
+    load_extractor,
+    load_generator_weights,
+    load_vgg19_features,
+    make_ema,
+    perceptual_loss,
 )  # fmt: skip
 from sr_kit.plots import plot_losses, save_sample_grid  # noqa: E402
+from torch import nn  # noqa: E402
 
 from sed_discriminator import discriminator_loss, frozen_parameters, generator_loss  # noqa: E402
 from sed_discriminator.diagnostics import semantic_diagnostics  # noqa: E402
@@ -362,7 +369,12 @@ class Trainer:
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=args.lr_d, betas=tuple(args.betas))
         self.sched_g = torch.optim.lr_scheduler.MultiStepLR(self.opt_g, args.milestones, args.gamma)
         self.sched_d = torch.optim.lr_scheduler.MultiStepLR(self.opt_d, args.milestones, args.gamma)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")  # one for both losses
+        # One scaler for both losses; torch.amp.GradScaler is torch >= 2.3 (the floor, 2.2, has the CUDA one).
+        fp16 = args.amp == "fp16"
+        if hasattr(torch.amp, "GradScaler"):
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        else:
+            self.scaler = torch.cuda.amp.GradScaler(enabled=fp16 and self.device.type == "cuda")
         self.ema = make_ema(self.g, args.ema) if args.ema > 0 else None
         self.diagnose_every = args.diagnostics_every if self.extractor is not None and args.batch_size > 1 else 0
         if self.extractor is not None and args.diagnostics_every and not self.diagnose_every and info.is_main:

@@ -93,9 +93,7 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
-def check_semantic(
-    semantic: torch.Tensor, *, owner: str, channels: int, batch: int, check_finite: bool = True
-) -> None:
+def check_semantic(semantic: torch.Tensor, *, owner: str, channels: int, batch: int, check_finite: bool = True) -> None:
     """Raise ``ValueError`` unless ``semantic`` is a float (batch, channels, h, w) map with h, w >= 1.
 
     ``check_finite=False`` skips the optional NaN/Inf check (for callers whose caller checked already).

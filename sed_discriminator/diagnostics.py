@@ -98,9 +98,7 @@ def _sharpness(probabilities: torch.Tensor) -> float:
     return float(min(1.0, max(0.0, 1.0 - entropy.item() / math.log(tokens))))
 
 
-def semantic_influence(
-    discriminator: nn.Module, images: torch.Tensor, semantic: torch.Tensor | None = None
-) -> float:
+def semantic_influence(discriminator: nn.Module, images: torch.Tensor, semantic: torch.Tensor | None = None) -> float:
     """How much the discriminator's logits depend on the semantics, relative to their spread.
 
     Each image is judged once with its own semantic map and once with the map of the next image

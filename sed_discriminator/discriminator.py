@@ -136,8 +136,13 @@ class SeD(nn.Module):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"Unknown SeD variant {variant!r}; choose one of {VARIANTS}.")
-        sizes = (("in_channels", in_channels), ("width", width), ("semantic_channels", semantic_channels),
-                 ("heads", heads), ("head_dim", head_dim))
+        sizes = (
+            ("in_channels", in_channels),
+            ("width", width),
+            ("semantic_channels", semantic_channels),
+            ("heads", heads),
+            ("head_dim", head_dim),
+        )
         for arg, value in sizes:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg} must be a positive integer, got {value!r}.")

@@ -78,7 +78,9 @@ class ExtractorPreset:
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.build is None):
-            raise ValueError(f"ExtractorPreset {self.name!r} needs exactly one of model= (a timm model name) or build=.")
+            raise ValueError(
+                f"ExtractorPreset {self.name!r} needs exactly one of model= (a timm model name) or build=."
+            )
         if self.build is not None and (self.channels is None or self.stride is None):
             raise ValueError(f"ExtractorPreset {self.name!r} with build= needs channels= and stride=.")
 
@@ -110,7 +112,9 @@ def register_extractor(preset: ExtractorPreset, overwrite: bool = False) -> Extr
         The registered preset (with ``channels`` and ``stride`` filled in).
     """
     if preset.name in _PRESETS and not overwrite:
-        raise ValueError(f"An extractor named {preset.name!r} is registered already; pass overwrite=True to replace it.")
+        raise ValueError(
+            f"An extractor named {preset.name!r} is registered already; pass overwrite=True to replace it."
+        )
     if preset.name.startswith(TIMM_PREFIX):
         raise ValueError(f"Preset names may not start with {TIMM_PREFIX!r}: that prefix names timm models directly.")
     if preset.channels is None or preset.stride is None:
@@ -283,7 +287,9 @@ def _explain_input_size(model_name: str, layer: int, size: tuple[int, int], err:
 def _is_clip_resnet(model: nn.Module) -> bool:
     from timm.models.byobnet import ByobNet
 
-    return isinstance(model, ByobNet) and "_clip" in str((getattr(model, "pretrained_cfg", None) or {}).get("architecture"))
+    return isinstance(model, ByobNet) and "_clip" in str(
+        (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    )
 
 
 def _match_openai_clip_pooling(model: nn.Module) -> None:
@@ -478,7 +484,9 @@ class SemanticExtractor(nn.Module):
                 if preset.stride is None:  # a stride read from timm's feature_info: check that it means one
                     _check_grid_follows_input(model_name, self._layer, self.trunk)
                 info = self.trunk.feature_info[self._layer]
-                preset = replace(preset, layer=self._layer, channels=int(info["num_chs"]), stride=int(info["reduction"]))
+                preset = replace(
+                    preset, layer=self._layer, channels=int(info["num_chs"]), stride=int(info["reduction"])
+                )
                 cfg = self.trunk.pretrained_cfg or {}
                 cfg_mean, cfg_std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
                 self._tokens = hasattr(self.trunk, "patch_embed") and hasattr(self.trunk, "blocks")

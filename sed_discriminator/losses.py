@@ -222,7 +222,9 @@ def r1_penalty(discriminator: Callable[..., torch.Tensor], real: torch.Tensor, *
     """
     if not isinstance(real, torch.Tensor) or real.ndim == 0 or real.shape[0] == 0:
         shape = tuple(real.shape) if isinstance(real, torch.Tensor) else type(real).__name__
-        raise ValueError(f"r1_penalty needs a non-empty batch of real images, got {shape}; the penalty of no image is NaN.")
+        raise ValueError(
+            f"r1_penalty needs a non-empty batch of real images, got {shape}; the penalty of no image is NaN."
+        )
     real = (real.clone() if real.is_inference() else real.detach()).requires_grad_(True)
     with math_attention():
         logits = discriminator(real, *args)

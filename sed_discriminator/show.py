@@ -56,7 +56,9 @@ def load_image(path: str | None, demo: str, size: int) -> tuple[torch.Tensor, st
         try:
             from PIL import Image
         except ImportError as err:
-            raise ImportError(f"Reading images needs Pillow: {visualize.INSTALL_HINT} (or pip install pillow).") from err
+            raise ImportError(
+                f"Reading images needs Pillow: {visualize.INSTALL_HINT} (or pip install pillow)."
+            ) from err
         try:
             with Image.open(path) as img:
                 array = np.asarray(img.convert("RGB"))
@@ -156,7 +158,9 @@ def cmd_realness(args: argparse.Namespace) -> str:
         sr, _ = load_image(args.sr, args.demo, args.size)
         sr_label = f"SR {os.path.basename(args.sr)}"
         if sr.shape != hr.shape:
-            raise SystemExit(f"error: --sr and --hr must have one size, got {tuple(sr.shape[-2:])} and {tuple(hr.shape[-2:])}")
+            raise SystemExit(
+                f"error: --sr and --hr must have one size, got {tuple(sr.shape[-2:])} and {tuple(hr.shape[-2:])}"
+            )
     extractor, random_ext = _extractor(args)
     model, random_d = _discriminator(args, extractor.channels)
     hr, sr = hr.to(args.device), sr.to(args.device)
@@ -183,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--size", type=int, default=256, help="longer side in pixels (default 256)")
         p.add_argument("--extractor", default="clip_rn50", help="extractor preset (default clip_rn50, the paper's)")
         p.add_argument(
-            "--pretrained", default="default",
+            "--pretrained",
+            default="default",
             help="extractor weights: 'default', a tag, a file, or 'none' for random weights (marked in the figure)",
         )
         p.add_argument("--device", default="cpu")
@@ -193,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def discriminator(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "--checkpoint", default=None,
+            "--checkpoint",
+            default=None,
             help="D weights: this library's, the authors' or a BasicSR/traiNNer net_d file; default: random weights",
         )
         p.add_argument("--variant", choices=("pixel", "patch"), default="pixel")
@@ -206,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     discriminator(p)
     p.add_argument(
-        "--points", nargs="+", default=["0.3,0.5", "0.7,0.3", "0.5,0.8"],
+        "--points",
+        nargs="+",
+        default=["0.3,0.5", "0.7,0.3", "0.5,0.8"],
         help="semantic cells to show, as y,x fractions of the image size (default: three spread points)",
     )
     p.set_defaults(run=cmd_attention)

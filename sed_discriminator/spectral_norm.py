@@ -53,7 +53,9 @@ class SpectralNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, eps: float = 1e-12) -> None:
         super().__init__()
         if weight.ndim < 2:
-            raise ValueError(f"SpectralNorm needs a weight with at least 2 dimensions, got shape {tuple(weight.shape)}.")
+            raise ValueError(
+                f"SpectralNorm needs a weight with at least 2 dimensions, got shape {tuple(weight.shape)}."
+            )
         self.n_power_iterations = n_power_iterations
         self.eps = eps
         h, w = weight.shape[0], weight[0].numel()
@@ -128,7 +130,9 @@ def _compiling() -> bool:
 def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
     # Devices without autocast (meta, used for shape inference) have nothing to disable.
     available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda", "xpu", "mps", "hpu"))
-    return torch.autocast(device_type=device_type, enabled=False) if available(device_type) else contextlib.nullcontext()
+    return (
+        torch.autocast(device_type=device_type, enabled=False) if available(device_type) else contextlib.nullcontext()
+    )
 
 
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1) -> nn.Module:

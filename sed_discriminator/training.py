@@ -153,7 +153,9 @@ def frozen_parameters(module: nn.Module) -> Iterator[None]:
 
 def _autograd_ready(x: torch.Tensor) -> torch.Tensor:
     # A batch made under torch.inference_mode() cannot be saved for D's backward; a clone can.
-    return x.clone() if isinstance(x, torch.Tensor) and x.is_inference() and not torch.is_inference_mode_enabled() else x
+    return (
+        x.clone() if isinstance(x, torch.Tensor) and x.is_inference() and not torch.is_inference_mode_enabled() else x
+    )
 
 
 def _same_batch(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -101,7 +101,10 @@ def _mark_random(fig: Figure, what: str | None) -> None:
     if what:
         fig.supxlabel(
             f"{RANDOM_MARK} ({what}): this picture shows no learned behaviour",
-            color="white", fontsize=11, fontweight="bold", bbox=dict(facecolor="#c00000", edgecolor="none", pad=4),
+            color="white",
+            fontsize=11,
+            fontweight="bold",
+            bbox=dict(facecolor="#c00000", edgecolor="none", pad=4),
         )
 
 
@@ -188,7 +191,9 @@ def plot_attention(
         for k, point in enumerate(points):
             i, j = _cell_of(point, (gh, gw))
             m = g[i, j] * (fh * fw)
-            heat[name, k] = F.interpolate(m[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+            heat[name, k] = F.interpolate(m[None, None], size=(height, width), mode="bilinear", align_corners=False)[
+                0, 0
+            ]
             boxes[name, k] = (j * width / gw, i * height / gh, width / gw, height / gh)
     top = max(2.0, max(float(m.max()) for m in heat.values()))
     norm = colors.Normalize(vmin=0.0, vmax=top)
@@ -211,7 +216,8 @@ def plot_attention(
                 ax.set_ylabel(f"{name}: {gh}x{gw} cells\nover {fh}x{fw} features", fontsize=10)
     fig.colorbar(shown, ax=axes, shrink=0.8, label="attention x image tokens (1 = uniform)")
     fig.suptitle(
-        "Where each semantic cell (cyan box) looks in the image, per SeFB\n(an even tint: uniform attention)", fontsize=12
+        "Where each semantic cell (cyan box) looks in the image, per SeFB\n(an even tint: uniform attention)",
+        fontsize=12,
     )
     _mark_random(fig, random_weights)
     return fig
@@ -298,4 +304,3 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, overwrite: bool = False
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
-

@@ -65,7 +65,11 @@ def load_official_weights(
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         guess = _guess_variant(state)
-        hint = f" The checkpoint looks like the {guess!r} variant; the model is {model.variant!r}." if guess and guess != model.variant else ""
+        hint = (
+            f" The checkpoint looks like the {guess!r} variant; the model is {model.variant!r}."
+            if guess and guess != model.variant
+            else ""
+        )
         raise ValueError(
             f"Checkpoint does not match SeD({model.variant!r}): {len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}).{hint} Build the model with the "

@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-
 from helpers import TINY  # noqa: F401  (re-exported: `from conftest import TINY` keeps working)
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, perturbed
 
 import reference_sed as R
 import sed_discriminator as sd
-from helpers import TINY, perturbed
 from sed_discriminator.attention import Attention, FeedForward, TransformerBlock, math_attention_scores
 
 ROOT = Path(__file__).resolve().parents[1]

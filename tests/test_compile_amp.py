@@ -9,9 +9,9 @@ import copy
 
 import pytest
 import torch
+from helpers import CS, TINY, assert_same, settled_sed, sn_buffers
 
 import sed_discriminator as sd
-from helpers import CS, TINY, assert_same, settled_sed, sn_buffers
 
 
 @pytest.mark.parametrize("variant", ["patch", "pixel"])

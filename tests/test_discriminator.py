@@ -10,9 +10,9 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CS, VARIANTS, assert_same, sed_inputs, settled_sed, tiny_sed
 
 import sed_discriminator as sd
-from helpers import CS, VARIANTS, assert_same, sed_inputs, settled_sed, tiny_sed
 from sed_discriminator.config import set_value_checks, value_checks_enabled
 
 SIZES = [(32, 32), (64, 64), (96, 96), (200, 120), (256, 256)]
@@ -58,12 +58,10 @@ class TestSeD:
         assert out.shape == expected
         assert torch.isfinite(out).all()
 
-
     @pytest.mark.parametrize("variant", VARIANTS)
     def test_cardinality_empty_batch(self, variant: str) -> None:
         out = tiny_sed(variant)(torch.rand(0, 3, 64, 64), torch.randn(0, CS, 4, 4))
         assert out.shape == ((0, 1, 6, 6) if variant == "patch" else (0, 1, 64, 64))
-
 
     @pytest.mark.parametrize("grid", [(1, 1), (3, 5), (8, 8), (16, 16)])
     @pytest.mark.parametrize("variant", VARIANTS)
@@ -74,14 +72,12 @@ class TestSeD:
         assert out.shape == ((2, 1, 6, 6) if variant == "patch" else (2, 1, 64, 64))
         assert torch.isfinite(out).all()
 
-
     def test_semantic_grid_resampled_to_the_levels_grid(self) -> None:
         """Every level of a 64 px patch D needs a 4x4 grid: an 8x8 map acts as its antialiased resample."""
         model = tiny_sed("patch", seed=0).eval()
         x, s = torch.rand(2, 3, 64, 64), torch.randn(2, CS, 8, 8)
         down = F.interpolate(s, size=(4, 4), mode="bilinear", align_corners=False, antialias=True)
         torch.testing.assert_close(model(x, s), model(x, down), atol=1e-5, rtol=1e-5)
-
 
     @pytest.mark.parametrize("variant", VARIANTS)
     def test_noncontiguous_and_channels_last_input(self, variant: str) -> None:
@@ -94,7 +90,6 @@ class TestSeD:
         torch.testing.assert_close(model(x_nc, s), expected, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(model(cl, s), expected, atol=1e-6, rtol=1e-5)
 
-
     @pytest.mark.parametrize("variant", VARIANTS)
     def test_gradient_reaches_every_parameter(self, variant: str, device: torch.device) -> None:
         model = tiny_sed(variant).train().to(device)
@@ -106,7 +101,6 @@ class TestSeD:
         assert all(torch.isfinite(p.grad).all() for p in params.values())
         if variant == "patch":  # N(0, 0.02) everywhere: nothing is zero-initialised upstream of a gradient
             assert all(p.grad.abs().sum() > 0 for p in params.values())
-
 
     @pytest.mark.parametrize(
         "x_shape, x_dtype, s_shape, message",
@@ -163,7 +157,6 @@ class TestSeD:
         with pytest.raises(ValueError, match=message):
             model(x, torch.randn(s_shape))
 
-
     def test_exception_non_tensors(self) -> None:
         model = tiny_sed("patch")
         with pytest.raises(TypeError, match="expects a torch.Tensor image batch, got ndarray"):
@@ -175,7 +168,6 @@ class TestSeD:
             model(torch.rand(1, 3, 64, 64))
         with pytest.raises(ValueError, match="floating-point semantic map, got dtype torch.int64"):
             model(torch.rand(1, 3, 64, 64), torch.zeros(1, CS, 4, 4, dtype=torch.int64))
-
 
     def test_exception_constructor(self) -> None:
         with pytest.raises(ValueError, match=r"Unknown SeD variant 'unet'; choose one of \('patch', 'pixel'\)"):
@@ -189,7 +181,6 @@ class TestSeD:
         with pytest.raises(TypeError, match="channels_last must be True, False or None, got 'yes'"):
             sd.SeD("patch", channels_last="yes")  # type: ignore[arg-type]
 
-
     @pytest.mark.parametrize(
         "variant, channels, step, suggestion",
         [("patch", 48, 32, "e.g. 32 or 64"), ("pixel", 96, 64, "e.g. 64 or 128"), ("pixel", 32, 64, "e.g. 64 or 128")],
@@ -198,26 +189,30 @@ class TestSeD:
         from sed_discriminator.discriminator import semantic_channel_step
 
         assert semantic_channel_step(variant) == step
-        with pytest.raises(ValueError, match=rf"semantic_channels={channels} does not fit SeD\('{variant}'\): "
-                                             rf"its SeFBs need a multiple of {step} .*{suggestion}"):
+        with pytest.raises(
+            ValueError,
+            match=rf"semantic_channels={channels} does not fit SeD\('{variant}'\): "
+            rf"its SeFBs need a multiple of {step} .*{suggestion}",
+        ):
             sd.SeD(variant, semantic_channels=channels)
         sd.SeD(variant, semantic_channels=channels, semantic_fusion=False)  # no SeFB, no constraint
-
 
     @pytest.mark.parametrize("variant", ["patch", "pixel"])
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
     def test_exception_inputs_of_another_dtype_than_the_model(self, variant: str, dtype: torch.dtype) -> None:
         model = tiny_sed(variant)
         x, s = torch.rand(1, 3, 32, 32), torch.randn(1, CS, 2, 2)
-        with pytest.raises(ValueError, match=rf"SeD's weights are torch.float32 but its image is {dtype}\. Convert "
-                                             r"the input with .to\(torch.float32\), .*torch.autocast\('cpu'\)"):
+        with pytest.raises(
+            ValueError,
+            match=rf"SeD's weights are torch.float32 but its image is {dtype}\. Convert "
+            r"the input with .to\(torch.float32\), .*torch.autocast\('cpu'\)",
+        ):
             model(x.to(dtype), s)
         with pytest.raises(ValueError, match=rf"but its semantic map is {dtype}"):
             model(x, s.to(dtype))
         if dtype == torch.bfloat16:
             with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision is what autocast is for
                 assert torch.isfinite(model(x.to(dtype), s).float()).all()
-
 
     @pytest.mark.parametrize("variant", ["patch", "pixel"])
     def test_meta_device_for_shape_inference(self, variant: str) -> None:

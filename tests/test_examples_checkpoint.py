@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import random
 
-from examples_helpers import lock_held_elsewhere, one_thread  # noqa: F401  (examples/ on sys.path; autouse fixture)
 import numpy as np
 import pytest
 import torch
+from examples_helpers import lock_held_elsewhere, one_thread  # noqa: F401  (examples/ on sys.path; autouse fixture)
 from sr_kit import checkpoint as C
 
 

@@ -37,7 +37,7 @@ def test_psnr_equals_basicsrs_up_to_its_epsilon():
 
     hr = D.to_tensor(photo_crops(1, 64)[0]).double()
     for noise in (0.1, 0.01, 0.002):
-        sr = (hr + noise * torch.randn(hr.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+        sr = hr + noise * torch.randn(hr.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         theirs = calculate_psnr_pt(sr[None], hr[None], 4, test_y_channel=True).item()
         mse = 10 ** (-psnr_y(sr, hr) / 10)
         assert theirs == pytest.approx(-10 * math.log10(mse + 1e-8), abs=1e-6)  # ours, but for their +1e-8 in the MSE

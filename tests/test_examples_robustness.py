@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 import torch
 from examples_helpers import (  # noqa: F401  (one_thread: autouse fixture)
-    EXAMPLES, ROOT, TINY_ARGS, assert_same, hr_folder, lock_held_elsewhere, log_rows, one_thread, train, write_images,
+    EXAMPLES,
+    ROOT,
+    TINY_ARGS,
+    assert_same,
+    hr_folder,
+    lock_held_elsewhere,
+    log_rows,
+    one_thread,
+    train,
+    write_images,
 )
 from sr_kit import checkpoint as C
 from sr_kit import data as D
@@ -63,7 +72,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_bit_for_bit
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "Received SIGTERM: saving a checkpoint" in stderr and "killed by signal" not in stderr
     assert "interrupted (SIGTERM)" in stdout and "--resume" in stdout
-    (step, path), = C.list_checkpoints(out / "checkpoints")
+    ((step, path),) = C.list_checkpoints(out / "checkpoints")
     assert C.load_checkpoint(path)["step"] == step >= 2
 
     # The resumed run (in-process, no workers: the data does not depend on them) matches a straight run.

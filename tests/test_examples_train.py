@@ -12,7 +12,16 @@ import time
 import pytest
 import torch
 from examples_helpers import (  # noqa: F401  (one_thread: autouse fixture)
-    EXAMPLES, ROOT, TINY_ARGS, assert_same, hr_folder, log_rows, one_thread, photo_crops, train, write_images,
+    EXAMPLES,
+    ROOT,
+    TINY_ARGS,
+    assert_same,
+    hr_folder,
+    log_rows,
+    one_thread,
+    photo_crops,
+    train,
+    write_images,
 )  # fmt: skip
 from sr_kit import checkpoint as C
 from sr_kit.models import DISCRIMINATORS, load_generator_weights
@@ -137,7 +146,7 @@ def test_sigint_saves_a_checkpoint_then_resume_continues(tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, stderr
     assert "Received SIGINT" in stderr and "interrupted (SIGINT)" in stdout and "--resume" in stdout
-    (step, path), = C.list_checkpoints(out / "checkpoints")
+    ((step, path),) = C.list_checkpoints(out / "checkpoints")
     assert C.load_checkpoint(path)["step"] == step >= 1
     assert train(tmp_path, "run", "--discriminator", "patch", "--total-steps", str(step + 1), "--resume") == 0
     assert [s for s, _ in C.list_checkpoints(out / "checkpoints")] == [step, step + 1]

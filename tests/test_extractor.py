@@ -106,11 +106,19 @@ def test_clip_rn50_normalisation_is_clips(rn50) -> None:
 
 
 def test_unknown_names_and_layers() -> None:
-    with pytest.raises(ValueError, match=r"Unknown extractor 'clip_vit'\. Available: \[.*'clip_rn50'.*\], or any timm model as 'timm:<model name>'"):
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown extractor 'clip_vit'\. Available: \[.*'clip_rn50'.*\], or any timm model as 'timm:<model name>'",
+    ):
         sd.SemanticExtractor("clip_vit", pretrained=None)
-    with pytest.raises(ValueError, match=r"timm has no model 'not_a_model' \(timm .*\); list them with timm\.list_models"):
+    with pytest.raises(
+        ValueError, match=r"timm has no model 'not_a_model' \(timm .*\); list them with timm\.list_models"
+    ):
         sd.SemanticExtractor("timm:not_a_model", pretrained=None)
-    with pytest.raises(ValueError, match=r"layer=7 does not exist in timm model 'test_vit[.\w]*'; its levels are \{0: 64 ch @ stride 16, .*5: 64 ch @ stride 16\}"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer=7 does not exist in timm model 'test_vit[.\w]*'; its levels are \{0: 64 ch @ stride 16, .*5: 64 ch @ stride 16\}",
+    ):
         sd.SemanticExtractor("timm:test_vit", pretrained=None, layer=7)
     with pytest.raises(ValueError, match="'timm:' needs a model name"):
         sd.SemanticExtractor("timm:", pretrained=None)
@@ -186,7 +194,9 @@ def test_full_discriminator_step(any_extractor) -> None:
 
 def test_local_weight_file_loads(any_extractor, tmp_path: Path) -> None:
     ext = any_extractor
-    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ext.trunk.state_dict().items()}
+    state = {
+        k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ext.trunk.state_dict().items()
+    }
     path = tmp_path / "trunk.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     loaded = load_quietly(ext.preset.name, path)
@@ -342,11 +352,15 @@ def test_extractor_state_dicts_load(checkpoints, open_clip_resnet, tmp_path: Pat
     torch.save(load_quietly("clip_rn50", old).state_dict(), new)
     x = torch.rand(1, 3, 64, 48)
     for path in (old, new):
-        torch.testing.assert_close(load_quietly("clip_rn50", path)(x), _reference_layer3(open_clip_resnet, x), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            load_quietly("clip_rn50", path)(x), _reference_layer3(open_clip_resnet, x), atol=1e-6, rtol=1e-6
+        )
 
 
 def test_openai_torchscript_archive(checkpoints, open_clip_resnet) -> None:
-    with pytest.raises(ValueError, match=r"RN50\.pt': it is a TorchScript archive .*torch\.jit\.load runs the code .*trust_pickle=True"):
+    with pytest.raises(
+        ValueError, match=r"RN50\.pt': it is a TorchScript archive .*torch\.jit\.load runs the code .*trust_pickle=True"
+    ):
         load_quietly("clip_rn50", checkpoints["openai_torchscript_fp16"], trust_pickle=False)  # runs code: opt in
     ext = load_quietly("clip_rn50", checkpoints["openai_torchscript_fp16"])
     rounded = _openai_style_fp16(open_clip_resnet).visual.float()
@@ -374,14 +388,20 @@ def test_wrong_model_checkpoint_errors(open_clip_resnet, tmp_path: Path) -> None
     deeper["visual.layer3.6.conv1.weight"] = torch.randn(256, 1024, 1, 1)  # RN101-like: more layer3 blocks
     path = tmp_path / "rn101_like.pt"
     torch.save(deeper, path)
-    with pytest.raises(ValueError, match=r"does not match this extractor's trunk \(resnet50_clip\.openai\): 0 missing keys .* 1 unexpected keys \(e\.g\. \['stages\.2\.6\.conv1_1x1\.conv\.weight'\]\)\. Pass OpenAI's RN50\.pt"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not match this extractor's trunk \(resnet50_clip\.openai\): 0 missing keys .* 1 unexpected keys \(e\.g\. \['stages\.2\.6\.conv1_1x1\.conv\.weight'\]\)\. Pass OpenAI's RN50\.pt",
+    ):
         sd.SemanticExtractor("clip_rn50", pretrained=path, trust_pickle=True)
 
     wider = {f"visual.{k}": v for k, v in _open_clip_trunk(open_clip_resnet).items()}
     wider["visual.conv1.weight"] = torch.randn(40, 3, 3, 3)
     path = tmp_path / "wider.pt"
     torch.save(wider, path)
-    with pytest.raises(ValueError, match=r"stem\.conv1\.conv\.weight has shape \(40, 3, 3, 3\) but the trunk expects \(32, 3, 3, 3\); the checkpoint is of another model"):
+    with pytest.raises(
+        ValueError,
+        match=r"stem\.conv1\.conv\.weight has shape \(40, 3, 3, 3\) but the trunk expects \(32, 3, 3, 3\); the checkpoint is of another model",
+    ):
         sd.SemanticExtractor("clip_rn50", pretrained=path, trust_pickle=True)
 
     path = tmp_path / "sed.pt"
@@ -402,7 +422,9 @@ def test_bad_weight_files_name_the_file(tmp_path: Path) -> None:
 
 
 def test_missing_path_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"No weight file at .*RN50\.pt.*check the path or pass a pretrained tag"):
+    with pytest.raises(
+        FileNotFoundError, match=r"No weight file at .*RN50\.pt.*check the path or pass a pretrained tag"
+    ):
         sd.SemanticExtractor("clip_rn50", pretrained=tmp_path / "nope" / "RN50.pt")
     with pytest.raises(FileNotFoundError, match="No weight file at 'RN50.safetensors'"):
         sd.SemanticExtractor("clip_rn50", pretrained="RN50.safetensors")
@@ -411,7 +433,10 @@ def test_missing_path_errors(tmp_path: Path) -> None:
 
 
 def test_unknown_tag_error() -> None:
-    with pytest.raises(ValueError, match=r"Unknown pretrained tag 'laion9000' for extractor 'clip_rn50' \(timm model resnet50_clip\)\. Available tags: \[.*'openai'.*'yfcc15m'\], 'default', a local file path"):
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown pretrained tag 'laion9000' for extractor 'clip_rn50' \(timm model resnet50_clip\)\. Available tags: \[.*'openai'.*'yfcc15m'\], 'default', a local file path",
+    ):
         sd.SemanticExtractor("clip_rn50", pretrained="laion9000")
 
 
@@ -500,7 +525,10 @@ def test_tag_loads_from_the_hub_cache_without_network(monkeypatch, rn50, checkpo
 
 def test_other_tag_uses_its_repo(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match=r"'yfcc15m' weights of timm model resnet50_clip\.yfcc15m .*huggingface\.co/timm/resnet50_clip\.yfcc15m/"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"'yfcc15m' weights of timm model resnet50_clip\.yfcc15m .*huggingface\.co/timm/resnet50_clip\.yfcc15m/",
+    ):
         sd.SemanticExtractor("clip_rn50", pretrained="yfcc15m", cache_dir=tmp_path)
 
 
@@ -553,9 +581,13 @@ def test_vit_padding_rule() -> None:
 def test_input_errors(rn50) -> None:
     with pytest.raises(ValueError, match=r"SemanticExtractor needs images of at least 16x16 pixels, got 8x64"):
         rn50(torch.rand(1, 3, 8, 64))
-    with pytest.raises(ValueError, match=r"SemanticExtractor expects an image batch of shape \(B, 3, H, W\), got a 3-D tensor"):
+    with pytest.raises(
+        ValueError, match=r"SemanticExtractor expects an image batch of shape \(B, 3, H, W\), got a 3-D tensor"
+    ):
         rn50(torch.rand(3, 32, 32))
-    with pytest.raises(ValueError, match=r"SemanticExtractor expects a floating-point image .* Convert it with x\.float\(\) / 255"):
+    with pytest.raises(
+        ValueError, match=r"SemanticExtractor expects a floating-point image .* Convert it with x\.float\(\) / 255"
+    ):
         rn50(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match="SemanticExtractor expects 3 channels, got 1"):
         rn50(torch.rand(1, 1, 32, 32))
@@ -565,7 +597,9 @@ def test_value_checks_range_and_nan(rn50) -> None:
     before = value_checks_enabled()
     set_value_checks(True)
     try:
-        with pytest.raises(ValueError, match=r"expects image values in \[0, 1\], got \[0, 255\]\. Scale \[0, 255\] images by 1/255"):
+        with pytest.raises(
+            ValueError, match=r"expects image values in \[0, 1\], got \[0, 255\]\. Scale \[0, 255\] images by 1/255"
+        ):
             rn50(torch.tensor([0.0, 255.0]).repeat(16 * 16 * 3 // 2).view(1, 3, 16, 16))
         nan = torch.rand(1, 3, 16, 16)
         nan[0, 1, 2, 3] = float("nan")

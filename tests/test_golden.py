@@ -126,7 +126,8 @@ def test_weight_rule_fills_the_authors_layout() -> None:
             torch.testing.assert_close(F.normalize(w @ v, dim=0), u)  # u is the last step of the iteration
         model = loaded(variant, channels_last=False)
         assert set(model.state_dict()) == {
-            k[len("module.") :].replace("weight_orig", "parametrizations.weight.original")
+            k[len("module.") :]
+            .replace("weight_orig", "parametrizations.weight.original")
             .replace("weight_u", "parametrizations.weight.0._u")
             .replace("weight_v", "parametrizations.weight.0._v")
             for k in state

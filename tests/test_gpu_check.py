@@ -37,7 +37,11 @@ def _check(out: Path, *args: str, timeout: float = 900) -> subprocess.CompletedP
     env = {k: v for k, v in os.environ.items() if k not in ("SED_GPU_CHECK_DEVICE", "OUT")}
     return subprocess.run(
         ["bash", str(SCRIPT), "--out", str(out), *args],
-        capture_output=True, text=True, timeout=timeout, env={**env, "PYTHON": sys.executable}, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**env, "PYTHON": sys.executable},
+        check=False,
     )
 
 
@@ -70,7 +74,10 @@ def test_dry_run_writes_every_stage_and_the_summary(dry_run: Path, bench_modules
     dstep = _load(dry_run, "dstep")["rows"]
     assert dstep and all(r["cfg"]["kind"] == "dstep" for r in dstep)
     assert {(r["cfg"]["path"], r["cfg"]["dtype"], r["cfg"]["layout"]) for r in dstep} >= {
-        ("fused", "bf16", "nchw"), ("fused", "bf16", "cl"), ("math", "bf16", "nchw"), ("fused", "fp32", "nchw"),
+        ("fused", "bf16", "nchw"),
+        ("fused", "bf16", "cl"),
+        ("math", "bf16", "nchw"),
+        ("fused", "fp32", "nchw"),
     }
     for r in dstep:
         assert {"variant", "role", "size", "batch", "device"} <= set(r["cfg"])
@@ -107,8 +114,12 @@ def test_dry_run_writes_every_stage_and_the_summary(dry_run: Path, bench_modules
     assert [g["id"] for g in summary["goals"]] == ["G1", "G2", "G3", "G4"]
     assert all(g["verdict"] in VERDICTS and {"goal", "value", "detail"} <= set(g) for g in summary["goals"])
     g2 = summary["goals"][1]
-    big = [r["peak_abs_gb"] for r in dstep if (r["cfg"]["variant"], r["cfg"]["role"], r["cfg"]["dtype"]) ==
-           ("pixel", 1024, "bf16") and r["cfg"]["path"] == "fused"]
+    big = [
+        r["peak_abs_gb"]
+        for r in dstep
+        if (r["cfg"]["variant"], r["cfg"]["role"], r["cfg"]["dtype"]) == ("pixel", 1024, "bf16")
+        and r["cfg"]["path"] == "fused"
+    ]
     assert g2["value"] == min(big)
     assert set(summary["channels_last_advice"]) == {"pixel", "patch"}
     text = (dry_run / "summary.txt").read_text()
@@ -183,17 +194,24 @@ def _row(role, variant, path="fused", dtype="bf16", layout="nchw", ms=None, peak
 
 def _write(folder: Path, **stages: list[dict]) -> dict:
     for name, rows in stages.items():
-        (folder / f"{name}.json").write_text(json.dumps({"stage": name, "status": "done", "mode": "full", "rows": rows}))
+        (folder / f"{name}.json").write_text(
+            json.dumps({"stage": name, "status": "done", "mode": "full", "rows": rows})
+        )
     return {name: json.loads((folder / f"{name}.json").read_text()) for name in stages}
 
 
-@pytest.mark.parametrize("authors_ms, ours_ms, verdict", [(300.0, (100.0, 90.0), "PASS"), (300.0, (120.0, 130.0), "FAIL")])
+@pytest.mark.parametrize(
+    "authors_ms, ours_ms, verdict", [(300.0, (100.0, 90.0), "PASS"), (300.0, (120.0, 130.0), "FAIL")]
+)
 def test_speed_goal_compares_the_fastest_bf16_row_with_the_authors(
     tmp_path, bench_modules, authors_ms, ours_ms, verdict
 ) -> None:
     _, summary, _ = bench_modules
-    rows = [_row(512, "pixel", path=None, dtype="fp32", impl="official", ms=authors_ms),
-            _row(512, "pixel", layout="nchw", ms=ours_ms[0]), _row(512, "pixel", layout="cl", ms=ours_ms[1])]
+    rows = [
+        _row(512, "pixel", path=None, dtype="fp32", impl="official", ms=authors_ms),
+        _row(512, "pixel", layout="nchw", ms=ours_ms[0]),
+        _row(512, "pixel", layout="cl", ms=ours_ms[1]),
+    ]
     goal = summary.goal_speed_vs_authors(_write(tmp_path, official=rows))
     assert goal["verdict"] == verdict and goal["value"] == pytest.approx(authors_ms / min(ours_ms))
 

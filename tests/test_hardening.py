@@ -214,8 +214,10 @@ def test_compiled_conditioned_sed_refuses_a_stale_condition(tiny_preset) -> None
 def test_dtype_conversion_does_not_convert_the_callers_extractor(tiny_preset, owner) -> None:
     ext = tiny_extractor(tiny_preset)
     weight = ext.trunk.weight.detach().clone()
-    module = tiny_conditioned(tiny_preset, extractor=ext) if owner == "conditioned" else sd.SeDAdversary(
-        tiny_sed(), extractor=ext
+    module = (
+        tiny_conditioned(tiny_preset, extractor=ext)
+        if owner == "conditioned"
+        else sd.SeDAdversary(tiny_sed(), extractor=ext)
     )
     module.half()
     module.double()
@@ -280,8 +282,11 @@ def test_integer_logits_and_text_weights_are_refused() -> None:
 
 def test_float64_image_under_bf16_autocast_says_what_to_do() -> None:
     model, s = tiny_sed(), torch.randn(1, CS, 4, 4)
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
-        ValueError, match=r"SeD got a float64 image under torch.autocast.*Convert it with .float\(\) first"
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(
+            ValueError, match=r"SeD got a float64 image under torch.autocast.*Convert it with .float\(\) first"
+        ),
     ):
         model(torch.rand(1, 3, 64, 64, dtype=torch.float64), s)
 
@@ -300,8 +305,11 @@ def test_set_condition_through_wrappers(tiny_preset, tmp_path) -> None:
     net_d = tiny_conditioned(tiny_preset)
     gt = torch.rand(2, 3, 64, 64)
     wrapped = nn.DataParallel(net_d)  # on the CPU: calls the module itself
-    with pytest.raises(RuntimeError, match=r"has no condition.*net_d.module.set_condition\(gt\), or "
-                                           r"sed_discriminator.training.set_condition\(net_d, gt\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"has no condition.*net_d.module.set_condition\(gt\), or "
+        r"sed_discriminator.training.set_condition\(net_d, gt\)",
+    ):
         wrapped(gt)
     assert set_condition(wrapped, gt) is net_d._condition
     assert wrapped(gt).shape[0] == 2

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY, assert_same, settled_sed
 
 import sed_discriminator as sd
-from helpers import TINY, assert_same, settled_sed
 from sed_discriminator.attention import Attention
 from sed_discriminator.losses import LOSS_KINDS, DiscriminatorLoss, GeneratorLoss
 

@@ -127,8 +127,11 @@ def test_plain_load_state_dict_takes_legacy_spectral_norm_keys(variant: str) -> 
     source = sd.SeD(variant, width=8, semantic_channels=64, head_dim=8)
     legacy = {}
     for key, value in source.state_dict().items():
-        for new, old in (("parametrizations.weight.original", "weight_orig"), ("parametrizations.weight.0._u", "weight_u"),
-                         ("parametrizations.weight.0._v", "weight_v")):
+        for new, old in (
+            ("parametrizations.weight.original", "weight_orig"),
+            ("parametrizations.weight.0._u", "weight_u"),
+            ("parametrizations.weight.0._v", "weight_v"),
+        ):
             key = key.replace(new, old)
         legacy[key] = value
     assert any(k.endswith(".weight_orig") for k in legacy)
@@ -139,4 +142,3 @@ def test_plain_load_state_dict_takes_legacy_spectral_norm_keys(variant: str) -> 
     wrapper.load_state_dict({f"0.{k}": v for k, v in legacy.items()}, strict=True)
     with pytest.raises(RuntimeError, match="Missing key"):
         target.load_state_dict({k: v for k, v in legacy.items() if not k.endswith("weight_u")}, strict=True)
-

@@ -32,8 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # What an unpacked sdist needs to run its own tests: the tests import benchmarks/ and examples/.
 SDIST_TREES = ("sed_discriminator", "tests", "benchmarks", "examples", "docs")
-SDIST_FILES = ("LICENSE", "README.md", "CHANGELOG.md", "CITATION.cff", "pyproject.toml", "conftest.py", "Makefile",
-               ".ci/min_constraints.py")
+SDIST_FILES = (
+    "LICENSE",
+    "README.md",
+    "CHANGELOG.md",
+    "CITATION.cff",
+    "pyproject.toml",
+    "conftest.py",
+    "Makefile",
+    ".ci/min_constraints.py",
+)
 _TAG = re.compile(r"""pretrained\s*=\s*(["'])(openai|default)\1""")  # a weights tag: random weights offline
 # A markdown link or image whose target is not an absolute URL: broken on the package index, which
 # neither has the repository's files nor gives headings anchors.

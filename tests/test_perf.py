@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY, assert_close_scaled, sed_inputs, tiny_sed
 
 import sed_discriminator as sd
-from helpers import TINY, assert_close_scaled, sed_inputs, tiny_sed
 from sed_discriminator import SeD, SeDAdversary, SemanticExtractor
 from sed_discriminator.extractor import ExtractorPreset, register_extractor
 from sed_discriminator.sefb import _to_tokens
@@ -232,7 +232,9 @@ def test_forward_leaves_inputs_untouched() -> None:
 
 def _adversaries(extractor: SemanticExtractor, variant: str):
     d = tiny_sed(variant, seed=0, fused=True)
-    return SeDAdversary(d, extractor=extractor), SeDAdversary(copy.deepcopy(d), extractor=extractor, batch_real_fake=True)
+    return SeDAdversary(d, extractor=extractor), SeDAdversary(
+        copy.deepcopy(d), extractor=extractor, batch_real_fake=True
+    )
 
 
 @pytest.mark.parametrize("variant", ["patch", "pixel"])
@@ -357,7 +359,9 @@ def test_paired_ratio_script_runs_tiny() -> None:
     script = ROOT / "benchmarks" / "paired_ratio.py"
     proc = subprocess.run(
         [sys.executable, str(script), "--tiny", "--size", "32", "--pairs", "2", "--variant", "patch"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "median of pair ratios" in proc.stdout and "(pairs: " in proc.stdout

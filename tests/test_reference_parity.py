@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TINY, sed_inputs
 from torch import nn
 
 import reference_sed as R
 import sed_discriminator as sd
-from helpers import TINY, sed_inputs
 from sed_discriminator.sefb import channels_to_space
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")

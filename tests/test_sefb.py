@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close_scaled, perturbed
 
 import reference_sed as R
-from helpers import assert_close_scaled, perturbed
 from sed_discriminator import SeFB
 from sed_discriminator.sefb import semantic_grid_size
 

@@ -67,7 +67,9 @@ def test_format_is_read_from_the_content_not_the_name(tmp_path: Path, state) -> 
 def test_text_file(tmp_path: Path) -> None:
     path = tmp_path / "RN50.pt"
     path.write_text("<!DOCTYPE html><html><body>Rate limit exceeded</body></html>\n")
-    with pytest.raises(ValueError, match=r"RN50\.pt' is a text page .*starts with '<!DOCTYPE html>.*Download or copy the file again"):
+    with pytest.raises(
+        ValueError, match=r"RN50\.pt' is a text page .*starts with '<!DOCTYPE html>.*Download or copy the file again"
+    ):
         read_state_dict(path)
 
 
@@ -91,7 +93,11 @@ def test_truncated_torch_file(tmp_path: Path, state, legacy: bool) -> None:
     torch.save(state, full, _use_new_zipfile_serialization=not legacy)
     path = tmp_path / "cut.pth"
     path.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
-    expected = r"cut\.pth' \(\d+ bytes\) is a damaged or truncated zip archive" if not legacy else r"cut\.pth' is truncated, damaged"
+    expected = (
+        r"cut\.pth' \(\d+ bytes\) is a damaged or truncated zip archive"
+        if not legacy
+        else r"cut\.pth' is truncated, damaged"
+    )
     with pytest.raises(ValueError, match=expected + r".*Download or copy the file again"):
         read_state_dict(path)
 
@@ -102,7 +108,9 @@ def test_flipped_bytes_are_detected(saved: Path) -> None:
     for i in rng.sample(range(len(data)), 64):
         data[i] ^= 0xFF
     saved.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"weights\.pth' (is damaged: entry .* CRC-32|\(\d+ bytes\) is a damaged or truncated zip)"):
+    with pytest.raises(
+        ValueError, match=r"weights\.pth' (is damaged: entry .* CRC-32|\(\d+ bytes\) is a damaged or truncated zip)"
+    ):
         read_state_dict(saved)
 
 
@@ -136,7 +144,9 @@ def test_bad_safetensors_header(tmp_path: Path, state) -> None:
         read_state_dict(bad_json)
     bad_length = tmp_path / "bad_length.safetensors"
     bad_length.write_bytes(b"\xff" * 8 + raw[8:])
-    with pytest.raises(ValueError, match=r"bad_length\.safetensors' is not a valid safetensors file: its first 8 bytes"):
+    with pytest.raises(
+        ValueError, match=r"bad_length\.safetensors' is not a valid safetensors file: its first 8 bytes"
+    ):
         read_state_dict(bad_length)
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(raw[: len(raw) // 2])
@@ -147,18 +157,24 @@ def test_bad_safetensors_header(tmp_path: Path, state) -> None:
 def test_file_that_holds_no_state_dict(tmp_path: Path) -> None:
     path = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], path)
-    with pytest.raises(ValueError, match=r"list\.pth' holds a list, not a state dict.*torch\.save\(model\.state_dict\(\)"):
+    with pytest.raises(
+        ValueError, match=r"list\.pth' holds a list, not a state dict.*torch\.save\(model\.state_dict\(\)"
+    ):
         read_state_dict(path)
     path = tmp_path / "mixed.pth"
     torch.save({"epoch": 3, "lr": 0.1}, path)
-    with pytest.raises(ValueError, match=r"mixed\.pth' is not a state dict: 2 of its 2 entries are not name -> tensor \('epoch': int"):
+    with pytest.raises(
+        ValueError, match=r"mixed\.pth' is not a state dict: 2 of its 2 entries are not name -> tensor \('epoch': int"
+    ):
         read_state_dict(path)
 
 
 def test_pickled_module_is_refused_with_the_way_out(tmp_path: Path) -> None:
     path = tmp_path / "module.pth"
     torch.save(torch.nn.Linear(2, 2), path)
-    with pytest.raises(ValueError, match=r"module\.pth' holds Python objects other than tensors.*model\.state_dict\(\)"):
+    with pytest.raises(
+        ValueError, match=r"module\.pth' holds Python objects other than tensors.*model\.state_dict\(\)"
+    ):
         read_state_dict(path)
 
 
@@ -212,5 +228,7 @@ def test_load_official_weights_reports_bad_files(tmp_path: Path) -> None:
     path.write_text("not weights")
     with pytest.raises(ValueError, match=r"sed\.pth' is text, not a weight file"):
         sd.load_official_weights(sd.SeD("patch", width=8, semantic_channels=64, head_dim=8), path)
-    with pytest.raises(ValueError, match=r"is not a state dict: 1 of its 1 entries are not name -> tensor \('epoch': int"):
+    with pytest.raises(
+        ValueError, match=r"is not a state dict: 1 of its 1 entries are not name -> tensor \('epoch': int"
+    ):
         sd.load_official_weights(sd.SeD("patch", width=8, semantic_channels=64, head_dim=8), {"epoch": 1})

@@ -7,10 +7,10 @@ import pickle
 
 import pytest
 import torch
+from helpers import assert_close_scaled, assert_same, perturbed
 from torch import nn
 
 import sed_discriminator as sd
-from helpers import assert_close_scaled, assert_same, perturbed
 from sed_discriminator.attention import Attention
 
 SIZES = dict(width=8, head_dim=8)  # semantic_channels follows the extractor (1024 for clip_rn50)
@@ -37,7 +37,9 @@ def batch(seed: int = 0, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def adversary(extractor, variant: str = "patch", **kwargs) -> sd.SeDAdversary:
-    return sd.SeDAdversary(sd.SeD(variant, semantic_channels=extractor.channels, **SIZES), extractor=extractor, **kwargs)
+    return sd.SeDAdversary(
+        sd.SeD(variant, semantic_channels=extractor.channels, **SIZES), extractor=extractor, **kwargs
+    )
 
 
 def bn_stats(ext: sd.SemanticExtractor) -> dict[str, torch.Tensor]:
@@ -241,8 +243,10 @@ def test_adversary_constructor_errors(extractor) -> None:
         sd.SeDAdversary(sd.SeD("patch", **SIZES), extractor=3)
     with pytest.raises(TypeError, match="positional argument"):
         sd.SeDAdversary(sd.SeD("patch", **SIZES), extractor)  # type: ignore[misc]
-    message = (r"the discriminator takes semantic_channels=64 but extractor 'clip_rn50' gives 1024\. "
-               r"Leave semantic_channels out .* semantic_channels=1024")
+    message = (
+        r"the discriminator takes semantic_channels=64 but extractor 'clip_rn50' gives 1024\. "
+        r"Leave semantic_channels out .* semantic_channels=1024"
+    )
     with pytest.raises(ValueError, match="SeDAdversary: " + message):
         sd.SeDAdversary(sd.SeD("patch", semantic_channels=64, **SIZES), extractor=extractor)
     with pytest.raises(ValueError, match="ConditionedSeD: " + message):
@@ -324,10 +328,11 @@ def test_conditioned_train_step_and_frozen_extractor(extractor) -> None:
     assert all(torch.equal(v, bn_stats(extractor)[k]) for k, v in before.items())
 
 
-def test_to_dtype_moves_the_extractor_along(extractor) -> None:
+def test_to_dtype_converts_the_discriminator_not_the_extractor(extractor) -> None:
+    # .double() converts D; the extractor (possibly shared with other modules) keeps its dtype and its
+    # semantic maps are cast to D's dtype.
     net_d = conditioned(copy.deepcopy(extractor)).to(torch.float64)
-    assert all(p.dtype == torch.float64 for p in net_d.extractor.parameters())
-    assert net_d.extractor.mean.dtype == torch.float64
+    assert all(p.dtype == torch.float32 for p in net_d.extractor.parameters())
     assert all(p.dtype == torch.float64 for p in net_d.parameters())
     u = net_d.conv1.parametrizations.weight[0]._u
     assert u.dtype == torch.float64
@@ -337,7 +342,8 @@ def test_to_dtype_moves_the_extractor_along(extractor) -> None:
 
     adv = sd.SeDAdversary(sd.SeD("patch", semantic_channels=1024, **SIZES), extractor=copy.deepcopy(extractor))
     adv = adv.to(torch.float64)
-    assert all(p.dtype == torch.float64 for p in adv.extractor.parameters())
+    assert all(p.dtype == torch.float32 for p in adv.extractor.parameters())
+    assert all(p.dtype == torch.float64 for p in adv.discriminator.parameters())
 
 
 def test_conditioned_deepcopy_and_pickle(extractor) -> None:

@@ -165,7 +165,9 @@ def test_torchscript_archive_needs_trust_on_every_torch(tmp_path: Path) -> None:
     module.conv = torch.nn.Conv2d(3, 4, 3)
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(module), str(path))
-    with pytest.raises(UntrustedFileError, match=r"scripted\.pt': it is a TorchScript archive.*runs the code.*every torch"):
+    with pytest.raises(
+        UntrustedFileError, match=r"scripted\.pt': it is a TorchScript archive.*runs the code.*every torch"
+    ):
         read_state_dict(path)
     assert set(read_state_dict(path, trust_pickle=True)) == {"conv.weight", "conv.bias"}
 
@@ -229,7 +231,9 @@ def test_converter_extractor_file(tmp_path: Path) -> None:
     torch.save({k: v * 1.5 for k, v in ext.trunk.state_dict().items()}, tmp_path / "vit.pth")
     with pytest.raises(ValueError, match=r"not an SeD checkpoint.*pass --extractor NAME"):
         convert(tmp_path / "vit.pth", tmp_path / "vit.safetensors", trust_pickle=True, log=lambda _: None)
-    convert(tmp_path / "vit.pth", tmp_path / "vit.safetensors", extractor=TIMM_NAME, trust_pickle=True, log=lambda _: None)
+    convert(
+        tmp_path / "vit.pth", tmp_path / "vit.safetensors", extractor=TIMM_NAME, trust_pickle=True, log=lambda _: None
+    )
     x = torch.rand(1, 3, 32, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
@@ -277,7 +281,9 @@ def test_16_3_zeroed_spectral_norm_vectors_are_refused(leaf: str) -> None:
         state = {k.replace("parametrizations.weight.0._u", "weight_u"): v for k, v in state.items()}
     key = f"conv2.{leaf}"
     state[key] = torch.zeros_like(state[key])
-    with pytest.raises(ValueError, match=r"all-zero spectral-norm vector 'conv2\.parametrizations\.weight\.0\._[uv]'.*NaN"):
+    with pytest.raises(
+        ValueError, match=r"all-zero spectral-norm vector 'conv2\.parametrizations\.weight\.0\._[uv]'.*NaN"
+    ):
         sd.load_official_weights(sd.SeD("patch", **TINY), state)
     with pytest.raises(ValueError, match=r"all-zero spectral-norm vector"):
         torch.nn.Sequential(sd.SeD("patch", **TINY)).load_state_dict({f"0.{k}": v for k, v in state.items()})
@@ -286,7 +292,9 @@ def test_16_3_zeroed_spectral_norm_vectors_are_refused(leaf: str) -> None:
 def test_16_3_legacy_and_new_keys_for_one_conv_are_refused() -> None:
     state = _state()
     state["conv3.weight_orig"] = state["conv3.parametrizations.weight.original"] * 2
-    with pytest.raises(ValueError, match=r"both 'conv3\.weight_orig' .* and 'conv3\.parametrizations\.weight\.original'"):
+    with pytest.raises(
+        ValueError, match=r"both 'conv3\.weight_orig' .* and 'conv3\.parametrizations\.weight\.original'"
+    ):
         sd.load_official_weights(sd.SeD("patch", **TINY), state)
     with pytest.raises(ValueError, match=r"both 'conv3\.weight_orig'"):
         sd.SeD("patch", **TINY).load_state_dict(state)

@@ -26,9 +26,7 @@ D_ARGS = ["--width", "8"]
 
 @pytest.fixture(autouse=True, scope="module")
 def _tiny_preset() -> None:
-    register_extractor(
-        ExtractorPreset(name=PRESET, model="test_vit", layer=5, channels=64, stride=16), overwrite=True
-    )
+    register_extractor(ExtractorPreset(name=PRESET, model="test_vit", layer=5, channels=64, stride=16), overwrite=True)
 
 
 def red_mark_pixels(path: Path) -> int:
@@ -104,7 +102,9 @@ def test_no_mark_without_random_weights(tmp_path: Path) -> None:
 def test_clear_error_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib...` now raises ImportError
-    with pytest.raises(ImportError, match=r'draws with matplotlib, which is not installed: pip install "sed-discriminator\[viz\]"'):
+    with pytest.raises(
+        ImportError, match=r'draws with matplotlib, which is not installed: pip install "sed-discriminator\[viz\]"'
+    ):
         visualize.plot_semantics(torch.rand(3, 64, 64), torch.randn(64, 4, 4))
     with pytest.raises(ImportError, match=r"sed-discriminator\[viz\]"):
         main(["semantics", *TINY_ARGS, "--out", str(tmp_path / "s.png")])  # before any model is built

@@ -76,12 +76,7 @@ class TrainerConditionedSeD(training.ConditionedSeD):
         return remap_legacy_spectral_norm_keys(state_dict)
 
     def forward(self, x: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        if (
-            semantic is None
-            and self.semantic_fusion
-            and self.semantic_source == "condition"
-            and not self.has_condition
-        ):
+        if semantic is None and self.semantic_fusion and self.semantic_source == "condition" and not self.has_condition:
             raise RuntimeError(
                 "ConditionedSeD was called without the HR condition of the step: the trainer's model class must set "
                 "it. In BasicSR / Real-ESRGAN use model_type SeDSRGANModel, SeDESRGANModel or SeDRealESRGANModel and "
