@@ -42,7 +42,7 @@ def _peak_rss_mb() -> float:
 
 
 def _legacy_trunk():
-    """The 0.1 release's hand-written CLIP RN50 trunk (stem + layer1..3, open_clip's Bottleneck), with its normalisation."""
+    """The 0.1 release's hand-written CLIP RN50 trunk (stem + layer1..3, open_clip's Bottleneck) and normalisation."""
     import torch
     from open_clip.modified_resnet import Bottleneck
     from torch import nn

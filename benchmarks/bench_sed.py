@@ -287,7 +287,10 @@ def table(rows: list[dict], device: str) -> str:
         "| n | first iter. (s) | load |"
     )
     if device == "cuda":
-        head = "| group | configuration | time (ms) | img/s | x baseline throughput | peak above build (GB) | peak total (GB) | x baseline memory | n |"
+        head = (
+            "| group | configuration | time (ms) | img/s | x baseline throughput | peak above build (GB) "
+            "| peak total (GB) | x baseline memory | n |"
+        )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         res = r.get("result", {})

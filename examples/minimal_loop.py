@@ -44,7 +44,7 @@ opt_d = torch.optim.Adam(adversary.discriminator.parameters(), lr=1e-4, betas=(0
 
 for step in range(1, args.steps + 1):
     top, left = torch.randint(0, 512 - 64, (2, 4))
-    hr = torch.stack([photo[:, t : t + 64, l : l + 64] for t, l in zip(top.tolist(), left.tolist())])  # (4, 3, 64, 64)
+    hr = torch.stack([photo[:, t : t + 64, c : c + 64] for t, c in zip(top.tolist(), left.tolist())])  # (4, 3, 64, 64)
     lr = F.interpolate(hr, scale_factor=0.25, mode="bicubic", antialias=True).clamp(0, 1)  # (4, 3, 16, 16)
     sr = generator(lr)
 

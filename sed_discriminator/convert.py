@@ -45,8 +45,9 @@ def sed_config_from_state_dict(state: Mapping[str, torch.Tensor], *, heads: int 
         ValueError: the state dict is not an SeD's.
 
     Example:
-        >>> sed_config_from_state_dict(SeD("pixel", width=8, semantic_channels=64, head_dim=8).state_dict())
-        {'variant': 'pixel', 'in_channels': 3, 'width': 8, 'semantic_fusion': True, 'semantic_channels': 64, 'heads': 1, 'head_dim': 8}
+        >>> config = sed_config_from_state_dict(SeD("pixel", width=8, semantic_channels=64, head_dim=8).state_dict())
+        >>> config["variant"], config["width"], config["semantic_channels"], config["heads"], config["head_dim"]
+        ('pixel', 8, 64, 1, 8)
     """
     first = next((k for k in ("conv_first.weight", "conv0.weight") if k in state), None)
     if first is None or "conv1.parametrizations.weight.original" not in state:
@@ -153,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("source", metavar="IN", help="the weight file (.pth/.pt/.bin/.ckpt/.safetensors)")
     parser.add_argument("out", metavar="OUT.safetensors", help="the file to write")
+    presets = ", ".join(list_extractors())
     parser.add_argument("--extractor", metavar="NAME", help="the file holds a SemanticExtractor preset's weights "
-                        f"(one of {', '.join(list_extractors())}, or timm:MODEL); default: an SeD checkpoint")  # fmt: skip
+                        f"(one of {presets}, or timm:MODEL); default: an SeD checkpoint")  # fmt: skip
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                         help=f"with {WRAPPER_KEYS[1]}/{WRAPPER_KEYS[0]} files: the EMA weights (--ema) or the raw ones "
                         "(--no-ema); default: EMA when present")  # fmt: skip

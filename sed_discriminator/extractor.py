@@ -353,8 +353,8 @@ def _hub_weights(preset: ExtractorPreset, model_name: str, tag: str | None, cach
             return found
     where = cache_dir or constants.HF_HUB_CACHE
     if constants.HF_HUB_OFFLINE or _truthy_env("HF_HUB_OFFLINE"):
-        raise RuntimeError(f"{what[0].upper()}{what[1:]} are not in the Hugging Face cache ({where}) and HF_HUB_OFFLINE "
-                           f"is set, so they are not downloaded. {how}")  # fmt: skip
+        raise RuntimeError(f"{what[0].upper()}{what[1:]} are not in the Hugging Face cache ({where}) and "
+                           f"HF_HUB_OFFLINE is set, so they are not downloaded. {how}")  # fmt: skip
     try:
         return hf_hub_download(repo, candidates[0], cache_dir=cache_dir)
     except Exception as err:  # network, hub and cache errors all mean the same to the user
@@ -379,9 +379,9 @@ class SemanticExtractor(nn.Module):
     The trunk is always in eval mode (``train()`` cannot change that, so BatchNorm running
     statistics never move), never needs gradients and runs under ``torch.no_grad()``. Images
     are fed at their own size: CNN presets give their model's grid, about H / stride (the CLIP
-    and ConvNeXt presets floor: ``H // 16``; ``resnet50_in1k`` ceils); ViT presets pad the normalised image with zeros at the bottom and
-    right up to a multiple of the patch size, so the grid is ``ceil(H / patch) x ceil(W / patch)``
-    and covers the whole image (256 x 200 -> 19 x 15 for DINOv2's 14 px patches).
+    and ConvNeXt presets floor: ``H // 16``; ``resnet50_in1k`` ceils); ViT presets pad the normalised
+    image with zeros at the bottom and right up to a multiple of the patch size, so the grid is
+    ``ceil(H / patch) x ceil(W / patch)`` and covers the whole image (256 x 200 -> 19 x 15 for DINOv2's 14 px patches).
 
     Pickling (``pickle``, ``torch.save(extractor)``) stores :attr:`config`, not the weights:
     unpickling builds the extractor again and reloads its weights from the same tag or file

@@ -126,7 +126,9 @@ def _points(values: Sequence[str]) -> list[tuple[float, float]]:
         try:
             y, x = (float(v) for v in value.split(","))
         except ValueError:
-            raise SystemExit(f"error: --points takes 'y,x' fractions of the image size, e.g. 0.3,0.5; got {value!r}")
+            raise SystemExit(
+                f"error: --points takes 'y,x' fractions of the image size, e.g. 0.3,0.5; got {value!r}"
+            ) from None
         points.append((y, x))
     return points
 

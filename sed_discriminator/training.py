@@ -490,7 +490,7 @@ class ConditionedSeD(_HoldsExtractor, SeD):
         return _as_dtype(self._condition, _float_dtype(self))
 
     def _semantic_for(self, x: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor | None:
-        """``semantic`` when given, else the stored condition (or the input's own semantics, per ``semantic_source``)."""
+        """``semantic`` when given, else the stored condition (or the input's semantics, per ``semantic_source``)."""
         if semantic is None and self.semantic_fusion:
             if self.semantic_source == "input":
                 return _as_dtype(self.extractor(x), _float_dtype(self))

@@ -80,7 +80,8 @@ def load_official_weights(
         k = shape_errors[0]
         raise ValueError(
             f"Checkpoint tensor {k} has shape {tuple(state[k].shape)} but the model expects "
-            f"{tuple(expected[k].shape)} ({len(shape_errors)} such keys); match width, heads, head_dim and semantic_channels."
+            f"{tuple(expected[k].shape)} ({len(shape_errors)} such keys); "
+            "match width, heads, head_dim and semantic_channels."
         )
     model.load_state_dict(state, strict=True)  # refuses NaN/Inf and zeroed vectors before anything is copied
     return model

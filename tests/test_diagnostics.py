@@ -1,4 +1,4 @@
-"""sed_discriminator.diagnostics: semantic influence, attention sharpness, attention grids, and that they touch nothing."""
+"""sed_discriminator.diagnostics: influence, attention sharpness and grids, and that they touch nothing."""
 
 from __future__ import annotations
 

@@ -108,7 +108,10 @@ def test_clip_rn50_normalisation_is_clips(rn50) -> None:
 def test_unknown_names_and_layers() -> None:
     with pytest.raises(
         ValueError,
-        match=r"Unknown extractor 'clip_vit'\. Available: \[.*'clip_rn50'.*\], or any timm model as 'timm:<model name>'",
+        match=(
+            r"Unknown extractor 'clip_vit'\. Available: \[.*'clip_rn50'.*\], or any timm model as "
+            r"'timm:<model name>'"
+        ),
     ):
         sd.SemanticExtractor("clip_vit", pretrained=None)
     with pytest.raises(
@@ -117,7 +120,10 @@ def test_unknown_names_and_layers() -> None:
         sd.SemanticExtractor("timm:not_a_model", pretrained=None)
     with pytest.raises(
         ValueError,
-        match=r"layer=7 does not exist in timm model 'test_vit[.\w]*'; its levels are \{0: 64 ch @ stride 16, .*5: 64 ch @ stride 16\}",
+        match=(
+            r"layer=7 does not exist in timm model 'test_vit[.\w]*'; its levels are \{0: 64 ch @ stride 16, "
+            r".*5: 64 ch @ stride 16\}"
+        ),
     ):
         sd.SemanticExtractor("timm:test_vit", pretrained=None, layer=7)
     with pytest.raises(ValueError, match="'timm:' needs a model name"):
@@ -390,7 +396,10 @@ def test_wrong_model_checkpoint_errors(open_clip_resnet, tmp_path: Path) -> None
     torch.save(deeper, path)
     with pytest.raises(
         ValueError,
-        match=r"does not match this extractor's trunk \(resnet50_clip\.openai\): 0 missing keys .* 1 unexpected keys \(e\.g\. \['stages\.2\.6\.conv1_1x1\.conv\.weight'\]\)\. Pass OpenAI's RN50\.pt",
+        match=(
+            r"does not match this extractor's trunk \(resnet50_clip\.openai\): 0 missing keys .* 1 "
+            r"unexpected keys \(e\.g\. \['stages\.2\.6\.conv1_1x1\.conv\.weight'\]\)\. Pass OpenAI's RN50\.pt"
+        ),
     ):
         sd.SemanticExtractor("clip_rn50", pretrained=path, trust_pickle=True)
 
@@ -400,7 +409,10 @@ def test_wrong_model_checkpoint_errors(open_clip_resnet, tmp_path: Path) -> None
     torch.save(wider, path)
     with pytest.raises(
         ValueError,
-        match=r"stem\.conv1\.conv\.weight has shape \(40, 3, 3, 3\) but the trunk expects \(32, 3, 3, 3\); the checkpoint is of another model",
+        match=(
+            r"stem\.conv1\.conv\.weight has shape \(40, 3, 3, 3\) but the trunk expects \(32, 3, 3, 3\); the "
+            r"checkpoint is of another model"
+        ),
     ):
         sd.SemanticExtractor("clip_rn50", pretrained=path, trust_pickle=True)
 
@@ -435,7 +447,10 @@ def test_missing_path_errors(tmp_path: Path) -> None:
 def test_unknown_tag_error() -> None:
     with pytest.raises(
         ValueError,
-        match=r"Unknown pretrained tag 'laion9000' for extractor 'clip_rn50' \(timm model resnet50_clip\)\. Available tags: \[.*'openai'.*'yfcc15m'\], 'default', a local file path",
+        match=(
+            r"Unknown pretrained tag 'laion9000' for extractor 'clip_rn50' \(timm model resnet50_clip\)\. "
+            r"Available tags: \[.*'openai'.*'yfcc15m'\], 'default', a local file path"
+        ),
     ):
         sd.SemanticExtractor("clip_rn50", pretrained="laion9000")
 
