@@ -216,7 +216,8 @@ class SeFB(nn.Module):
         check_same_dtype(self.proj_context.weight, owner="SeFB", features=features, semantic_map=semantic)
         height, width = features.shape[-2:]
         grid = semantic_grid_size((height, width), self.upscale, self.shrink)
-        s = _resample(semantic, grid)
+        # NCHW: a channels_last map (e.g. timm's ConvNeXt output) crashes GroupNorm's backward on torch 2.2's CPU.
+        s = _resample(semantic, grid).contiguous()
         q = _to_tokens(self.proj_in(self.norm(s)))
         context = _to_tokens(self.proj_context(features))
         block_out = self.transformer_blocks[0](q, context, return_attention=with_attention)

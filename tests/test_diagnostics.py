@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from helpers import TINY
 from torch import nn
 
 from sed_discriminator import ConditionedSeD, SeD, SeDAdversary
@@ -20,7 +21,6 @@ from sed_discriminator.diagnostics import (
 from sed_discriminator.extractor import ExtractorPreset, SemanticExtractor, register_extractor
 from sed_discriminator.spectral_norm import power_iteration_paused
 
-TINY = dict(width=8, semantic_channels=64, head_dim=8)
 KEYS = ["sem_influence", "attn_sharpness_att1", "attn_sharpness_att2", "attn_sharpness_att3"]
 
 

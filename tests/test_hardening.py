@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import CS, TINY
 from torch import nn
 
 import sed_discriminator as sd
@@ -21,9 +22,6 @@ from sed_discriminator.attention import Attention
 from sed_discriminator.config import set_value_checks, value_checks_enabled
 from sed_discriminator.losses import DiscriminatorLoss, GeneratorLoss
 from sed_discriminator.sefb import channels_to_space
-
-TINY = dict(width=8, semantic_channels=64, head_dim=8)
-CS = TINY["semantic_channels"]
 
 
 def tiny_sed(variant: str = "patch", **kwargs) -> sd.SeD:
@@ -237,7 +235,10 @@ def test_dtype_conversion_does_not_convert_the_callers_extractor(tiny_preset, ow
 
 def test_a_model_with_a_fixed_grid_is_refused(monkeypatch) -> None:
     monkeypatch.setattr(extractor_module, "_PRESETS", dict(extractor_module._PRESETS))
-    with pytest.raises(ValueError, match=r"'crossvit_tiny_240' gives a 14x14 semantic grid whatever the input size"):
+    with pytest.raises(
+        ValueError,
+        match=r"'crossvit_tiny_240' (gives a 14x14 semantic grid whatever the input size|has no forward_intermediates)",
+    ):
         sd.extractor.register_extractor(sd.extractor.ExtractorPreset("crossvit", model="crossvit_tiny_240"))
 
 
@@ -362,3 +363,18 @@ def test_attention_maps_come_from_their_own_method() -> None:
 def test_fuse_takes_features_then_semantic_like_sefb() -> None:
     assert list(inspect.signature(sd.SeD._fuse).parameters)[1:4] == ["name", "features", "semantic"]
     assert list(inspect.signature(sd.SeFB.forward).parameters)[1:3] == ["features", "semantic"]
+
+
+def test_channels_last_semantic_map_trains_like_a_contiguous_one() -> None:
+    # timm's ConvNeXt returns channels_last maps; torch 2.2's CPU GroupNorm backward crashed on them.
+    net_d = sd.SeD("patch", **TINY)
+    x = torch.rand(2, 3, 64, 64)
+    s = torch.randn(2, TINY["semantic_channels"], 4, 4)
+    grads = []
+    for semantic in (s, s.contiguous(memory_format=torch.channels_last)):
+        net_d.zero_grad()
+        net_d.eval()
+        net_d(x, semantic).square().mean().backward()
+        grads.append([p.grad.clone() for p in net_d.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
