@@ -157,7 +157,21 @@ def discriminator_loss(
     return loss * weight
 
 
-class GeneratorLoss(nn.Module):
+class _AdversarialLoss(nn.Module):
+    """The loss modules' shared state: a validated ``kind`` and ``weight``."""
+
+    def __init__(self, kind: str = "vanilla", *, weight: float = 1.0) -> None:
+        super().__init__()
+        _check_kind(kind)
+        _check_weight(type(self).__name__, weight)
+        self.kind = kind
+        self.weight = weight
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, weight={self.weight}"
+
+
+class GeneratorLoss(_AdversarialLoss):
     """Module form of :func:`generator_loss`.
 
     Args:
@@ -169,21 +183,11 @@ class GeneratorLoss(nn.Module):
         - output: scalar
     """
 
-    def __init__(self, kind: str = "vanilla", *, weight: float = 1.0) -> None:
-        super().__init__()
-        _check_kind(kind)
-        _check_weight(type(self).__name__, weight)
-        self.kind = kind
-        self.weight = weight
-
     def forward(self, fake_logits: torch.Tensor, *, real_logits: torch.Tensor | None = None) -> torch.Tensor:
         return generator_loss(fake_logits, real_logits=real_logits, kind=self.kind, weight=self.weight)
 
-    def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, weight={self.weight}"
 
-
-class DiscriminatorLoss(nn.Module):
+class DiscriminatorLoss(_AdversarialLoss):
     """Module form of :func:`discriminator_loss`.
 
     Args:
@@ -191,18 +195,8 @@ class DiscriminatorLoss(nn.Module):
         weight: factor on the loss.
     """
 
-    def __init__(self, kind: str = "vanilla", *, weight: float = 1.0) -> None:
-        super().__init__()
-        _check_kind(kind)
-        _check_weight(type(self).__name__, weight)
-        self.kind = kind
-        self.weight = weight
-
     def forward(self, fake_logits: torch.Tensor, *, real_logits: torch.Tensor) -> torch.Tensor:
         return discriminator_loss(fake_logits, real_logits=real_logits, kind=self.kind, weight=self.weight)
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, weight={self.weight}"
 
 
 def r1_penalty(discriminator: Callable[..., torch.Tensor], real: torch.Tensor, *args: object) -> torch.Tensor:
