@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ._upsample import _compiling
@@ -148,8 +150,14 @@ RANGE_SLACK = 0.9
 RANGE_CHECK_CALLS = 16
 
 
-def check_input_range(module: object, x: torch.Tensor, *, owner: str, value_range: tuple[float, float]) -> None:
+def check_input_range(
+    module: object, x: torch.Tensor, *, owner: str, value_range: tuple[float, float], judges_fakes: bool = False
+) -> None:
     """Raise ``ValueError`` when ``x`` leaves ``value_range`` by more than the slack (see ``RANGE_SLACK``).
+
+    ``judges_fakes`` (SeD): a generator early in training can leave the range by more than the
+    slack, so there values beyond it only warn, unless they are of another scale altogether (more
+    than ten range widths above it: 0-255 images), which still raises.
 
     Runs on the first :data:`RANGE_CHECK_CALLS` eager calls of ``module`` (on every call with
     value checks on); never under ``torch.compile`` (no graph break), on the ``meta`` device, nor
@@ -172,9 +180,14 @@ def check_input_range(module: object, x: torch.Tensor, *, owner: str, value_rang
         return
     if low - slack <= lo and hi <= high + slack:
         return
-    raise ValueError(
+    message = (
         f"{owner} expects image values in [{low:g}, {high:g}], got [{lo:.4g}, {hi:.4g}]. Scale [0, 255] images "
         "by 1/255 and [-1, 1] images with (x + 1) / 2, or pass input_range=(low, high), the range your images are "
         "in (SeD, SemanticExtractor, ConditionedSeD and SeDAdversary take it). Values up to "
         f"{slack:g} outside the range pass (a generator's overshoot)."
     )
+    if judges_fakes and hi <= high + 10 * (high - low):
+        warnings.warn(message + " (A warning here: an untrained generator's output can leave the range too.)",
+                      UserWarning, stacklevel=3)  # fmt: skip
+        return
+    raise ValueError(message)

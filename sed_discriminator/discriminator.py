@@ -290,7 +290,7 @@ class SeD(nn.Module):
 
     def _run(self, x: torch.Tensor, semantic: torch.Tensor | None, maps: dict | None) -> torch.Tensor:
         check_image(x, owner="SeD", channels=self.in_channels, min_size=MIN_INPUT_SIZE)
-        check_input_range(self, x, owner="SeD", value_range=self.input_range)
+        check_input_range(self, x, owner="SeD", value_range=self.input_range, judges_fakes=True)
         if self.semantic_fusion:
             check_semantic(semantic, owner="SeD", channels=self.semantic_channels, batch=x.shape[0])
         else:

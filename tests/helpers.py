@@ -6,7 +6,8 @@ Import them with ``from helpers import TINY, assert_same`` (pytest puts ``tests/
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -75,3 +76,18 @@ def sed_inputs(batch: int = 2, size: int = 64, *, seed: int = 1, semantic_channe
 def sn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """The spectral norms' power-iteration vectors ``u`` and ``v``, by name."""
     return {k: v for k, v in model.named_buffers() if k.endswith(("._u", "._v"))}
+
+
+@contextlib.contextmanager
+def tiny_preset(name: str) -> Iterator[str]:
+    """Register a tiny extractor preset (timm's ``test_vit``, 64 channels, stride 16) and remove it afterwards,
+    so that tests reading the registry (``list_extractors``) see only the library's presets."""
+    from sed_discriminator import extractor
+
+    extractor.register_extractor(
+        extractor.ExtractorPreset(name=name, model="test_vit", layer=5, channels=64, stride=16), overwrite=True
+    )
+    try:
+        yield name
+    finally:
+        extractor._PRESETS.pop(name, None)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 import math
 import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, tiny_preset
 from torch import nn
 
 from sed_discriminator import ConditionedSeD, SeD, SeDAdversary
@@ -18,7 +19,7 @@ from sed_discriminator.diagnostics import (
     semantic_diagnostics,
     semantic_influence,
 )
-from sed_discriminator.extractor import ExtractorPreset, SemanticExtractor, register_extractor
+from sed_discriminator.extractor import SemanticExtractor
 from sed_discriminator.spectral_norm import power_iteration_paused
 
 KEYS = ["sem_influence", "attn_sharpness_att1", "attn_sharpness_att2", "attn_sharpness_att3"]
@@ -54,12 +55,9 @@ def scale_cross_attention_(model: SeD, factor: float) -> SeD:
 
 
 @pytest.fixture(scope="module")
-def tiny_extractor() -> SemanticExtractor:
-    register_extractor(
-        ExtractorPreset(name="_diag_tiny", model="test_vit", layer=5, channels=64, stride=16), overwrite=True
-    )
-    with pytest.warns(UserWarning, match="RANDOM weights"):
-        return SemanticExtractor("_diag_tiny", pretrained=None)
+def tiny_extractor() -> Iterator[SemanticExtractor]:
+    with tiny_preset("_diag_tiny"), pytest.warns(UserWarning, match="RANDOM weights"):
+        yield SemanticExtractor("_diag_tiny", pretrained=None)
 
 
 # -- semantic influence ------------------------------------------------------------------------

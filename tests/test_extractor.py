@@ -559,7 +559,7 @@ def test_input_range_and_normalisation_overrides(rn50) -> None:
     plain = random_extractor("clip_rn50", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     assert plain.mean.flatten().tolist() == [0.0, 0.0, 0.0]
     mean, std = torch.tensor(R.CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(R.CLIP_STD).view(1, 3, 1, 1)
-    torch.testing.assert_close(plain((x - mean) / std), rn50(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain(x), rn50(x * std + mean), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"std must be positive, got \(0, 1, 1\)"):
         sd.SemanticExtractor("clip_rn50", pretrained=None, std=(0, 1, 1))
     with pytest.raises(ValueError, match=r"mean must have 3 values \(one per RGB channel\), got \(0\.5,\)"):

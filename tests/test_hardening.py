@@ -57,12 +57,16 @@ def tiny_conditioned(name: str, **kwargs) -> sd.ConditionedSeD:
 RANGE_ERROR = r"expects image values in \[0, 1\], got \[{}.*pass input_range=\(low, high\)"
 
 
-@pytest.mark.parametrize(("images", "low"), [(lambda x: 2 * x - 1, "-1"), (lambda x: 255 * x, "0")])
-def test_sed_refuses_other_ranges_by_default(images, low) -> None:
+def test_sed_refuses_0_255_and_warns_on_minus_one_to_one_by_default() -> None:
+    # SeD also judges generator outputs, which can leave [0, 1] early in training: below ten range
+    # widths beyond it, a warning; 0-255 images are of another scale and refused.
     assert not value_checks_enabled()
-    x = images(torch.rand(2, 3, 64, 64))
-    with pytest.raises(ValueError, match="SeD " + RANGE_ERROR.format(low)):
-        tiny_sed()(x, torch.randn(2, CS, 4, 4))
+    x, s = torch.rand(2, 3, 64, 64), torch.randn(2, CS, 4, 4)
+    with pytest.raises(ValueError, match="SeD " + RANGE_ERROR.format("0")):
+        tiny_sed()(255 * x, s)
+    with pytest.warns(UserWarning, match="SeD " + RANGE_ERROR.format("-") + r".*untrained generator"):
+        logits = tiny_sed()(2 * x - 1, s)
+    assert torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize(("images", "low"), [(lambda x: 2 * x - 1, "-1"), (lambda x: 255 * x, "0")])
@@ -109,6 +113,8 @@ def test_range_check_runs_on_the_first_calls_or_with_value_checks() -> None:
     try:
         with pytest.raises(ValueError, match="SeD " + RANGE_ERROR.format("0")):
             model(bad, s)
+        with pytest.warns(UserWarning, match="SeD " + RANGE_ERROR.format("-")):
+            model(2 * good - 1, s)
     finally:
         set_value_checks(before)
     assert copy.deepcopy(model)._range_checks_left == RANGE_CHECK_CALLS  # a copy checks its first calls again

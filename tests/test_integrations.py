@@ -250,7 +250,7 @@ class TestTrainerConditionedSeD:
             logits = net(sr)
         assert logits.dtype == dtype and logits.device.type == device.type
         # the stored condition is the HR batch's semantics: the plain SeD given them explicitly agrees exactly
-        assert torch.equal(logits, plain(sr, net.extractor(hr)))
+        assert torch.equal(logits, plain(sr, net.extractor(hr).to(dtype)))  # the extractor keeps its own dtype
         assert not net.has_condition
 
     @pytest.mark.parametrize(("variant", "size"), [("patch", (32, 32)), ("pixel", (48, 32))])

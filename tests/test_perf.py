@@ -13,16 +13,16 @@ import copy
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, assert_close_scaled, sed_inputs, tiny_sed
+from helpers import TINY, assert_close_scaled, sed_inputs, tiny_preset, tiny_sed
 
 import sed_discriminator as sd
 from sed_discriminator import SeD, SeDAdversary, SemanticExtractor
-from sed_discriminator.extractor import ExtractorPreset, register_extractor
 from sed_discriminator.sefb import _to_tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
@@ -32,12 +32,9 @@ BENCH = ROOT / "benchmarks" / "bench_sed.py"
 
 
 @pytest.fixture(scope="module")
-def tiny_extractor() -> SemanticExtractor:
-    register_extractor(
-        ExtractorPreset(name="_perf_tiny", model="test_vit", layer=5, channels=64, stride=16),  # timm test model
-        overwrite=True,
-    )
-    return SemanticExtractor("_perf_tiny", pretrained=None)
+def tiny_extractor() -> Iterator[SemanticExtractor]:
+    with tiny_preset("_perf_tiny"):
+        yield SemanticExtractor("_perf_tiny", pretrained=None)
 
 
 # -- same numbers as the default path --------------------------------------------------------------

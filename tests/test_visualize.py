@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_preset
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("skimage")
@@ -16,7 +18,6 @@ pytest.importorskip("skimage")
 import matplotlib.image  # noqa: E402
 
 from sed_discriminator import SeD, visualize  # noqa: E402
-from sed_discriminator.extractor import ExtractorPreset, register_extractor  # noqa: E402
 from sed_discriminator.show import main  # noqa: E402
 
 PRESET = "_viz_tiny"
@@ -25,8 +26,9 @@ D_ARGS = ["--width", "8"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _tiny_preset() -> None:
-    register_extractor(ExtractorPreset(name=PRESET, model="test_vit", layer=5, channels=64, stride=16), overwrite=True)
+def _tiny_preset() -> Iterator[None]:
+    with tiny_preset(PRESET):
+        yield
 
 
 def red_mark_pixels(path: Path) -> int:
