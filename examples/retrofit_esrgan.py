@@ -318,6 +318,12 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def _without_milestones(sched: torch.optim.lr_scheduler.MultiStepLR) -> dict[str, Any]:
+    """The scheduler's state minus its milestones (a ``Counter``, which older torch's (2.2) ``weights_only`` load
+    refuses); they come from the command line on resume anyway."""
+    return {k: v for k, v in sched.state_dict().items() if k != "milestones"}
+
+
 class Trainer:
     """Everything of one run: networks, optimisers, data stream, logging and checkpoints."""
 
@@ -419,7 +425,7 @@ class Trainer:
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.args).items()},
             "generator": self.g.state_dict(), "discriminator": self.d.state_dict(),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-            "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
+            "sched_g": _without_milestones(self.sched_g), "sched_d": _without_milestones(self.sched_d),
             "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": rng,
             "data": {"seed": self.args.seed, "samples_per_rank": self.step * self.args.batch_size,

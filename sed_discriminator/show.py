@@ -92,7 +92,7 @@ def _discriminator(args: argparse.Namespace, channels: int) -> tuple[SeD, bool]:
         _progress(f"SeD({args.variant!r}) with RANDOM weights (no --checkpoint)")
     else:
         _progress(f"loading discriminator weights from {args.checkpoint}")
-        load_official_weights(model, args.checkpoint)
+        load_official_weights(model, args.checkpoint, trust_pickle=args.trust_pickle)
     return model.to(args.device), args.checkpoint is None
 
 
@@ -203,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--checkpoint",
             default=None,
             help="D weights: this library's, the authors' or a BasicSR/traiNNer net_d file; default: random weights",
+        )
+        p.add_argument(
+            "--trust-pickle",
+            action="store_true",
+            help="read a .pt/.pth checkpoint on torch < 2.10 (only a file you trust; safetensors need no flag)",
         )
         p.add_argument("--variant", choices=("pixel", "patch"), default="pixel")
         p.add_argument("--width", type=int, default=64, help="the checkpoint's base width (64, the paper's)")

@@ -243,6 +243,7 @@ def test_pretrain_network_d_starts_from_a_saved_and_from_a_legacy_checkpoint(
 
 
 def test_load_sed_checkpoint_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
+    # trust_pickle=True: the test reads files it wrote itself (torch < 2.10 refuses .pth files otherwise)
     model = common.TrainerConditionedSeD("patch", width=WIDTH, semantic_fusion=False)
     with pytest.raises(FileNotFoundError, match="pretrain_network_d: no file at"):
         sed_basicsr.load_sed_checkpoint(model, tmp_path / "missing.pth")
@@ -251,11 +252,11 @@ def test_load_sed_checkpoint_errors_name_the_file_and_the_fix(tmp_path: Path) ->
         sed_basicsr.load_sed_checkpoint(model, tmp_path / "cut.pth")
     torch.save({"params_x": model.state_dict(), "other": model.state_dict()}, tmp_path / "keys.pth")
     with pytest.raises(ValueError, match=r"has no entry 'params'.*\['other', 'params_x'\].*param_key_d"):
-        sed_basicsr.load_sed_checkpoint(model, tmp_path / "keys.pth")
-    sed_basicsr.load_sed_checkpoint(model, tmp_path / "keys.pth", param_key="params_x")
+        sed_basicsr.load_sed_checkpoint(model, tmp_path / "keys.pth", trust_pickle=True)
+    sed_basicsr.load_sed_checkpoint(model, tmp_path / "keys.pth", param_key="params_x", trust_pickle=True)
     torch.save({"params": SeD("pixel", width=WIDTH, semantic_fusion=False).state_dict()}, tmp_path / "pixel.pth")
     with pytest.raises(ValueError, match="looks like the 'pixel' variant"):
-        sed_basicsr.load_sed_checkpoint(model, tmp_path / "pixel.pth")
+        sed_basicsr.load_sed_checkpoint(model, tmp_path / "pixel.pth", trust_pickle=True)
 
 
 def test_pretrain_network_d_follows_the_trust_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
