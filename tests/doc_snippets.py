@@ -63,7 +63,7 @@ def python_blocks(markdown: str, name: str = "markdown") -> list[Block]:
 
 @contextlib.contextmanager
 def offline_weights(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The rule above, and a scratch working directory; the process-wide switches are restored afterwards."""
+    """The rule above, and a scratch working directory; the process-wide switches and the preset registry are restored afterwards."""
     build = SemanticExtractor.__init__
 
     def with_random_weights(self, *args, pretrained=DEFAULT_WEIGHTS, **kwargs):
@@ -76,6 +76,7 @@ def offline_weights(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     monkeypatch.setattr(SemanticExtractor, "__init__", with_random_weights)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(workdir)
+    monkeypatch.setattr(sd.extractor, "_PRESETS", dict(sd.extractor._PRESETS))  # presets a snippet registers
     fused, checks = sd.use_fused_attn(), sd.config.value_checks_enabled()
     try:
         yield

@@ -77,3 +77,21 @@ def test_skip_marker_needs_the_test_skip_comment() -> None:
     assert [(b.line, b.skip) for b in python_blocks(markdown)] == [(2, True), (6, False)]
     with pytest.raises(ValueError, match="never closed"):
         python_blocks("```python\nx = 1\n", "docs/y.md")
+
+
+def test_a_preset_a_snippet_registers_is_gone_afterwards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sed_discriminator.extractor import list_extractors
+
+    markdown = textwrap.dedent(
+        """\
+        ```python
+        from sed_discriminator.extractor import ExtractorPreset, register_extractor
+        register_extractor(ExtractorPreset("doc_only", model="resnet18", layer=2, channels=256, stride=16, description="d"))
+        ```
+        """
+    )
+    before = list(list_extractors())
+    with monkeypatch.context() as patch, offline_weights(tmp_path, patch):
+        run_markdown(markdown, "docs/x.md")
+        assert "doc_only" in list_extractors()
+    assert list(list_extractors()) == before
