@@ -63,7 +63,7 @@ def python_blocks(markdown: str, name: str = "markdown") -> list[Block]:
 
 @contextlib.contextmanager
 def offline_weights(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The rule above, and a scratch working directory; the process-wide switches and the preset registry are restored afterwards."""
+    """The rule above and a scratch working directory; process-wide switches and the preset registry are restored."""
     build = SemanticExtractor.__init__
 
     def with_random_weights(self, *args, pretrained=DEFAULT_WEIGHTS, **kwargs):

@@ -86,7 +86,7 @@ def test_a_preset_a_snippet_registers_is_gone_afterwards(tmp_path: Path, monkeyp
         """\
         ```python
         from sed_discriminator.extractor import ExtractorPreset, register_extractor
-        register_extractor(ExtractorPreset("doc_only", model="resnet18", layer=2, channels=256, stride=16, description="d"))
+        register_extractor(ExtractorPreset("doc_only", model="resnet18", layer=2, channels=256, stride=16))
         ```
         """
     )

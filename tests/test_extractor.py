@@ -158,30 +158,75 @@ def test_register_custom_trunk(monkeypatch) -> None:
         ExtractorPreset(name="bad")
 
 
-# -- every preset: shapes, frozen, a D step, local weights, pickling ----------------------------
+# -- the component, and every preset: shapes, frozen, a D step, local weights, pickling ----------
 
 
-def test_shapes_over_sizes(any_extractor) -> None:
-    ext, name = any_extractor, any_extractor.preset.name
-    round_ = ROUNDING[name]
-    for height, width in SIZES:
-        out = ext(torch.rand(1, 3, height, width))
-        grid = (round_(height / ext.stride), round_(width / ext.stride))
-        assert out.shape == (1, ext.channels, *grid), (name, height, width)
-        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+class TestSemanticExtractor:
+    """Per component as in kornia: smoke, cardinality, exception, gradients, dynamo, other dtypes.
 
+    Gradients: the extractor is frozen and its output detached by design (SeD conditions on the
+    HR image's semantics, never trains them), so the gradient test asserts that none flows.
+    """
 
-def test_frozen_eval_and_outside_the_discriminator(any_extractor) -> None:
-    ext = any_extractor
-    assert not any(p.requires_grad for p in ext.parameters())
-    assert ext.train() is ext and not any(m.training for m in ext.modules())
-    x = torch.rand(1, 3, 64, 64, requires_grad=True)
-    out = ext(x)
-    assert not out.requires_grad and out.grad_fn is None
-    net_d = sd.ConditionedSeD("patch", extractor=ext, width=8, head_dim=8)
-    trunk_params = {id(p) for p in ext.parameters()}
-    assert not any(id(p) in trunk_params for p in net_d.parameters())
-    assert not any("trunk" in k or "extractor" in k for k in net_d.state_dict())
+    def test_smoke(self, device: torch.device, dtype: torch.dtype) -> None:
+        ext = random_extractor(TIMM_NAME).to(device, dtype)
+        out = ext(torch.rand(2, 3, 32, 48, device=device, dtype=dtype))
+        assert out.shape == (2, 64, 2, 3) and out.dtype == dtype and out.device == ext.mean.device
+        assert torch.isfinite(out).all()
+        assert "name='timm:test_vit', pretrained=None, channels=64, stride=16, layer=5" in repr(ext)
+
+    def test_cardinality(self, any_extractor) -> None:
+        ext, name = any_extractor, any_extractor.preset.name
+        round_ = ROUNDING[name]
+        for height, width in SIZES:
+            out = ext(torch.rand(1, 3, height, width))
+            grid = (round_(height / ext.stride), round_(width / ext.stride))
+            assert out.shape == (1, ext.channels, *grid), (name, height, width)
+            assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+    def test_exception(self, rn50) -> None:
+        with pytest.raises(ValueError, match=r"SemanticExtractor needs images of at least 16x16 pixels, got 8x64"):
+            rn50(torch.rand(1, 3, 8, 64))
+        with pytest.raises(
+            ValueError, match=r"SemanticExtractor expects an image batch of shape \(B, 3, H, W\), got a 3-D tensor"
+        ):
+            rn50(torch.rand(3, 32, 32))
+        with pytest.raises(
+            ValueError, match=r"SemanticExtractor expects a floating-point image .* Convert it with x\.float\(\) / 255"
+        ):
+            rn50(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+        with pytest.raises(ValueError, match="SemanticExtractor expects 3 channels, got 1"):
+            rn50(torch.rand(1, 1, 32, 32))
+
+    def test_no_gradient_frozen_eval_and_outside_the_discriminator(self, any_extractor) -> None:
+        ext = any_extractor
+        assert not any(p.requires_grad for p in ext.parameters())
+        assert ext.train() is ext and not any(m.training for m in ext.modules())
+        x = torch.rand(1, 3, 64, 64, requires_grad=True)
+        out = ext(x)
+        assert not out.requires_grad and out.grad_fn is None
+        net_d = sd.ConditionedSeD("patch", extractor=ext, width=8, head_dim=8)
+        trunk_params = {id(p) for p in ext.parameters()}
+        assert not any(id(p) in trunk_params for p in net_d.parameters())
+        assert not any("trunk" in k or "extractor" in k for k in net_d.state_dict())
+
+    def test_other_input_dtypes_are_converted(self, rn50) -> None:
+        x = torch.rand(1, 3, 32, 32)
+        reference = rn50(x)
+        for dtype in (torch.float16, torch.bfloat16, torch.float64):
+            out = rn50(x.to(dtype))
+            assert out.dtype == torch.float32
+            torch.testing.assert_close(out, reference, atol=0.1, rtol=0.05)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert rn50(x).dtype == torch.bfloat16
+
+    @pytest.mark.parametrize("name", ["clip_rn50", TIMM_NAME])
+    def test_dynamo(self, name: str) -> None:
+        torch._dynamo.reset()
+        ext = random_extractor(name)
+        compiled = torch.compile(ext, backend="eager", fullgraph=True)  # dynamo's graph capture, no inductor
+        x = torch.rand(2, 3, 64, 80)
+        torch.testing.assert_close(compiled(x), ext(x), atol=1e-6, rtol=1e-6)
 
 
 def test_full_discriminator_step(any_extractor) -> None:
@@ -593,21 +638,6 @@ def test_vit_padding_rule() -> None:
     torch.testing.assert_close(ext(x), expected, atol=1e-6, rtol=1e-6)
 
 
-def test_input_errors(rn50) -> None:
-    with pytest.raises(ValueError, match=r"SemanticExtractor needs images of at least 16x16 pixels, got 8x64"):
-        rn50(torch.rand(1, 3, 8, 64))
-    with pytest.raises(
-        ValueError, match=r"SemanticExtractor expects an image batch of shape \(B, 3, H, W\), got a 3-D tensor"
-    ):
-        rn50(torch.rand(3, 32, 32))
-    with pytest.raises(
-        ValueError, match=r"SemanticExtractor expects a floating-point image .* Convert it with x\.float\(\) / 255"
-    ):
-        rn50(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="SemanticExtractor expects 3 channels, got 1"):
-        rn50(torch.rand(1, 1, 32, 32))
-
-
 def test_value_checks_range_and_nan(rn50) -> None:
     before = value_checks_enabled()
     set_value_checks(True)
@@ -623,17 +653,6 @@ def test_value_checks_range_and_nan(rn50) -> None:
         rn50(torch.rand(1, 3, 16, 16))
     finally:
         set_value_checks(before)
-
-
-def test_other_input_dtypes_are_converted(rn50) -> None:
-    x = torch.rand(1, 3, 32, 32)
-    reference = rn50(x)
-    for dtype in (torch.float16, torch.bfloat16, torch.float64):
-        out = rn50(x.to(dtype))
-        assert out.dtype == torch.float32
-        torch.testing.assert_close(out, reference, atol=0.1, rtol=0.05)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert rn50(x).dtype == torch.bfloat16
 
 
 def test_mean_std_not_in_state_dict(rn50) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import inspect
 import os
 import re
@@ -20,12 +21,19 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import assert_same, perturbed, sed_inputs
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from test_untrusted import _CreatesMarker
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from sed_discriminator import SeD, SemanticExtractor
+from sed_discriminator._state import UntrustedFileError, torch_is_patched
 from sed_discriminator.integrations import _common, neosr, trainner
 from sed_discriminator.integrations._common import TrainerConditionedSeD, step_condition
 
@@ -435,6 +443,254 @@ def test_a_batch_of_one_warns_instead_of_measuring(extractor: SemanticExtractor)
     assert set(model.log_dict) == {"l_d"}
 
 
+# -- D's checkpoints in traiNNer-redux and neosr: pretrain_network_d and save_network ----------------------
+
+
+class TrainnerCheckpoints:
+    """traiNNer-redux's BaseModel checkpoint methods at commit 6862931: their signatures, torch.load/save bodies.
+
+    As in its SRModel, the constructor loads ``path.pretrain_network_d`` into ``net_d`` (so the
+    adapter hooks the class, before ``hook_model`` sees a model). ``save()`` is SRModel's for
+    ``net_d``; ``save_network`` switches schedule-free optimizers to eval() while it writes.
+    """
+
+    def __init__(self, net_d: nn.Module, folder: Path, *, fmt: str = "pth", **path: object) -> None:
+        path = {"pretrain_network_d": None, "strict_load_d": True, "param_key_d": None, "resume_models": str(folder),
+                **path}  # fmt: skip
+        self.opt = SimpleNamespace(path=SimpleNamespace(**path), logger=SimpleNamespace(save_checkpoint_format=fmt))
+        self.net_d, self.optimizers, self.own_loads = net_d, [], []
+        if self.opt.path.pretrain_network_d is not None:
+            p = self.opt.path
+            self.load_network(self.net_d, p.pretrain_network_d, p.strict_load_d, p.param_key_d)
+
+    def load_network(self, net: nn.Module, load_path: str, strict: bool = True, param_key: str | None = "params"):
+        self.own_loads.append(load_path)
+        state = torch.load(load_path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state[param_key] if param_key in state else state.get("params", state), strict=strict)
+
+    def save_network(self, net: nn.Module, net_label: str, save_dir: str, current_iter: int, param_key: str) -> None:
+        for o in self.optimizers:
+            o.eval()
+        label = "latest" if current_iter == -1 else str(current_iter)
+        path = os.path.join(save_dir, f"{net_label}_{label}.{self.opt.logger.save_checkpoint_format}")
+        state = {k.removeprefix("module."): v.cpu() for k, v in net.state_dict().items()}
+        if self.opt.logger.save_checkpoint_format == "safetensors":
+            save_file(state, path)
+        else:
+            torch.save(state, path)
+        for o in self.optimizers:
+            o.train()
+
+    def optimize_parameters(self, current_iter: int, current_accum_iter: int, apply_gradient: bool) -> None:
+        pass  # hook_model wraps it; the steps are tested with TrainnerLikeModel
+
+    def save(self, current_iter: int) -> None:
+        self.save_network(self.net_d, "net_d", self.opt.path.resume_models, current_iter, "params")
+
+
+class NeosrCheckpoints:
+    """neosr's ``base`` checkpoint methods at commit 31c7022: their signatures, torch.load/save bodies.
+
+    As in its ``image`` model, the constructor loads ``path.pretrain_network_d``; ``save()`` saves
+    D's EMA copy (an ``AveragedModel``) where there is one, as ``{"params": ...}``.
+    """
+
+    def __init__(self, net_d: nn.Module, folder: Path, **path: object) -> None:
+        self.opt = {"path": {"models": folder, **path}}
+        self.net_d, self.net_d_ema, self.own_loads = net_d, None, []
+        load_path = self.opt["path"].get("pretrain_network_d", None)
+        if load_path is not None:
+            param_key = self.opt["path"].get("param_key_d")
+            self.load_network(self.net_d, load_path, param_key, self.opt["path"].get("strict_load_d", True))
+
+    def load_network(self, net: nn.Module, load_path: str, param_key: str, strict: bool = True) -> None:
+        self.own_loads.append(load_path)
+        state = torch.load(load_path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state.get("params", state), strict=strict)
+
+    def save_network(self, net, net_label, current_iter, param_key="params") -> None:
+        if current_iter == -1:
+            current_iter = "latest"
+        nets, keys = (net, param_key) if isinstance(net, list) else ([net], [param_key])
+        save_dict = {
+            key: {k.removeprefix("module."): v.cpu() for k, v in n.state_dict().items() if k != "n_averaged"}
+            for n, key in zip(nets, keys)
+        }
+        torch.save(save_dict, Path(self.opt["path"]["models"]) / f"{net_label}_{current_iter}.pth")
+
+    def optimize_parameters(self, current_iter: int) -> None:
+        pass
+
+    def save(self, current_iter: int) -> None:
+        self.save_network(self.net_d_ema if self.net_d_ema is not None else self.net_d, "net_d", current_iter)
+
+
+CHECKPOINTS = {"trainner": (trainner.TRAINNER, TrainnerCheckpoints), "neosr": (neosr.NEOSR, NeosrCheckpoints)}
+
+
+def _hooked_class(name: str) -> type:
+    """The stand-in's class hooked as ``install()`` hooks the trainer's base class (a fresh subclass per test)."""
+    adapter, base = CHECKPOINTS[name]
+    return adapter.hook_checkpoints(type(f"Hooked{base.__name__}", (base,), {}))
+
+
+def _plain_d(**kwargs: object) -> TrainerConditionedSeD:
+    return TrainerConditionedSeD("patch", width=WIDTH, semantic_fusion=False, **kwargs)
+
+
+@pytest.fixture
+def old_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "__version__", "2.5.1")  # a torch with known weights_only escapes
+
+
+def test_trust_pickle_d_is_a_network_d_key_outside_the_state_dict() -> None:
+    net = _plain_d(trust_pickle_d=True)
+    assert net.trust_pickle_d is True and _plain_d().trust_pickle_d is False
+    assert list(net.state_dict()) == list(SeD("patch", width=WIDTH, semantic_fusion=False).state_dict())
+    assert copy.deepcopy(net).trust_pickle_d is True  # neosr's AveragedModel deep-copies D
+    with pytest.raises(ValueError, match="trust_pickle_d must be true or false, got 'yes'.*under network_d"):
+        _plain_d(trust_pickle_d="yes")
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_pretrain_network_d_follows_the_trust_rule(name: str, tmp_path: Path, old_torch) -> None:
+    state = perturbed(SeD("patch", width=WIDTH, semantic_fusion=False)).state_dict()
+    torch.save({"params": {f"module.{k}": v for k, v in legacy_keys(state).items()}}, tmp_path / "d.pth")  # authors'
+    save_file(state, tmp_path / "d.safetensors")
+    cls = _hooked_class(name)
+    config = CHECKPOINTS[name][0].config
+    with pytest.raises(UntrustedFileError, match=rf"pretrain_network_d: Refusing .*d\.pth.*torch 2\.5\.1.*In {config}: "
+                                                 r"set `trust_pickle_d(: | = )true` under \[?network_d"):  # fmt: skip
+        cls(_plain_d(), tmp_path, pretrain_network_d=str(tmp_path / "d.pth"))
+    trusted = cls(_plain_d(trust_pickle_d=True), tmp_path, pretrain_network_d=str(tmp_path / "d.pth"))
+    assert_same(trusted.net_d.state_dict(), state)
+    shared = cls(_plain_d(), tmp_path, pretrain_network_d=tmp_path / "d.safetensors")  # neosr's resume passes a Path
+    assert_same(shared.net_d.state_dict(), state)
+    assert trusted.own_loads == shared.own_loads == []  # the trainer's own torch.load never read them
+    with pytest.raises(FileNotFoundError, match=f"pretrain_network_d: no file at .*check the path in {config}"):
+        cls(_plain_d(), tmp_path, pretrain_network_d=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+@pytest.mark.parametrize("trust", [False, True], ids=["default", "trust_pickle_d"])
+@pytest.mark.parametrize("version", ["installed", "2.5.1"])
+def test_a_crafted_pickle_never_runs_through_pretrain_network_d(
+    name: str, trust: bool, version: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "MARKER_code_ran"
+    crafted = tmp_path / "crafted_d.pth"
+    torch.save({"params": {"conv1.weight": torch.zeros(2, 2), "evil": _CreatesMarker(marker)}}, crafted)
+    if version != "installed":
+        monkeypatch.setattr(torch, "__version__", version)
+    with pytest.raises(ValueError) as info:
+        _hooked_class(name)(_plain_d(trust_pickle_d=trust), tmp_path, pretrain_network_d=str(crafted))
+    assert not marker.exists(), "code in the file ran"
+    message = str(info.value)
+    assert message.startswith("pretrain_network_d: ") and "crafted_d.pth" in message
+    if not torch_is_patched() and not trust:  # refused before the file is unpickled at all
+        assert isinstance(info.value, UntrustedFileError) and "trust_pickle_d" in message
+    else:  # torch.load(weights_only=True) refuses the object
+        assert "holds Python objects other than tensors" in message
+
+
+def _logits_match(net: TrainerConditionedSeD, path: Path, channels: int) -> None:
+    fresh = SeD("patch", width=WIDTH, semantic_channels=channels)
+    fresh.load_state_dict(load_file(path), strict=True)
+    x, s = sed_inputs(semantic_channels=channels)
+    net.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x, s), net(x, s))
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_save_network_writes_a_safetensors_file_beside_the_trainers(
+    name: str, extractor: SemanticExtractor, tmp_path: Path
+) -> None:
+    adapter, base = CHECKPOINTS[name]
+    net = perturbed(_net_d(extractor))
+    model = adapter.hook_model(base(net, tmp_path))
+    model.save(7)
+    model.save(-1)
+    own = torch.load(tmp_path / "net_d_7.pth", weights_only=True)  # the trainer's own file, as before
+    own = own.get("params", own)
+    assert_same(own, net.state_dict())
+    for label in ("7", "latest"):
+        _logits_match(net, tmp_path / f"net_d_{label}.safetensors", extractor.channels)
+    with safe_open(tmp_path / "net_d_7.safetensors", "pt") as f:
+        assert f.metadata() == {"variant": "patch"}
+
+
+def test_trainner_safetensors_holds_the_weights_the_trainer_saved(tmp_path: Path) -> None:
+    class SchedulefreeLike:  # schedule-free optimizers swap in other weights for eval() (saving)
+        def __init__(self, net: nn.Module) -> None:
+            self.params = list(net.parameters())
+
+        def eval(self) -> None:
+            with torch.no_grad():
+                for p in self.params:
+                    p.add_(1.0)
+
+        def train(self) -> None:
+            with torch.no_grad():
+                for p in self.params:
+                    p.sub_(1.0)
+
+    net = perturbed(_plain_d())
+    model = trainner.hook_model(TrainnerCheckpoints(net, tmp_path))
+    model.optimizers = [SchedulefreeLike(net)]
+    model.save(3)
+    own, shared = torch.load(tmp_path / "net_d_3.pth", weights_only=True), load_file(tmp_path / "net_d_3.safetensors")
+    assert_same(dict(sorted(shared.items())), dict(sorted(own.items())))  # safetensors sorts the keys
+    assert not torch.equal(shared["conv1.parametrizations.weight.original"],
+                           net.state_dict()["conv1.parametrizations.weight.original"])  # fmt: skip
+
+    # traiNNer-redux's default format is safetensors: its own file is the one to share, nothing is added
+    (tmp_path / "st").mkdir()
+    model = trainner.hook_model(TrainnerCheckpoints(net, tmp_path / "st", fmt="safetensors"))
+    model.save(3)
+    assert [p.name for p in (tmp_path / "st").iterdir()] == ["net_d_3.safetensors"]
+    own = tmp_path / "st" / "net_d_3.safetensors"
+    with safe_open(own, "pt") as f:
+        assert f.metadata() is None  # the trainer's file, not rewritten
+    SeD("patch", width=WIDTH, semantic_fusion=False).load_state_dict(load_file(own), strict=True)
+
+
+def test_neosr_safetensors_holds_ds_ema_copy(tmp_path: Path) -> None:
+    net = perturbed(_plain_d())
+    model = neosr.hook_model(NeosrCheckpoints(net, tmp_path))
+    model.net_d_ema = AveragedModel(net)
+    perturbed(net, seed=1)  # the live D moves on; neosr saves the EMA copy
+    model.save(4)
+    shared = load_file(tmp_path / "net_d_4.safetensors")
+    own = torch.load(tmp_path / "net_d_4.pth", weights_only=True)["params"]
+    assert_same(dict(sorted(shared.items())), dict(sorted(own.items())))  # safetensors sorts the keys
+    assert_same(dict(sorted(model.net_d_ema.module.state_dict().items())), dict(sorted(shared.items())))
+    SeD("patch", width=WIDTH, semantic_fusion=False).load_state_dict(shared, strict=True)
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_checkpoint_hooks_are_idempotent_and_leave_other_networks_alone(name: str, tmp_path: Path) -> None:
+    adapter, base = CHECKPOINTS[name]
+    cls = _hooked_class(name)
+    load, save = cls.load_network, cls.save_network
+    adapter.hook_checkpoints(cls)
+    assert (cls.load_network, cls.save_network) == (load, save)
+    conv = nn.Conv2d(3, 1, 3)
+    torch.save({"params": conv.state_dict()}, tmp_path / "conv.pth")
+    model = cls(nn.Conv2d(3, 1, 3), tmp_path, pretrain_network_d=str(tmp_path / "conv.pth"))
+    assert model.own_loads == [str(tmp_path / "conv.pth")]  # the trainer's own loader, as without the adapter
+    assert_same(model.net_d, conv)
+    adapter.hook_model(model)  # a model of a hooked class gets no second wrapper
+    assert "load_network" not in vars(model) and "save_network" not in vars(model)
+    model.save(2)
+    assert (tmp_path / "net_d_2.pth").is_file() and not (tmp_path / "net_d_2.safetensors").exists()
+
+    plain = adapter.hook_model(base(_plain_d(), tmp_path))  # hooked instance: twice changes nothing
+    load, save = plain.load_network, plain.save_network
+    adapter.hook_model(plain)
+    assert (plain.load_network, plain.save_network) == (load, save)
+
+
 # -- the launchers, against stand-in clones --------------------------------------------------------
 
 _STAND_IN_TRAIN = """
@@ -447,8 +703,20 @@ for it in (1, 2):
     model.optimize_parameters(*{step_args})
 conditioned = getattr(model.optimize_parameters, "__sed_conditioned__", False)
 registered = "{arch}" in __import__("{package}.utils.registry", fromlist=["x"]).ARCH_REGISTRY._obj_map
-result = {{"argv": sys.argv, "cwd": os.getcwd(), "conditioned": conditioned, "arch": registered}}
+base = getattr(__import__("{base_module}", fromlist=["x"]), "{base_class}")
+base_hooked = [getattr(getattr(base, m), "__sed_conditioned__", False) for m in ("load_network", "save_network")]
+result = {{"argv": sys.argv, "cwd": os.getcwd(), "conditioned": conditioned, "arch": registered,
+           "base_hooked": base_hooked}}
 json.dump(result, open(sys.argv[-1], "w"))
+"""
+
+_STAND_IN_BASE = """
+class {base_class}:  # the trainer's model base class: install() hooks its checkpoint methods
+    def load_network(self, net, load_path, strict=True, param_key="params"):
+        raise AssertionError("not called by the stand-in")
+
+    def save_network(self, net, net_label, current_iter, param_key="params"):
+        raise AssertionError("not called by the stand-in")
 """
 
 _STAND_IN_REGISTRY = """
@@ -468,7 +736,11 @@ def _stand_in_clone(root: Path, package: str, model: str, step_args: str, arch: 
     (root / package / "models" / "__init__.py").write_text(
         f"def build_model(opt):\n    from tests_stand_in import make_model\n    return make_model({model!r})\n"
     )
-    (root / "train.py").write_text(_STAND_IN_TRAIN.format(package=package, step_args=step_args, arch=arch))
+    adapter = trainner.TRAINNER if package == "traiNNer" else neosr.NEOSR
+    base_module, base_class = adapter.base_model.split(":")
+    (root / Path(*base_module.split("."))).with_suffix(".py").write_text(_STAND_IN_BASE.format(base_class=base_class))
+    (root / "train.py").write_text(_STAND_IN_TRAIN.format(package=package, step_args=step_args, arch=arch,
+                                                          base_module=base_module, base_class=base_class))  # fmt: skip
     return root
 
 
@@ -492,11 +764,15 @@ def test_trainner_launcher_registers_hooks_and_runs_the_clones_train_py(stand_in
     result = __import__("json").loads(out.read_text())
     # run in the clone, as its own `python train.py`; the relative -opt path still names the file it named
     argv = [str(clone / "train.py"), "-opt", str(tmp_path / "x.yml"), str(out)]
-    assert result == {"argv": argv, "cwd": str(clone), "conditioned": True, "arch": True}
-    trainner.install()  # again: no second wrapper, no duplicate registration
+    assert result == {"argv": argv, "cwd": str(clone), "conditioned": True, "arch": True,
+                      "base_hooked": [True, True]}  # fmt: skip
     import traiNNer.models
+    import traiNNer.models.base_model as base_model
 
+    hooked = base_model.BaseModel.load_network
+    trainner.install()  # again: no second wrapper, no duplicate registration
     assert traiNNer.models.build_model.__wrapped__.__module__ == "traiNNer.models"
+    assert base_model.BaseModel.load_network is hooked and hooked.__wrapped__.__module__ == "traiNNer.models.base_model"
 
 
 def test_neosr_launcher_sets_argv_before_importing_neosr(stand_in_models, tmp_path: Path) -> None:
@@ -506,7 +782,14 @@ def test_neosr_launcher_sets_argv_before_importing_neosr(stand_in_models, tmp_pa
     neosr.main([str(clone), "-opt", "x.toml", str(out)])
     result = __import__("json").loads(out.read_text())
     argv = [str(clone / "train.py"), "-opt", str(tmp_path / "x.toml"), str(out)]
-    assert result == {"argv": argv, "cwd": str(clone), "conditioned": True, "arch": True}
+    assert result == {"argv": argv, "cwd": str(clone), "conditioned": True, "arch": True,
+                      "base_hooked": [True, True]}  # fmt: skip
+
+
+def test_install_without_the_base_model_class_warns_that_the_trust_rule_does_not_apply() -> None:
+    moved = dataclasses.replace(trainner.TRAINNER, base_model="sed_no_such_trainer.models:BaseModel")
+    with pytest.warns(UserWarning, match="has no sed_no_such_trainer.models:BaseModel.*trust rule does not apply"):
+        moved._hook_base_model()
 
 
 def test_launchers_reject_a_folder_that_is_not_a_clone(tmp_path: Path) -> None:
@@ -614,6 +897,9 @@ assert calls == [(True, False, True, False), (True, False, False, True), (True, 
 model.save(0, 2)
 saved = torch.load(os.path.join(opt["path"]["models"], "net_d_2.pth"), weights_only=True)["params"]
 SeD("patch", width=8).load_state_dict(saved, strict=True)
+from safetensors.torch import load_file
+shared = load_file(os.path.join(opt["path"]["models"], "net_d_2.safetensors"))  # written beside it by the adapter
+assert set(shared) == set(saved) and all(torch.equal(shared[k], saved[k]) for k in saved)
 torch.save({"params": legacy_keys(saved)}, "legacy_d.pth")
 opt, _ = parse_options(os.getcwd(), is_train=True)
 opt["root_path"] = os.getcwd()
@@ -633,7 +919,7 @@ datasets:
   train: {{name: tiny, type: pairedimagedataset, dataroot_gt: [{data}], dataroot_lq: [{data}], lq_size: 16,
           num_worker_per_gpu: 0, batch_size_per_gpu: 2, accum_iter: 1}}
 network_g: {{type: compact, num_feat: 8, num_conv: 1}}
-network_d: {{type: ConditionedSeD, variant: patch, width: 8, pretrained: ~}}
+network_d: {{type: ConditionedSeD, variant: patch, width: 8, pretrained: ~, trust_pickle_d: true}}
 path: {{pretrain_network_g: ~, resume_state: ~}}
 train:
   ema_decay: 0
@@ -667,6 +953,7 @@ type = "ConditionedSeD"
 variant = "patch"
 width = 8
 pretrained = false
+trust_pickle_d = true
 [train]
 ema = -1
 [train.optim_g]

@@ -1,28 +1,37 @@
-"""What the trainer adapters share: the registered architecture and the per-step condition.
+"""What the trainer adapters share: the registered architecture, the per-step condition, D's checkpoints.
 
 Nothing here imports a trainer. The trainers' model classes call ``net_d(x)`` with one tensor;
 :func:`step_condition` gives the bare :class:`~sed_discriminator.ConditionedSeD` the HR batch for
 the duration of one training step, and :class:`TrainerConditionedSeD` is what a trainer's
-registry builds from ``network_d: {type: ConditionedSeD, ...}``.
+registry builds from ``network_d: {type: ConditionedSeD, ...}``. :func:`load_sed_checkpoint` is
+``pretrain_network_d`` for an SeD, under the library's trust rule.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from .. import training
+from .._state import UntrustedFileError, read_checkpoint, unwrap_state_dict
+from ..discriminator import SeD
 from ..spectral_norm import remap_legacy_spectral_norm_keys
+from ..weights import load_official_weights
 
 __all__ = [
     "REGISTRY_NAME",
     "TrainerConditionedSeD",
     "bare_discriminator",
+    "bare_sed",
+    "load_sed_checkpoint",
     "log_diagnostics",
     "check_no_data_parallel",
     "deprecated_conditioned_sed",
@@ -46,7 +55,11 @@ class TrainerConditionedSeD(training.ConditionedSeD):
     - ``diagnostics_every`` (config key, default 100, ``0`` = off): every that many iterations the
       adapters measure :func:`~sed_discriminator.diagnostics.semantic_diagnostics` on the step's SR
       batch (two no-grad D forwards) and the latest values stay in the trainer's ``log_dict``
-      (``sem_influence``, ``attn_sharpness_att1..3``), so they reach its console, TensorBoard, wandb.
+      (``sem_influence``, ``attn_sharpness_att1..3``), so they reach its console, TensorBoard, wandb;
+    - ``trust_pickle_d`` (config key, default false): the traiNNer-redux and neosr adapters read
+      ``pretrain_network_d`` with :func:`load_sed_checkpoint`, which refuses a pickle-based file
+      (``.pth``) on torch < 2.10 unless this is true (you trust the file). Kept as an attribute,
+      never in the state dict. BasicSR reads its own key, ``path: {trust_pickle_d: true}``.
 
     Args:
         variant: ``"patch"`` or ``"pixel"``.
@@ -59,7 +72,14 @@ class TrainerConditionedSeD(training.ConditionedSeD):
         ...     logits = net_d(output)
     """
 
-    def __init__(self, variant: str = "patch", *, diagnostics_every: int = DIAGNOSTICS_EVERY, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        variant: str = "patch",
+        *,
+        diagnostics_every: int = DIAGNOSTICS_EVERY,
+        trust_pickle_d: bool = False,
+        **kwargs: Any,
+    ) -> None:
         if kwargs.get("pretrained", "") is False:  # TOML (neosr) has no null: `pretrained = false` means random
             kwargs["pretrained"] = None
         if isinstance(diagnostics_every, bool) or not isinstance(diagnostics_every, int) or diagnostics_every < 0:
@@ -67,8 +87,14 @@ class TrainerConditionedSeD(training.ConditionedSeD):
                 f"diagnostics_every must be a whole number of iterations >= 0 (0 turns the SeD diagnostics off), got "
                 f"{diagnostics_every!r}; set it under network_d in the trainer's config."
             )
+        if not isinstance(trust_pickle_d, bool):
+            raise ValueError(
+                f"trust_pickle_d must be true or false, got {trust_pickle_d!r}; set it under network_d in the "
+                "trainer's config (true only for pretrain_network_d files you trust)."
+            )
         super().__init__(variant, **kwargs)
         self.diagnostics_every = diagnostics_every
+        self.trust_pickle_d = trust_pickle_d
         self.last_diagnostics: dict[str, float] = {}
 
     def map_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -90,22 +116,104 @@ class TrainerConditionedSeD(training.ConditionedSeD):
 def bare_discriminator(net_d: nn.Module | None, *, launch_hint: str = "") -> training.ConditionedSeD | None:
     """The :class:`sed_discriminator.ConditionedSeD` inside ``net_d``, or ``None`` for another network.
 
-    DistributedDataParallel and ``torch.compile`` wrappers are looked through (in any order).
+    DistributedDataParallel, ``torch.compile`` and ``AveragedModel`` (neosr's EMA copy of D)
+    wrappers are looked through (in any order).
 
     Raises:
         RuntimeError: ``net_d`` holds a ConditionedSeD wrapped in DataParallel (see
             :func:`check_no_data_parallel`).
     """
+    net = bare_sed(net_d, launch_hint=launch_hint)
+    return net if isinstance(net, training.ConditionedSeD) else None
+
+
+def bare_sed(net_d: Any, *, launch_hint: str = "") -> SeD | None:
+    """The :class:`~sed_discriminator.SeD` (or ConditionedSeD) inside ``net_d``, or ``None`` for another object.
+
+    Looks through the wrappers :func:`bare_discriminator` does.
+
+    Raises:
+        RuntimeError: ``net_d`` holds a ConditionedSeD wrapped in DataParallel.
+    """
     check_no_data_parallel(net_d, launch_hint=launch_hint)
     net = net_d
     for _ in range(8):
-        if isinstance(net, nn.parallel.DistributedDataParallel):
+        if isinstance(net, (nn.parallel.DistributedDataParallel, AveragedModel)):
             net = net.module
         elif isinstance(getattr(net, "_orig_mod", None), nn.Module):
             net = net._orig_mod
         else:
             break
-    return net if isinstance(net, training.ConditionedSeD) else None
+    return net if isinstance(net, SeD) else None
+
+
+def load_sed_checkpoint(
+    model: SeD,
+    path: str | os.PathLike,
+    *,
+    strict: bool = True,
+    param_key: str | None = "params",
+    trust_pickle: bool = False,
+    config: str = "the YAML file",
+    trust_hint: str = "",
+    logger: logging.Logger | None = None,
+) -> None:
+    """Load a discriminator file into the bare SeD ``model`` as a trainer's ``pretrain_network_d`` does.
+
+    ``param_key`` picks the entry of the file (falling back to ``params`` when it is absent, as
+    the trainers do); the legacy spectral-norm keys of the authors' files are renamed and
+    ``module.`` prefixes stripped. The file is read by the library's one reader under its trust
+    rule; strict loading goes through :func:`~sed_discriminator.load_official_weights`, which
+    names a mismatch (e.g. a pixel file for a patch model).
+
+    Args:
+        model: the bare SeD.
+        path: a trainer's ``net_d`` file (``{"params": state_dict}`` or a plain state dict, ``.pth``
+            or ``.safetensors``), or a file of the authors' code.
+        strict: the trainer's ``strict_load_d``; ``False`` loads the matching keys and logs the rest.
+        param_key: the trainer's ``param_key_d``.
+        trust_pickle: read a pickle-based file also on torch < 2.10 (see
+            :func:`~sed_discriminator.load_official_weights`).
+        config: the config file the messages point to (``"options.toml"``).
+        trust_hint: how to say ``trust_pickle`` in that config, added to the untrusted-file error.
+        logger: where the load is reported (the trainer's root logger); default the ``sed_discriminator`` one.
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        UntrustedFileError: (a ``ValueError``) the trust rule refuses the file.
+        ValueError: the file cannot be read, lacks ``param_key``, or does not match ``model``
+            (strict).
+    """
+    path = os.fspath(path)
+    try:
+        raw: Any = read_checkpoint(path, trust_pickle=trust_pickle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"pretrain_network_d: no file at {path!r}; check the path in {config}.") from None
+    except UntrustedFileError as err:
+        hint = f" In {config}: {trust_hint}." if trust_hint else ""
+        raise UntrustedFileError(f"pretrain_network_d: {err}{hint}") from err
+    except ValueError as err:  # empty, truncated, damaged or not a weight file: the message says what to do
+        raise ValueError(f"pretrain_network_d: {path!r} cannot be read as a torch checkpoint: {err}") from err
+    if isinstance(raw, Mapping) and param_key is not None:
+        if param_key in raw:
+            raw = raw[param_key]
+        elif "params" in raw:
+            raw = raw["params"]
+        elif all(isinstance(v, Mapping) for v in raw.values()):
+            raise ValueError(
+                f"pretrain_network_d: {path!r} has no entry {param_key!r} (it has {sorted(raw)}); set param_key_d "
+                f"in {config} to one of them."
+            )
+    logger = logger or logging.getLogger("sed_discriminator")
+    if strict:
+        load_official_weights(model, raw)
+        logger.info(f"Loaded {type(model).__name__} from {path} (strict).")
+        return
+    result = model.load_state_dict(unwrap_state_dict(raw, source=path), strict=False)  # renames legacy keys
+    logger.warning(
+        f"Loaded {type(model).__name__} from {path} with strict_load_d: false; missing keys: "
+        f"{list(result.missing_keys)}, unexpected keys: {list(result.unexpected_keys)}."
+    )
 
 
 def check_no_data_parallel(net_d: nn.Module | None, *, launch_hint: str = "") -> None:

@@ -5,7 +5,10 @@ architectures parse the options at import), so this adapter sets the command lin
 then imports neosr, registers the architecture ``ConditionedSeD`` and wraps
 ``neosr.models.build_model`` so that the training step of the model it builds (any
 ``model_type``: ``image``, ``otf``) runs inside ``net_d.condition(gt)`` on the bare
-discriminator.
+discriminator. ``base.load_network`` / ``save_network`` are hooked too: for an SeD,
+``pretrain_network_d`` follows the library's trust rule (``trust_pickle_d = true`` under
+``[network_d]`` trusts a ``.pth`` file on torch < 2.10) and every ``net_d_<iter>.pth`` gets a
+``.safetensors`` copy beside it.
 
 Launch (the clone's own ``train.py`` runs, with its flags; experiments go to the clone as usual)::
 
@@ -27,7 +30,9 @@ __getattr__ = deprecated_conditioned_sed(__name__)  # 0.2's ConditionedSeD, rena
 
 __all__ = ["NEOSR", "hook_model", "install", "main", "register", "use_clone"]
 
-NEOSR = CloneTrainer("neosr", repository="github.com/neosr-project/neosr", config="options.toml")
+NEOSR = CloneTrainer(
+    "neosr", repository="github.com/neosr-project/neosr", config="options.toml", base_model="neosr.models.base:base"
+)
 use_clone, register, hook_model, install, main = NEOSR.functions()
 
 if __name__ == "__main__":

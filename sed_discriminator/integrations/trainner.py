@@ -7,7 +7,10 @@ conditionedsed`` or ``type: ConditionedSeD``) and wraps ``build_model`` so that 
 step of the model it builds, ``optimize_parameters(current_iter, current_accum_iter,
 apply_gradient)``, runs inside ``net_d.condition(hr)`` on the bare discriminator. ``hr`` is
 the batch the step's discriminator judges as real: ``model._real_hr`` (ECO) where set, else
-``model.gt``.
+``model.gt``. ``BaseModel.load_network`` / ``save_network`` are hooked too: for an SeD,
+``pretrain_network_d`` follows the library's trust rule (``trust_pickle_d: true`` under
+``network_d`` trusts a ``.pth`` file on torch < 2.10) and a ``.pth`` save (``save_checkpoint_format:
+pth``) gets a ``.safetensors`` copy beside it.
 
 Launch (the clone's own ``train.py`` runs, with its flags; experiments go to the clone as usual)::
 
@@ -21,9 +24,11 @@ traiNNer-redux is not on the package index: nothing here imports it before :func
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
-from ._clone import CloneTrainer
+from ._clone import CloneTrainer, _iteration_label
 from ._common import deprecated_conditioned_sed
 
 __getattr__ = deprecated_conditioned_sed(__name__)  # 0.2's ConditionedSeD, renamed TrainerConditionedSeD
@@ -36,6 +41,13 @@ def _real_hr(model: Any) -> Any:
     return real if real is not None else getattr(model, "gt", None)
 
 
+def _saved_file(model: Any, arguments: Mapping[str, Any]) -> str:
+    """``BaseModel.save_network(net, net_label, save_dir, current_iter, param_key)``'s file (commit 6862931)."""
+    label = _iteration_label(arguments["current_iter"])
+    extension = model.opt.logger.save_checkpoint_format  # "safetensors" (default) or "pth"
+    return os.path.join(arguments["save_dir"], f"{arguments['net_label']}_{label}.{extension}")
+
+
 TRAINNER = CloneTrainer(
     "traiNNer",
     repository="github.com/the-database/traiNNer-redux",
@@ -43,6 +55,8 @@ TRAINNER = CloneTrainer(
     trainer="traiNNer-redux",
     lowercase_registry=True,
     real_hr=_real_hr,
+    base_model="traiNNer.models.base_model:BaseModel",
+    saved_file=_saved_file,
 )
 use_clone, register, hook_model, install, main = TRAINNER.functions()
 

@@ -9,7 +9,6 @@ validation, where no discriminator is called.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,10 +17,10 @@ from basicsr.models.srgan_model import SRGANModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.dist_util import master_only
 
-from ..._state import UntrustedFileError, read_checkpoint, unwrap_state_dict
 from ...discriminator import SeD
-from ...weights import load_official_weights, save_safetensors
+from ...weights import save_safetensors
 from .._common import check_no_data_parallel, log_diagnostics, step_condition
+from .._common import load_sed_checkpoint as shared_loader
 
 __all__ = ["SeDSRGANModel", "SeDESRGANModel", "SeDRealESRGANModel", "LAUNCH_HINT"]
 
@@ -98,9 +97,11 @@ def load_sed_checkpoint(
 ) -> None:
     """Load a discriminator file into ``model`` the way BasicSR's ``pretrain_network_d`` does, for an SeD.
 
-    ``param_key`` picks the entry of the file (BasicSR falls back to ``params`` when it is
-    absent); the legacy spectral-norm keys of the authors' files are renamed and ``module.``
-    prefixes stripped. Strict loading goes through :func:`~sed_discriminator.load_official_weights`.
+    The adapters' shared loader (``sed_discriminator.integrations._common.load_sed_checkpoint``)
+    with BasicSR's YAML key for the trust flag and its root logger: ``param_key`` picks the
+    entry of the file (falling back to ``params``), legacy spectral-norm keys are renamed and
+    ``module.`` prefixes stripped, strict loading goes through
+    :func:`~sed_discriminator.load_official_weights`.
 
     Args:
         model: the bare SeD.
@@ -108,41 +109,22 @@ def load_sed_checkpoint(
             authors' code, or a plain state dict.
         strict: BasicSR's ``strict_load_d``; ``False`` loads the matching keys and logs the rest.
         param_key: BasicSR's ``param_key_d``.
-        trust_pickle: read a pickle-based file also on torch < 2.10 (see
-            :func:`~sed_discriminator.load_official_weights`).
+        trust_pickle: read a pickle-based file also on torch < 2.10 (``path: {trust_pickle_d: true}``).
 
     Raises:
-        ValueError: the file cannot be read, lacks ``param_key``, or does not match ``model``
-            (strict).
+        FileNotFoundError: there is no file at ``path``.
+        ValueError: the file is refused by the trust rule, cannot be read, lacks ``param_key``, or
+            does not match ``model`` (strict).
     """
-    path = os.fspath(path)
-    try:
-        raw: Any = read_checkpoint(path, trust_pickle=trust_pickle)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"pretrain_network_d: no file at {path!r}; check the path in the YAML file.") from None
-    except UntrustedFileError as err:
-        raise UntrustedFileError(f"pretrain_network_d: {err}") from err
-    except ValueError as err:  # empty, truncated, damaged or not a weight file: the message says what to do
-        raise ValueError(f"pretrain_network_d: {path!r} cannot be read as a torch checkpoint: {err}") from err
-    if isinstance(raw, Mapping) and param_key is not None:
-        if param_key in raw:
-            raw = raw[param_key]
-        elif "params" in raw:
-            raw = raw["params"]
-        elif all(isinstance(v, Mapping) for v in raw.values()):
-            raise ValueError(
-                f"pretrain_network_d: {path!r} has no entry {param_key!r} (it has {sorted(raw)}); set param_key_d "
-                "to one of them."
-            )
-    logger = get_root_logger()
-    if strict:
-        load_official_weights(model, raw)
-        logger.info(f"Loaded {type(model).__name__} from {path} (strict).")
-        return
-    result = model.load_state_dict(unwrap_state_dict(raw, source=path), strict=False)  # renames legacy keys
-    logger.warning(
-        f"Loaded {type(model).__name__} from {path} with strict_load_d: false; missing keys: "
-        f"{list(result.missing_keys)}, unexpected keys: {list(result.unexpected_keys)}."
+    shared_loader(
+        model,
+        path,
+        strict=strict,
+        param_key=param_key,
+        trust_pickle=trust_pickle,
+        config="the YAML file",
+        trust_hint="set `trust_pickle_d: true` under path for a file you trust",
+        logger=get_root_logger(),
     )
 
 
