@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -91,3 +92,13 @@ def tiny_preset(name: str) -> Iterator[str]:
         yield name
     finally:
         extractor._PRESETS.pop(name, None)
+
+
+class CreatesMarker:
+    """Unpickling this calls ``open(path, "w")``: the file appears if the unpickler runs code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")

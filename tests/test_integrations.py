@@ -25,10 +25,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import assert_same, perturbed, sed_inputs
+from helpers import CreatesMarker, assert_same, perturbed, sed_inputs
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_untrusted import _CreatesMarker
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -579,7 +578,7 @@ def test_a_crafted_pickle_never_runs_through_pretrain_network_d(
 ) -> None:
     marker = tmp_path / "MARKER_code_ran"
     crafted = tmp_path / "crafted_d.pth"
-    torch.save({"params": {"conv1.weight": torch.zeros(2, 2), "evil": _CreatesMarker(marker)}}, crafted)
+    torch.save({"params": {"conv1.weight": torch.zeros(2, 2), "evil": CreatesMarker(marker)}}, crafted)
     if version != "installed":
         monkeypatch.setattr(torch, "__version__", version)
     with pytest.raises(ValueError) as info:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, CreatesMarker
 from safetensors.torch import save_file
 
 import reference_sed as R
 import sed_discriminator as sd
-from conftest import TINY
 from sed_discriminator._state import UntrustedFileError, read_state_dict, torch_is_patched
 from sed_discriminator.convert import convert, main
 
@@ -28,16 +28,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning", "igno
 
 TIMM_NAME = "timm:test_vit"  # timm's tiny test ViT
 CVES = r"CVE-2025-32434.*CVE-2026-24747"
-
-
-class _CreatesMarker:
-    """Unpickling this calls ``open(path, "w")``: the file appears if the unpickler runs code."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
 
 
 @pytest.fixture
@@ -48,7 +38,7 @@ def marker(tmp_path: Path) -> Path:
 @pytest.fixture(params=["torch_save_zip", "torch_save_legacy", "raw_pickle"])
 def crafted(request, tmp_path: Path, marker: Path) -> Path:
     path = tmp_path / f"crafted_{request.param}.pth"
-    payload = {"conv1.weight": torch.zeros(2, 2), "evil": _CreatesMarker(marker)}
+    payload = {"conv1.weight": torch.zeros(2, 2), "evil": CreatesMarker(marker)}
     if request.param == "raw_pickle":
         path.write_bytes(pickle.dumps(payload, protocol=2))
     else:
