@@ -6,8 +6,7 @@ import warnings
 
 import torch
 
-from ._upsample import _compiling
-from .config import value_checks_enabled
+from .config import _compiling, value_checks_enabled
 
 
 def check_image(

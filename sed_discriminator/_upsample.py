@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import _compiling
+
 __all__ = ["upsample", "conv_upsampled"]
 
 
@@ -57,11 +59,6 @@ def conv_upsampled(conv: nn.Conv2d, x: torch.Tensor, size: torch.Size) -> torch.
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         return conv(up)
-
-
-def _compiling() -> bool:
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling is not None and is_compiling())
 
 
 def _saved_tensor_hooks_enabled() -> bool:

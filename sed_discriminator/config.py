@@ -50,6 +50,17 @@ def _as_switch(name: str, enable: object) -> bool:
     return enable
 
 
+# Resolved here, not inside traced code: torch 2.2's dynamo cannot trace a getattr on a module.
+_IS_COMPILING = getattr(torch.compiler, "is_compiling", None)
+if _IS_COMPILING is None:  # torch 2.2 (the floor) has dynamo's own only
+    from torch._dynamo import is_compiling as _IS_COMPILING
+
+
+def _compiling() -> bool:
+    """True while torch.compile traces: checks that read Python state fold to a constant."""
+    return bool(_IS_COMPILING())
+
+
 _USE_FUSED_ATTN = _env_flag("SED_FUSED_ATTN", True)
 _VALUE_CHECKS = _env_flag("SED_VALUE_CHECKS", False)
 

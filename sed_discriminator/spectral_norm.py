@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .config import _compiling
+
 __all__ = [
     "SpectralNorm",
     "spectral_norm",
@@ -84,6 +86,7 @@ class SpectralNorm(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         with _autocast_disabled(weight.device.type):
             weight_mat = weight.flatten(1).to(self._u.dtype)
+            # under torch.compile the check folds to a constant: traced graphs never read the thread flag
             if self.training and (_compiling() or not getattr(_THIS_THREAD, "paused", False)):
                 self._power_method(weight_mat, self.n_power_iterations)
             # Clones let two forwards (real, fake) share one backward despite the in-place updates.
@@ -119,12 +122,6 @@ def power_iteration_paused() -> Iterator[None]:
         yield
     finally:
         _THIS_THREAD.paused = previous
-
-
-def _compiling() -> bool:
-    # Under torch.compile the check folds to a constant: traced graphs never read the thread-local flag.
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling is not None and is_compiling())
 
 
 def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
