@@ -19,10 +19,14 @@ from basicsr.utils.dist_util import master_only
 
 from ...discriminator import SeD
 from ...weights import save_safetensors
-from .._common import check_no_data_parallel, log_diagnostics, step_condition
-from .._common import load_sed_checkpoint as shared_loader
+from .._common import (
+    check_no_data_parallel,
+    load_sed_checkpoint,  # BasicSR's public name for the adapters' loader
+    log_diagnostics,
+    step_condition,
+)
 
-__all__ = ["SeDSRGANModel", "SeDESRGANModel", "SeDRealESRGANModel", "LAUNCH_HINT"]
+__all__ = ["SeDSRGANModel", "SeDESRGANModel", "SeDRealESRGANModel", "LAUNCH_HINT", "load_sed_checkpoint"]
 
 LAUNCH_HINT = (
     "torchrun --nproc_per_node=N -m sed_discriminator.integrations.basicsr -opt <options.yml> --launcher pytorch"
@@ -69,7 +73,15 @@ class _ConditionedSteps:
         if not isinstance(bare, SeD):
             return super().load_network(net, load_path, strict, param_key)
         trust = bool(self.opt.get("path", {}).get("trust_pickle_d", False))
-        load_sed_checkpoint(bare, load_path, strict=strict, param_key=param_key, trust_pickle=trust)
+        load_sed_checkpoint(
+            bare,
+            load_path,
+            strict=strict,
+            param_key=param_key,
+            trust_pickle=trust,
+            trust_hint="set `trust_pickle_d: true` under path for a file you trust",
+            logger=get_root_logger(),
+        )
         return None
 
     @master_only
@@ -85,47 +97,6 @@ class _ConditionedSteps:
             label = "latest" if current_iter == -1 else current_iter
             path = os.path.join(self.opt["path"]["models"], f"{net_label}_{label}.safetensors")
             save_safetensors(bare, path, overwrite=True, metadata={"variant": bare.variant})
-
-
-def load_sed_checkpoint(
-    model: SeD,
-    path: str | os.PathLike,
-    *,
-    strict: bool = True,
-    param_key: str | None = "params",
-    trust_pickle: bool = False,
-) -> None:
-    """Load a discriminator file into ``model`` the way BasicSR's ``pretrain_network_d`` does, for an SeD.
-
-    The adapters' shared loader (``sed_discriminator.integrations._common.load_sed_checkpoint``)
-    with BasicSR's YAML key for the trust flag and its root logger: ``param_key`` picks the
-    entry of the file (falling back to ``params``), legacy spectral-norm keys are renamed and
-    ``module.`` prefixes stripped, strict loading goes through
-    :func:`~sed_discriminator.load_official_weights`.
-
-    Args:
-        model: the bare SeD.
-        path: a file written by BasicSR's ``save_network`` (``{"params": state_dict}``), by the
-            authors' code, or a plain state dict.
-        strict: BasicSR's ``strict_load_d``; ``False`` loads the matching keys and logs the rest.
-        param_key: BasicSR's ``param_key_d``.
-        trust_pickle: read a pickle-based file also on torch < 2.10 (``path: {trust_pickle_d: true}``).
-
-    Raises:
-        FileNotFoundError: there is no file at ``path``.
-        ValueError: the file is refused by the trust rule, cannot be read, lacks ``param_key``, or
-            does not match ``model`` (strict).
-    """
-    shared_loader(
-        model,
-        path,
-        strict=strict,
-        param_key=param_key,
-        trust_pickle=trust_pickle,
-        config="the YAML file",
-        trust_hint="set `trust_pickle_d: true` under path for a file you trust",
-        logger=get_root_logger(),
-    )
 
 
 class SeDSRGANModel(_ConditionedSteps, SRGANModel):
