@@ -821,10 +821,12 @@ sys.argv = ["train.py", "-opt", "opt.yml"]
 from traiNNer.utils.config import Config
 from traiNNer.utils import make_exp_dirs
 import traiNNer.models
-def build(mkdirs=True, **path):
+def build(mkdirs=True, trust=True, fmt="safetensors", **path):
     Config._config = None
     opt, _ = Config.load_config_from_file(os.getcwd(), is_train=True)
     opt.num_gpu = 0
+    opt.network_d["trust_pickle_d"] = trust
+    opt.logger.save_checkpoint_format = fmt
     for k, v in path.items():
         setattr(opt.path, k, v)
     if mkdirs:
@@ -845,6 +847,20 @@ for source in (path, "legacy_d.pth"):
     _, loaded = build(mkdirs=False, pretrain_network_d=source, strict_load_d=True)
     now = loaded.net_d.state_dict()
     assert set(now) == set(saved) and all(torch.equal(now[k], saved[k]) for k in saved), source
+from sed_discriminator._state import UntrustedFileError
+installed, torch.__version__ = torch.__version__, "2.5.1"  # a torch with known weights_only escapes
+try:
+    build(mkdirs=False, trust=False, pretrain_network_d="legacy_d.pth", strict_load_d=True)
+    raise AssertionError("an untrusted .pth was read on torch 2.5.1")
+except UntrustedFileError as err:
+    assert "trust_pickle_d: true" in str(err), err
+torch.__version__ = installed
+opt, model = build(mkdirs=False, fmt="pth")  # a .pth save gets its .safetensors copy
+model.save(0, 3)
+own = torch.load(os.path.join(opt.path.resume_models, "net_d_3.pth"), weights_only=True)
+copy = load_file(os.path.join(opt.path.resume_models, "net_d_3.safetensors"))
+own = own.get("params", own)
+assert set(own) == set(copy) and all(torch.equal(own[k], copy[k]) for k in copy)
 # AMP (autocast with the model's device type, here the CPU) and channels_last networks
 Config._config = None
 opt, _ = Config.load_config_from_file(os.getcwd(), is_train=True)
@@ -905,6 +921,14 @@ opt["root_path"] = os.getcwd()
 opt["path"]["pretrain_network_d"] = "legacy_d.pth"
 now = neosr.models.build_model(opt).net_d.state_dict()
 assert set(now) == set(saved) and all(torch.equal(now[k], saved[k]) for k in saved)
+from sed_discriminator._state import UntrustedFileError
+opt["network_d"] = {**opt["network_d"], "trust_pickle_d": False}
+torch.__version__ = "2.5.1"  # a torch with known weights_only escapes
+try:
+    neosr.models.build_model(opt)
+    raise AssertionError("an untrusted .pth was read on torch 2.5.1")
+except UntrustedFileError as err:
+    assert "trust_pickle_d = true" in str(err), err
 print("REAL-NEOSR-OK")
 """
 
