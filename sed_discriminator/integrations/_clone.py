@@ -31,6 +31,7 @@ from ._common import (
     add_to_registry,
     bare_sed,
     check_no_data_parallel,
+    iteration_label,
     load_sed_checkpoint,
     log_diagnostics,
     step_condition,
@@ -39,13 +40,9 @@ from ._common import (
 __all__ = ["CloneTrainer"]
 
 
-def _iteration_label(current_iter: Any) -> Any:
-    return "latest" if current_iter == -1 else current_iter
-
-
 def _models_folder_file(model: Any, arguments: Mapping[str, Any]) -> str:
     """Where BasicSR's layout (neosr's ``save_network``) writes a network: ``<path.models>/<label>_<iter>.pth``."""
-    label = f"{arguments['net_label']}_{_iteration_label(arguments['current_iter'])}.pth"
+    label = f"{arguments['net_label']}_{iteration_label(arguments['current_iter'])}.pth"
     return os.path.join(model.opt["path"]["models"], label)
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "log_diagnostics",
     "check_no_data_parallel",
     "deprecated_conditioned_sed",
+    "iteration_label",
     "step_condition",
 ]
 
@@ -145,6 +146,11 @@ def bare_sed(net_d: Any, *, launch_hint: str = "") -> SeD | None:
         else:
             break
     return net if isinstance(net, SeD) else None
+
+
+def iteration_label(current_iter: Any) -> Any:
+    """The ``<iter>`` in a saved network's file name: BasicSR-style trainers save iteration -1 as ``latest``."""
+    return "latest" if current_iter == -1 else current_iter
 
 
 def load_sed_checkpoint(

@@ -28,8 +28,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ._clone import CloneTrainer, _iteration_label
-from ._common import deprecated_conditioned_sed
+from ._clone import CloneTrainer
+from ._common import deprecated_conditioned_sed, iteration_label
 
 __getattr__ = deprecated_conditioned_sed(__name__)  # 0.2's ConditionedSeD, renamed TrainerConditionedSeD
 
@@ -43,7 +43,7 @@ def _real_hr(model: Any) -> Any:
 
 def _saved_file(model: Any, arguments: Mapping[str, Any]) -> str:
     """``BaseModel.save_network(net, net_label, save_dir, current_iter, param_key)``'s file (commit 6862931)."""
-    label = _iteration_label(arguments["current_iter"])
+    label = iteration_label(arguments["current_iter"])
     extension = model.opt.logger.save_checkpoint_format  # "safetensors" (default) or "pth"
     return os.path.join(arguments["save_dir"], f"{arguments['net_label']}_{label}.{extension}")
 

@@ -21,6 +21,7 @@ from ...discriminator import SeD
 from ...weights import save_safetensors
 from .._common import (
     check_no_data_parallel,
+    iteration_label,
     load_sed_checkpoint,  # BasicSR's public name for the adapters' loader
     log_diagnostics,
     step_condition,
@@ -94,8 +95,7 @@ class _ConditionedSteps:
         super().save_network(net, net_label, current_iter, param_key)
         bare = self.get_bare_model(net) if isinstance(net, torch.nn.Module) else None
         if isinstance(bare, SeD):
-            label = "latest" if current_iter == -1 else current_iter
-            path = os.path.join(self.opt["path"]["models"], f"{net_label}_{label}.safetensors")
+            path = os.path.join(self.opt["path"]["models"], f"{net_label}_{iteration_label(current_iter)}.safetensors")
             save_safetensors(bare, path, overwrite=True, metadata={"variant": bare.variant})
 
 
