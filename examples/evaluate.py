@@ -30,8 +30,10 @@ from sr_kit import data as sr_data  # noqa: E402
 from sr_kit.cli import DefaultsHelpFormatter, positive_int  # noqa: E402
 from sr_kit.dist import pick_device  # noqa: E402
 from sr_kit.metrics import SSIM_WINDOW as _SSIM_WINDOW  # noqa: E402
-from sr_kit.metrics import LPIPSMetric, psnr_y, ssim_y  # noqa: E402
+from sr_kit.metrics import load_lpips, psnr_y, ssim_y  # noqa: E402
 from sr_kit.models import load_generator_weights  # noqa: E402
+
+from sed_discriminator.weights import UntrustedFileError, read_checkpoint, unwrap_state_dict  # noqa: E402
 
 # The SeD paper's Table 1 (x4): LPIPS, PSNR (Y), SSIM (Y) of each method, per dataset.
 _TABLE1_METHODS = ("ESRGAN", "RRDB+P", "RRDB+P+SeD", "RRDB+U", "RRDB+U+SeD")
@@ -69,13 +71,15 @@ def guess_dataset(hr_dir: str) -> str | None:
     return None
 
 
-def load_model(path: str, scale: int, use_ema: bool = True) -> torch.nn.Module:
+def load_model(path: str, scale: int, use_ema: bool = True, trust_pickle: bool = False) -> torch.nn.Module:
     """A generator from a training checkpoint of retrofit_esrgan.py (warning when it trained with random
-    extractor / VGG weights) or from a weight file spandrel loads."""
+    extractor / VGG weights) or from a generator weight file, read once by the library's reader."""
     try:
-        state = ckpt.load_checkpoint(path)
-    except ckpt.CheckpointError:
-        return load_generator_weights(path, scale)
+        state = read_checkpoint(path, trust_pickle=trust_pickle)
+    except UntrustedFileError as err:
+        raise UntrustedFileError(f"{err} On this command line: add --trust-pickle.") from None
+    if not (isinstance(state, dict) and state.get("format") == ckpt.FORMAT):
+        return load_generator_weights(unwrap_state_dict(state, source=path), scale, name=path)
     model = load_generator_weights(state["generator"], scale, name=path)
     if use_ema and state.get("ema") is not None:  # torch's AveragedModel: the weights under "module."
         model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"})
@@ -111,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/eval", help="folder for results.md, results.csv and per_image.csv")
     p.add_argument("--save-sr", action="store_true", help="also write each model's SR images into --out")
     p.add_argument("--no-ema", action="store_true", help="use a checkpoint's raw G weights even when it has an EMA")
+    p.add_argument("--trust-pickle", action="store_true", help="read --model files even where a crafted one could run "
+                   "code: .pt/.pth on torch < 2.10, TorchScript archives; only files you trust")
     p.add_argument("--no-bicubic", action="store_true", help="leave out the bicubic baseline row")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
@@ -136,15 +142,14 @@ def collect_images(args: argparse.Namespace, sr_labels: list[str]) -> ImageSet:
     hr_paths = sr_data.list_images(args.hr_dir, "HR folder (--hr-dir)", recursive=False)
     sr_data.check_distinct_stems(hr_paths, f"HR folder (--hr-dir) {args.hr_dir!r}")
     images = ImageSet(hr_paths)
-    nested = sr_data.subfolder_images(args.hr_dir)
-    if nested:
-        shown = ", ".join(f"{name}/ ({count})" for name, count in list(nested.items())[:4])
-        images.notes.append(f"Subfolders of --hr-dir are not read: {shown}.")
+    subfolders = sorted(f"{p.name}/" for p in Path(args.hr_dir).iterdir() if p.is_dir() and p.name[0] != ".")
+    if subfolders:
+        images.notes.append(f"Subfolders of --hr-dir are not read: {', '.join(subfolders[:4])}.")
         print(f"note: {images.notes[-1]}", file=sys.stderr)
     if args.lr_dir:
-        images.lr = sr_data.pair_lr_files(hr_paths, args.lr_dir, scale, what="LR folder (--lr-dir)", recursive=False)
+        images.lr = sr_data.pair_lr_files(hr_paths, args.lr_dir, scale, "LR folder (--lr-dir)")
     for label, folder in zip(sr_labels, args.sr_dir):
-        images.sr[label] = sr_data.pair_lr_files(hr_paths, folder, 1, what="SR folder (--sr-dir)", recursive=False)
+        images.sr[label] = sr_data.pair_lr_files(hr_paths, folder, 1, "SR folder (--sr-dir)")
 
     smallest = 2 * scale + _SSIM_WINDOW
     for index, hr_path in enumerate(hr_paths):
@@ -176,13 +181,14 @@ def _lr_size_message(lr_path: Path, lw: int, lh: int, hr_path: Path, w: int, h: 
     wc, hc = w - w % scale, h - h % scale
     message = (f"{lr_path} is {lw}x{lh} but {hr_path} ({w}x{h}, scored at {wc}x{hc}: cropped to a multiple of {scale}) "
                f"needs an LR image of {wc // scale}x{hc // scale} at x{scale}.")  # fmt: skip
-    if (lw * scale, lh * scale) == (w - w % 12, h - h % 12):
-        return message + (f" These LR images fit the HR image cropped to a multiple of 12: they come from a mod-12 "
-                          f"benchmark pack (LRbicx{scale} made from GTmod12), so pass that pack's GTmod12 folder as "
-                          "--hr-dir.")  # fmt: skip
-    return message + (f" Take --hr-dir and --lr-dir from the same benchmark pack: its GTmod12 HR images (cropped to "
-                      f"a multiple of 12) with its LRbicx{scale} LR images, or HR/ with LR_bicubic/X{scale}; or leave "
-                      "out --lr-dir to make the LR images from the HR ones.")  # fmt: skip
+    if (lw * scale, lh * scale) == (w - w % 12, h - h % 12):  # a benchmark pack's LRbicx4, made from GTmod12
+        return message + (
+            " These LR images fit the HR image cropped to a multiple of 12: pass the GTmod12 folder as --hr-dir."
+        )
+    return message + (
+        f" Take both folders from one benchmark pack: the GTmod12 HR images (cropped to a multiple of "
+        f"12) with its LRbicx{scale} LR images, or HR/ with LR_bicubic/X{scale}; or leave out --lr-dir."
+    )
 
 
 def _check_labels(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -232,12 +238,11 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, object]]:
     except (RuntimeError, ValueError) as err:
         message = f"--device {args.device!r} cannot be used ({err}). Use auto, cpu, cuda or cuda:N."
         raise sr_data.DataError(message) from err
-    models = {label: load_model(m, args.scale, not args.no_ema).to(device).eval()
+    models = {label: load_model(m, args.scale, not args.no_ema, args.trust_pickle).to(device).eval()
               for label, m in zip(model_labels, args.model)}  # fmt: skip
-    lpips = None if args.no_lpips else LPIPSMetric(device)
-    if lpips is not None and not lpips.available:
-        print(f"LPIPS skipped: {lpips.reason}.", file=sys.stderr)
-        lpips = None
+    lpips, why = (None, "") if args.no_lpips else load_lpips(device)
+    if why:
+        print(f"LPIPS skipped: {why}.", file=sys.stderr)
 
     methods = (["Bicubic"] if not args.no_bicubic else []) + list(models) + list(images.sr)
     per_image: list[dict[str, object]] = []

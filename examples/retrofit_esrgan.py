@@ -112,11 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--hr-dir", help="folder of HR training images (DIV2K/DF2K style)")
-    g.add_argument("--lr-dir", help="folder of matching LR images; without it LR is made on the fly")
     g.add_argument("--val-dir", help="images for the sample grid and validation PSNR (default: the training images)")
     g.add_argument("--scale", type=positive_int, default=4, help="SR factor")
     g.add_argument("--patch-size", type=int, default=256, help="HR training patch (LR patch = this / scale)")
-    g.add_argument("--batch-size", type=int, default=8, help="batch per process (per GPU)")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="batch per process (per GPU)")
     g.add_argument("--workers", type=int, default=4, help="data-loading worker processes per process")
     g.add_argument("--downsample", choices=sr_data.DOWNSAMPLERS, default="matlab",
                    help="bicubic that makes LR on the fly: MATLAB imresize's (the benchmarks') or torch's")
@@ -136,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vgg-weights", default="imagenet", help="'imagenet' (torchvision), a vgg19 .pth file, or 'random'")
     g.add_argument("--allow-random-weights", action="store_true",
                    help="if pretrained extractor / VGG19 weights cannot be loaded, use RANDOM ones (smoke runs only)")
+    g.add_argument("--trust-pickle", action="store_true", help="read the weight files given here even where a crafted "
+                   "one could run code: .pt/.pth on torch < 2.10, TorchScript (OpenAI's RN50.pt); only files you trust")
 
     g = p.add_argument_group("losses (defaults: the paper's recipe)")
     g.add_argument("--pixel-weight", type=float, default=1.0, help="L1 weight")
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of G")
     g.add_argument("--lr-d", type=float, help="Adam learning rate of D (default: --lr)")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.99), help="Adam betas")
-    g.add_argument("--total-steps", type=int, default=300_000, help="training iterations")
+    g.add_argument("--total-steps", type=positive_int, default=300_000, help="training iterations")
     g.add_argument("--milestones", type=int, nargs="*", default=[100_000, 200_000], help="steps where lr *= --gamma")
     g.add_argument("--gamma", type=float, default=0.5, help="lr factor at each milestone")
     g.add_argument("--psnr-steps", type=int, default=0, help="train G with L1 alone for the first N steps (ESRGAN's)")
@@ -160,19 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                    help="continue from the newest valid checkpoint of --out (or from PATH)")
     g.add_argument("--overwrite", action="store_true", help="delete an earlier run's outputs in --out, start again")
-    g.add_argument("--run-steps", type=int, help="stop (with a checkpoint) after N steps of this invocation")
+    g.add_argument("--run-steps", type=positive_int, help="stop (with a checkpoint) after N steps of this invocation")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision (bf16: Ampere+)")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format (tensor cores)")
     g.add_argument("--compile", action="store_true", help="torch.compile the generator")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the data order, crops and flips")
-    g.add_argument("--log-every", type=int, default=100, help="steps between log.csv rows")
+    g.add_argument("--log-every", type=positive_int, default=100, help="steps between log.csv rows")
     g.add_argument("--diagnostics-every", type=int, default=100, help="steps between SeD's semantic influence and "
                    "attention sharpness in log.csv (0: off; needs a batch of 2+; cost: docs/training.md)")
     g.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids and plots (0: at end)")
-    g.add_argument("--checkpoint-every", type=int, default=5000, help="steps between checkpoints (and one at the end)")
-    g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
+    g.add_argument("--checkpoint-every", type=positive_int, default=5000, help="steps per checkpoint (and one at end)")
+    g.add_argument("--keep-last", type=positive_int, default=3, help="checkpoints kept")
     g.add_argument("--num-samples", type=int, default=4, help="images in the sample grid")
     g.add_argument("--sample-size", type=int, default=192, help="HR size of each sample (centre crop)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -206,11 +207,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--patch-size must be at least 32 for the {args.discriminator!r} discriminator.")
     if args.psnr_steps > args.total_steps:
         raise UsageError("--psnr-steps cannot exceed --total-steps.")
-    for name in ("batch_size", "total_steps", "log_every", "checkpoint_every", "keep_last"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
-    if args.run_steps is not None and args.run_steps < 1:
-        raise UsageError("--run-steps must be at least 1.")
     if args.diagnostics_every < 0:
         raise UsageError("--diagnostics-every must be 0 (off) or more.")
     # The centre crop is cut to a multiple of the scale and PSNR drops `scale` px on each side: 3 LR px at least.
@@ -244,7 +240,7 @@ def open_run_folder(
             raise UsageError(str(err)) from None
     try:
         if info.is_main:  # rank 0 alone decides and deletes; the others wait at the barrier
-            removed = ckpt.remove_stale_temporaries([out, ckpt_dir, out / "samples"], single_writer=lock.held)
+            removed = ckpt.remove_stale_temporaries([out, ckpt_dir, out / "samples"]) if lock.held else []
             if removed:
                 names = ", ".join(p.name for p in removed[:5]) + (" ..." if len(removed) > 5 else "")
                 print(f"Removed {len(removed)} temporary file(s) left by an interrupted run: {names}", file=sys.stderr)
@@ -339,20 +335,18 @@ class Trainer:
         torch.manual_seed(args.seed)  # identical initial weights on every rank
 
         hr_paths = sr_data.list_images(args.hr_dir, "HR folder (--hr-dir)")
-        lr_paths = sr_data.pair_lr_files(hr_paths, args.lr_dir, args.scale) if args.lr_dir else None
         with warnings.catch_warnings():
             warnings.simplefilter("default" if info.is_main else "ignore", UserWarning)  # rank 0 alone reports
             self.dataset = sr_data.SRTrainDataset(hr_paths, args.patch_size, args.scale, seed=args.seed,
-                                                  lr_paths=lr_paths, augment=not args.no_augment,
-                                                  cache=args.cache_images, downsample=args.downsample,
-                                                  strict=args.strict_data)  # fmt: skip
+                                                  augment=not args.no_augment, cache=args.cache_images,
+                                                  downsample=args.downsample, strict=args.strict_data)  # fmt: skip
         if len(self.dataset) < info.world_size:
             raise UsageError(f"{len(self.dataset)} usable image(s) for {info.world_size} processes; add images.")
         if resume_state is not None:
             self.g = load_generator_weights(resume_state["generator"], args.scale, name=str(self.resumed_from))
         elif args.generator_weights:
             try:
-                self.g = load_generator_weights(args.generator_weights, args.scale)
+                self.g = load_generator_weights(args.generator_weights, args.scale, trust_pickle=args.trust_pickle)
             except (FileNotFoundError, ValueError) as err:
                 raise UsageError(str(err)) from err
         else:
@@ -360,12 +354,13 @@ class Trainer:
         self.extractor = None
         if args.discriminator.startswith("sed-"):
             self.extractor = self._pretrained("semantic extractor " + args.extractor, load_extractor, args.extractor,
-                                              args.extractor_weights, args.allow_random_weights)  # fmt: skip
+                                              args.extractor_weights, args.allow_random_weights,
+                                              args.trust_pickle)  # fmt: skip
         self.d = build_discriminator(args.discriminator, args.d_width, args.patch_size, self.extractor)
         self.perceptual = None
         if args.perceptual_weight > 0:
             features = self._pretrained("VGG19 (perceptual loss)", load_vgg19_features, args.vgg_weights,
-                                        args.allow_random_weights)  # fmt: skip
+                                        args.allow_random_weights, args.trust_pickle)  # fmt: skip
             self.perceptual = perceptual_loss(features).to(self.device)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         for model in (self.g, self.d):  # D also moves SeD's extractor
@@ -689,12 +684,13 @@ def _run(trainer: Trainer, started: float) -> dict[str, Any]:
                     logged.setdefault(key, []).append(value)
                 step = trainer.step
                 bar.update(1)
-                if sr_dist.any_rank(stop.signum is not None, info):  # every rank stops after the same step
+                signalled = torch.tensor([float(stop.signum is not None)])
+                if sr_dist.all_reduce(signalled, info, "max").item():  # every rank stops after the same step
                     interrupted = stop.signum or signal.SIGTERM
                 sample_now = (args.sample_every > 0 and step % args.sample_every == 0) or step == stop_at or interrupted
                 if step % args.log_every == 0 or sample_now:
                     means = torch.tensor([sum(v) / len(v) for v in logged.values()], dtype=torch.float64)
-                    last_logs = dict(zip(logged, sr_dist.mean_over_ranks(means, info).tolist()))
+                    last_logs = dict(zip(logged, sr_dist.all_reduce(means, info).tolist()))
                     elapsed = (time.time() - tick) / max(1, step - tick_step)
                     row = {"step": step, "phase": "gan" if step > args.psnr_steps else "psnr",
                            "lr_g": trainer.opt_g.param_groups[0]["lr"], **last_logs, "sec_per_step": elapsed,
@@ -737,12 +733,11 @@ def _print_header(trainer: Trainer) -> None:
     args, info = trainer.args, trainer.info
     params = [sum(p.numel() for p in model.parameters()) / 1e6 for model in (trainer.g, trainer.d)]
     origin = f"resumed from {trainer.resumed_from} at step {trainer.step}" if trainer.resumed_from else "new run"
-    lr_source = f"from {args.lr_dir}" if args.lr_dir else f"{args.downsample} bicubic x{args.scale}"
     losses = f"{args.pixel_weight} L1 + {args.perceptual_weight} VGG19 + {args.gan_weight} {args.gan_loss} GAN"
     losses += f" (L1 only for the first {args.psnr_steps} steps)" if args.psnr_steps else ""
     print(f"[retrofit_esrgan] {origin}; {info.world_size} process(es) on {trainer.device.type}\n"
           f"  data: {len(trainer.dataset)} HR image(s) from {args.hr_dir}, {args.patch_size} px patches, "
-          f"batch {args.batch_size}/process, LR {lr_source}\n"
+          f"batch {args.batch_size}/process, LR {args.downsample} bicubic x{args.scale}\n"
           f"  G: RRDBNet {params[0]:.2f}M params | D: {args.discriminator} {params[1]:.2f}M params | losses: {losses}\n"
           f"  out: {trainer.out}", file=sys.stderr, flush=True)  # fmt: skip
 

@@ -1,4 +1,5 @@
-"""Loading discriminator checkpoints (the authors' files and this library's, strictly) and saving safetensors."""
+"""Weight files: the library's safe reader (``read_checkpoint`` / ``read_state_dict``), discriminator checkpoints
+(the authors' files and this library's, strictly) and saving safetensors."""
 
 from __future__ import annotations
 
@@ -9,11 +10,19 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ._state import read_state_dict, unwrap_state_dict
+from ._state import UntrustedFileError, read_checkpoint, read_state_dict, torch_is_patched, unwrap_state_dict
 from .discriminator import SeD
 from .spectral_norm import remap_legacy_spectral_norm_keys
 
-__all__ = ["load_official_weights", "save_safetensors"]
+__all__ = [
+    "UntrustedFileError",
+    "load_official_weights",
+    "read_checkpoint",
+    "read_state_dict",
+    "save_safetensors",
+    "torch_is_patched",
+    "unwrap_state_dict",
+]
 
 
 def _guess_variant(state: Mapping[str, torch.Tensor]) -> str | None:

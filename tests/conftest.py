@@ -30,6 +30,13 @@ def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return request.param
 
 
+@pytest.fixture
+def old_torch(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Report torch as 2.5.1, a version with known ``torch.load(weights_only=True)`` escapes (the trust rule's case)."""
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    return "2.5.1"
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -76,24 +76,20 @@ def test_damaged_checkpoint_fails_its_checksum_and_resume_takes_the_previous_one
     _damage(newest, how)
     if how == "flip64":  # torch.load alone reads the damaged weights without a word
         assert torch.load(newest, weights_only=True)["step"] == 2
-    with pytest.raises(C.CheckpointError, match=r"step_00000002\.pt is damaged: the checksum \(CRC-32\)"):
+    with pytest.raises(C.CheckpointError, match=r"step_00000002\.pt' is damaged: entry .* does not match its CRC-32"):
         C.load_checkpoint(newest)
-    with pytest.warns(UserWarning, match=r"(?s)step_00000002\.pt is damaged.*Resuming from .*step_00000001\.pt"):
+    with pytest.warns(UserWarning, match=r"(?s)step_00000002\.pt' is damaged.*Resuming from .*step_00000001\.pt"):
         path, state = C.find_resumable(tmp_path)
     assert state["step"] == 1 and path.name == C.checkpoint_name(1)
 
 
 def test_stale_temporaries_are_removed(tmp_path):
-    dead, alive = 2**22 + 12345, os.getppid()  # above Linux's pid_max: no such process
-    names = [f".{C.checkpoint_name(3)}.tmp-{dead}", f".{C.checkpoint_name(4)}.tmp-{alive}", f".log.csv.tmp-{alive}",
-             f".latest.png.tmp-{alive}"]  # fmt: skip
+    names = [f".{C.checkpoint_name(3)}.tmp-123", f".log.csv.tmp-{os.getpid()}", ".latest.png.tmp-7"]
     for name in names + [".notes.txt.tmp-1", ".latest.png.tmp"]:  # not the script's temporaries: kept
         (tmp_path / name).write_bytes(b"left by a kill -9")
     C.atomic_save(_state(1), tmp_path / C.checkpoint_name(1))
-    removed = C.remove_stale_temporaries([tmp_path, tmp_path / "missing"], single_writer=False)
-    assert [p.name for p in removed] == [names[0]]  # another writer may still own the others
-    removed = C.remove_stale_temporaries([tmp_path], single_writer=True)
-    assert sorted(p.name for p in removed) == sorted(names[1:])
+    removed = C.remove_stale_temporaries([tmp_path, tmp_path / "missing"])
+    assert sorted(p.name for p in removed) == sorted(names)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".latest.png.tmp", ".notes.txt.tmp-1", C.checkpoint_name(1)]
 
 
@@ -119,7 +115,7 @@ def test_resume_skips_a_broken_newest_checkpoint_loudly(tmp_path):
     C.atomic_save(_state(5), tmp_path / C.checkpoint_name(5))
     (tmp_path / C.checkpoint_name(10)).write_bytes(b"PK\x03\x04 truncated by a non-atomic writer")
     (tmp_path / f".{C.checkpoint_name(15)}.tmp-123").write_bytes(b"left by a kill -9")
-    with pytest.warns(UserWarning, match=r"(?s)step_00000010\.pt cannot be read.*Resuming from .*step_00000005\.pt"):
+    with pytest.warns(UserWarning, match=r"(?s)step_00000010\.pt'.* truncated.*Resuming from .*step_00000005\.pt"):
         path, state = C.find_resumable(tmp_path)
     assert state["step"] == 5
 
@@ -128,7 +124,7 @@ def test_resume_errors_name_the_folder_and_files(tmp_path):
     with pytest.raises(C.CheckpointError, match=r"Nothing to resume.*--resume PATH"):
         C.find_resumable(tmp_path)
     (tmp_path / C.checkpoint_name(3)).write_bytes(b"garbage")
-    with pytest.raises(C.CheckpointError, match=r"(?s)No checkpoint could be loaded.*step_00000003\.pt cannot be read"):
+    with pytest.raises(C.CheckpointError, match=r"(?s)No checkpoint could be loaded.*step_00000003\.pt' is "):
         C.find_resumable(tmp_path)
     torch.save({"params": {}}, tmp_path / "other.pt")
     with pytest.raises(C.CheckpointError, match="not a training checkpoint"):

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
+import types
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from examples_helpers import one_thread, photo_crops, write_images  # noqa: F401  (autouse fixture)
+from safetensors.torch import save_file
 from sr_kit import data as D
-from sr_kit.metrics import LPIPSMetric, psnr_y, ssim_y
+from sr_kit.metrics import load_lpips, psnr_y, ssim_y
 
 
 def test_identical_images():
@@ -118,9 +122,12 @@ def test_shape_mismatch_and_tiny_images_are_errors():
         psnr_y(torch.rand(3, 8, 8), torch.rand(3, 8, 8), crop_border=4)
 
 
-def test_lpips_reports_why_it_is_missing():
-    metric = LPIPSMetric()
-    assert metric.available or metric.reason
+def test_lpips_reports_why_it_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lpips", None)  # the package is not installed
+    assert load_lpips() == (None, "the lpips package is not installed (pip install lpips)")
+    broken = types.SimpleNamespace(LPIPS=lambda **kwargs: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setitem(sys.modules, "lpips", broken)  # installed, but its AlexNet weights cannot be downloaded
+    assert load_lpips() == (None, "its AlexNet weights could not be loaded (OSError: offline)")
 
 
 def test_evaluate_writes_the_table_beside_the_papers(tmp_path):
@@ -129,8 +136,8 @@ def test_evaluate_writes_the_table_beside_the_papers(tmp_path):
 
     hr_dir = tmp_path / "Set5" / "HR"
     write_images(hr_dir, photo_crops(2, 64), names=["baby", "bird"])
-    model = tmp_path / "tiny_rrdb.pth"
-    torch.save(build_generator(num_feat=8, num_blocks=1).state_dict(), model)
+    model = tmp_path / "tiny_rrdb.safetensors"
+    save_file(build_generator(num_feat=8, num_blocks=1).state_dict(), model)
     code = evaluate.main(["--hr-dir", str(hr_dir), "--model", str(model), "--out", str(tmp_path / "eval"),
                           "--no-lpips", "--no-progress"])  # fmt: skip
     assert code == 0
@@ -149,6 +156,22 @@ def _evaluate(tmp_path, *args):
     import evaluate
 
     return evaluate.main([*args, "--out", str(tmp_path / "eval"), "--no-lpips", "--no-progress"])
+
+
+def test_evaluate_reads_model_files_under_the_trust_rule(tmp_path, capsys, old_torch):
+    from sr_kit.models import build_generator
+
+    hr = str(write_images(tmp_path / "HR", photo_crops(1, 48), names=["a"])[0].parent)
+    torch.save({"params": build_generator(num_feat=8, num_blocks=1).state_dict()}, tmp_path / "g.pth")
+    assert _evaluate(tmp_path, "--hr-dir", hr, "--model", str(tmp_path / "g.pth"), "--no-bicubic") == 2
+    err = capsys.readouterr().err
+    assert "g.pth'" in err and "torch 2.5.1" in err and "On this command line: add --trust-pickle." in err
+    assert _evaluate(tmp_path, "--hr-dir", hr, "--model", str(tmp_path / "g.pth"), "--trust-pickle") == 0
+    with warnings.catch_warnings():  # torch.jit is deprecated; such archives are still out there
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 3, 1)), tmp_path / "g.pt")
+    assert _evaluate(tmp_path, "--hr-dir", hr, "--model", str(tmp_path / "g.pt")) == 2  # spandrel would run its code
+    assert "TorchScript" in capsys.readouterr().err
 
 
 def test_evaluate_checks_lr_sizes_and_names_the_mod12_packs(tmp_path, capsys):
@@ -194,8 +217,8 @@ def test_evaluate_reads_one_folder_level_of_the_authors_layout(tmp_path, capsys)
     write_images(root / "LR_bicubic" / "X4", lr, names=["babyx4", "birdx4"])
     assert _evaluate(tmp_path, "--hr-dir", str(root)) == 2  # never the LR images as ground truth
     err = capsys.readouterr().err
-    assert "has no image at its top level, and its subfolders are not read" in err
-    assert "HR/ (2), LR_bicubic/X4/ (2)" in err and f"{str(root / 'HR')!r}" in err
+    assert "contains no image" in err and "at its top level (subfolders are not read" in err
+    assert "['HR/baby.png', 'HR/bird.png', 'LR_bicubic/X4/babyx4.png'" in err
     assert _evaluate(tmp_path, "--hr-dir", str(root / "HR"), "--lr-dir", str(root / "LR_bicubic" / "X4")) == 0
     rows = list(csv.DictReader(open(tmp_path / "eval" / "per_image.csv")))
     assert [r["image"] for r in rows] == ["baby.png", "bird.png"]
@@ -204,7 +227,7 @@ def test_evaluate_reads_one_folder_level_of_the_authors_layout(tmp_path, capsys)
     assert _evaluate(tmp_path, "--hr-dir", str(root)) == 0
     assert len(list(csv.DictReader(open(tmp_path / "eval" / "per_image.csv")))) == 1
     table = (tmp_path / "eval" / "results.md").read_text()
-    assert "Subfolders of --hr-dir are not read: HR/ (2), LR_bicubic/X4/ (2)." in table
+    assert "Subfolders of --hr-dir are not read: HR/, LR_bicubic/." in table
 
 
 def test_evaluate_refuses_two_hr_files_with_one_name(tmp_path, capsys):

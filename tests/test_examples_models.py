@@ -2,25 +2,44 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from examples_helpers import one_thread  # noqa: F401  (examples/ on sys.path; autouse fixture)
+from safetensors.torch import save_file
 from sr_kit import models as M
+
+from sed_discriminator.weights import UntrustedFileError
 
 
 def test_generator_weights_load_from_wrapped_files_and_check_the_scale(tmp_path):
     g = M.build_generator(num_feat=8, num_blocks=1, scale=4)
     torch.save({"params_ema": g.state_dict()}, tmp_path / "g.pth")  # BasicSR-style wrapper
-    loaded = M.load_generator_weights(tmp_path / "g.pth", scale=4)
+    loaded = M.load_generator_weights(tmp_path / "g.pth", scale=4, trust_pickle=True)  # the test made it
     x = torch.rand(1, 3, 8, 8)
     torch.testing.assert_close(loaded(x), g(x))
     with pytest.raises(ValueError, match=r"x4 model but --scale is 2; pass --scale 4"):
-        M.load_generator_weights(tmp_path / "g.pth", scale=2)
-    with pytest.raises(FileNotFoundError, match="No generator weight file"):
+        M.load_generator_weights(tmp_path / "g.pth", scale=2, trust_pickle=True)
+    with pytest.raises(FileNotFoundError, match="No weight file at .*missing.pth"):
         M.load_generator_weights(tmp_path / "missing.pth")
-    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    save_file({"conv.weight": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="not a generator checkpoint spandrel recognises"):
-        M.load_generator_weights(tmp_path / "other.pth")
+        M.load_generator_weights(tmp_path / "other.safetensors")
+
+
+def test_generator_weights_follow_the_trust_rule(tmp_path, old_torch):
+    g = M.build_generator(num_feat=8, num_blocks=1, scale=4)
+    torch.save(g.state_dict(), tmp_path / "g.pth")
+    with pytest.raises(UntrustedFileError, match=r"g\.pth'.*torch 2\.5\.1.*On this command line: add --trust-pickle"):
+        M.load_generator_weights(tmp_path / "g.pth")
+    with warnings.catch_warnings():  # torch.jit is deprecated; such archives are still out there
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 3, 1)), tmp_path / "g.pt")  # spandrel would run its code
+    with pytest.raises(UntrustedFileError, match=r"g\.pt'.*TorchScript"):
+        M.load_generator_weights(tmp_path / "g.pt")
+    save_file(g.state_dict(), tmp_path / "g.safetensors")  # no code in it: read on every torch
+    assert M.load_generator_weights(tmp_path / "g.safetensors", scale=4).state_dict().keys() == g.state_dict().keys()
 
 
 def test_vgg_style_discriminator_is_basicsrs_at_esrgans_sizes():

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -183,7 +184,7 @@ def test_resume_skips_a_damaged_checkpoint_with_a_warning_naming_it(tmp_path):
     middle = len(data) // 2
     data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
     newest.write_bytes(bytes(data))
-    with pytest.warns(UserWarning, match=r"(?s)step_00000002\.pt is damaged.*Resuming from .*step_00000001\.pt"):
+    with pytest.warns(UserWarning, match=r"(?s)step_00000002\.pt' is damaged.*Resuming from .*step_00000001\.pt"):
         assert train(tmp_path, "run", "--discriminator", "patch", "--total-steps", "3", "--resume") == 0
     assert train(tmp_path, "straight", "--discriminator", "patch", "--total-steps", "3") == 0
     _assert_same_checkpoint(_ckpt(tmp_path, "run", 3), _ckpt(tmp_path, "straight", 3))
@@ -263,19 +264,13 @@ def test_temporary_files_of_killed_writes_are_removed_at_start(tmp_path, capsys)
 # --------------------------------------------------------------------------- 9. 16-bit images
 
 
-def test_16_bit_grey_png_is_scaled_by_its_bit_depth_not_its_values(tmp_path):
+def test_16_bit_images_are_refused_by_name_not_clipped(tmp_path):
     from PIL import Image
 
-    values = np.arange(256, dtype=np.uint16).reshape(16, 16)  # a dark 16-bit image: every value <= 255
-    Image.fromarray(values).save(tmp_path / "dark16.png")
-    assert Image.open(tmp_path / "dark16.png").mode.startswith("I")
-    decoded = D.read_image(tmp_path / "dark16.png")
-    expected = np.clip(values / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    assert decoded.shape == (16, 16, 3) and np.array_equal(decoded[..., 0], expected)
-    assert decoded.max() == 1  # 255 / 65535 of white, not white
-    bright = np.full((4, 4), 65535, dtype=np.uint16)
-    Image.fromarray(bright).save(tmp_path / "white16.png")
-    assert D.read_image(tmp_path / "white16.png").min() == 255
+    Image.fromarray(np.arange(256, dtype=np.uint16).reshape(16, 16)).save(tmp_path / "dark16.png")
+    assert Image.open(tmp_path / "dark16.png").mode.startswith("I")  # PIL's RGB conversion would clip it
+    with pytest.raises(D.DataError, match=r"dark16\.png.*16/32-bit integer images are not supported .*8 bits"):
+        D.read_image(tmp_path / "dark16.png")
 
 
 def test_float_images_are_refused_by_name(tmp_path):
@@ -321,6 +316,17 @@ def test_broken_weight_files_are_named_whatever_allow_random_says(tmp_path, caps
     assert train(tmp_path, "run", *args) == 2
     err = capsys.readouterr().err
     assert f"--vgg-weights {str(vgg)!r} cannot be loaded as VGG19 weights" in err and "RANDOM WEIGHTS" not in err
+
+
+def test_a_sound_file_the_trust_rule_refuses_is_not_called_damaged(tmp_path, capsys):
+    with warnings.catch_warnings():  # torch.jit is deprecated; OpenAI's RN50.pt is such an archive
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 3, 1)), tmp_path / "RN50.pt")
+    args = ["--discriminator", "sed-patch", "--extractor-weights", str(tmp_path / "RN50.pt"), "--allow-random-weights"]
+    assert train(tmp_path, "run", *args) == 2
+    err = capsys.readouterr().err
+    assert "TorchScript" in err and "On this command line: add --trust-pickle." in err
+    assert "Download the file again" not in err and "RANDOM WEIGHTS" not in err
 
 
 def test_damaged_vgg_archive_is_caught_by_its_checksum(tmp_path):

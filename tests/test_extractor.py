@@ -434,33 +434,31 @@ def test_rn101_loads_an_open_clip_rn101(tmp_path: Path) -> None:
 # -- weight errors -----------------------------------------------------------------------------
 
 
-def test_wrong_model_checkpoint_errors(open_clip_resnet, tmp_path: Path) -> None:
-    deeper = {f"visual.{k}": v for k, v in _open_clip_trunk(open_clip_resnet).items()}
-    deeper["visual.layer3.6.conv1.weight"] = torch.randn(256, 1024, 1, 1)  # RN101-like: more layer3 blocks
-    path = tmp_path / "rn101_like.pt"
-    torch.save(deeper, path)
-    with pytest.raises(
-        ValueError,
-        match=(
-            r"does not match this extractor's trunk \(resnet50_clip\.openai\): 0 missing keys .* 1 "
-            r"unexpected keys \(e\.g\. \['stages\.2\.6\.conv1_1x1\.conv\.weight'\]\)\. Pass OpenAI's RN50\.pt"
-        ),
-    ):
-        sd.SemanticExtractor("clip_rn50", pretrained=path, trust_pickle=True)
+_WRONG_MODELS = {
+    "rn101_like": (  # RN101-like: more layer3 blocks
+        "layer3.6.conv1.weight", (256, 1024, 1, 1),
+        r"does not match this extractor's trunk \(resnet50_clip\.openai\): 0 missing keys .* 1 unexpected keys "
+        r"\(e\.g\. \['stages\.2\.6\.conv1_1x1\.conv\.weight'\]\)\. Pass OpenAI's RN50\.pt",
+    ),
+    "wider": (
+        "conv1.weight", (40, 3, 3, 3),
+        r"stem\.conv1\.conv\.weight has shape \(40, 3, 3, 3\) but the trunk expects \(32, 3, 3, 3\); the checkpoint "
+        r"is of another model",
+    ),
+}  # fmt: skip
 
-    wider = {f"visual.{k}": v for k, v in _open_clip_trunk(open_clip_resnet).items()}
-    wider["visual.conv1.weight"] = torch.randn(40, 3, 3, 3)
-    path = tmp_path / "wider.pt"
-    torch.save(wider, path)
-    with pytest.raises(
-        ValueError,
-        match=(
-            r"stem\.conv1\.conv\.weight has shape \(40, 3, 3, 3\) but the trunk expects \(32, 3, 3, 3\); the "
-            r"checkpoint is of another model"
-        ),
-    ):
-        sd.SemanticExtractor("clip_rn50", pretrained=path, trust_pickle=True)
 
+@pytest.mark.parametrize("name", list(_WRONG_MODELS))
+def test_another_models_checkpoint_is_named(open_clip_resnet, tmp_path: Path, name: str) -> None:
+    key, shape, message = _WRONG_MODELS[name]
+    state = {f"visual.{k}": v for k, v in _open_clip_trunk(open_clip_resnet).items()}
+    state[f"visual.{key}"] = torch.randn(*shape)
+    torch.save(state, tmp_path / f"{name}.pt")
+    with pytest.raises(ValueError, match=message):
+        sd.SemanticExtractor("clip_rn50", pretrained=tmp_path / f"{name}.pt", trust_pickle=True)
+
+
+def test_a_discriminator_checkpoint_is_not_an_extractor(tmp_path: Path) -> None:
     path = tmp_path / "sed.pt"
     torch.save(sd.SeD("patch", width=8, semantic_channels=64, head_dim=8).state_dict(), path)
     with pytest.raises(ValueError, match=r"sed\.pt does not match this extractor's trunk .*: \d+ missing keys"):

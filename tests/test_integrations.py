@@ -537,11 +537,6 @@ def _plain_d(**kwargs: object) -> TrainerConditionedSeD:
     return TrainerConditionedSeD("patch", width=WIDTH, semantic_fusion=False, **kwargs)
 
 
-@pytest.fixture
-def old_torch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch, "__version__", "2.5.1")  # a torch with known weights_only escapes
-
-
 def test_trust_pickle_d_is_a_network_d_key_outside_the_state_dict() -> None:
     net = _plain_d(trust_pickle_d=True)
     assert net.trust_pickle_d is True and _plain_d().trust_pickle_d is False
@@ -756,15 +751,19 @@ def stand_in_models(extractor: SemanticExtractor, monkeypatch: pytest.MonkeyPatc
         del sys.modules[name]
 
 
-def test_trainner_launcher_registers_hooks_and_runs_the_clones_train_py(stand_in_models, tmp_path: Path) -> None:
-    clone = _stand_in_clone(tmp_path / "clone", "traiNNer", "trainner", "(it, 0, True)", "conditionedsed")
+def _assert_launched(launcher, clone: Path, options: str, tmp_path: Path) -> None:
     out = tmp_path / "out.json"
-    trainner.main([str(clone), "-opt", "x.yml", str(out)])
+    launcher.main([str(clone), "-opt", options, str(out)])
     result = __import__("json").loads(out.read_text())
     # run in the clone, as its own `python train.py`; the relative -opt path still names the file it named
-    argv = [str(clone / "train.py"), "-opt", str(tmp_path / "x.yml"), str(out)]
+    argv = [str(clone / "train.py"), "-opt", str(tmp_path / options), str(out)]
     assert result == {"argv": argv, "cwd": str(clone), "conditioned": True, "arch": True,
                       "base_hooked": [True, True]}  # fmt: skip
+
+
+def test_trainner_launcher_registers_hooks_and_runs_the_clones_train_py(stand_in_models, tmp_path: Path) -> None:
+    clone = _stand_in_clone(tmp_path / "clone", "traiNNer", "trainner", "(it, 0, True)", "conditionedsed")
+    _assert_launched(trainner, clone, "x.yml", tmp_path)
     import traiNNer.models
     import traiNNer.models.base_model as base_model
 
@@ -777,12 +776,7 @@ def test_trainner_launcher_registers_hooks_and_runs_the_clones_train_py(stand_in
 def test_neosr_launcher_sets_argv_before_importing_neosr(stand_in_models, tmp_path: Path) -> None:
     init = "import sys\nassert '-opt' in sys.argv, 'neosr parses its options at import'\n"
     clone = _stand_in_clone(tmp_path / "clone", "neosr", "neosr", "(it,)", "ConditionedSeD", init=init)
-    out = tmp_path / "out.json"
-    neosr.main([str(clone), "-opt", "x.toml", str(out)])
-    result = __import__("json").loads(out.read_text())
-    argv = [str(clone / "train.py"), "-opt", str(tmp_path / "x.toml"), str(out)]
-    assert result == {"argv": argv, "cwd": str(clone), "conditioned": True, "arch": True,
-                      "base_hooked": [True, True]}  # fmt: skip
+    _assert_launched(neosr, clone, "x.toml", tmp_path)
 
 
 def test_install_without_the_base_model_class_warns_that_the_trust_rule_does_not_apply() -> None:

@@ -259,7 +259,7 @@ def test_load_sed_checkpoint_errors_name_the_file_and_the_fix(tmp_path: Path) ->
         sed_basicsr.load_sed_checkpoint(model, tmp_path / "pixel.pth", trust_pickle=True)
 
 
-def test_pretrain_network_d_follows_the_trust_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pretrain_network_d_follows_the_trust_rule(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     from sed_discriminator._state import UntrustedFileError
 
     model = sed_basicsr.SeDSRGANModel.__new__(sed_basicsr.SeDSRGANModel)
@@ -267,7 +267,7 @@ def test_pretrain_network_d_follows_the_trust_rule(tmp_path: Path, monkeypatch: 
     net = common.TrainerConditionedSeD("patch", width=WIDTH, semantic_fusion=False)
     source = SeD("patch", width=WIDTH, semantic_fusion=False).state_dict()
     torch.save({"params": source}, tmp_path / "d.pth")
-    monkeypatch.setattr(torch, "__version__", "2.5.1")  # a torch with known weights_only escapes
+    request.getfixturevalue("old_torch")  # after the save: torch reported as 2.5.1 from here on
     with pytest.raises(UntrustedFileError, match="pretrain_network_d: .*torch 2.5.1"):
         model.load_network(net, str(tmp_path / "d.pth"))
     model.opt["path"]["trust_pickle_d"] = True  # the YAML key

@@ -95,8 +95,7 @@ def test_crafted_pickle_never_runs(loader: str, trust: bool, crafted: Path, mark
         assert "crafted_" in message and "holds Python objects other than tensors" in message
 
 
-def test_error_of_the_converter_names_the_way_out(crafted: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(torch, "__version__", "2.5.1")
+def test_error_of_the_converter_names_the_way_out(crafted: Path, old_torch, capsys) -> None:
     assert main([str(crafted), str(crafted.with_suffix(".safetensors"))]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: Refusing to read") and "--trust-pickle" in err
@@ -119,21 +118,20 @@ def _same_logits(a: sd.SeD, b: sd.SeD) -> None:
         torch.testing.assert_close(a.eval()(x, s), b.eval()(x, s), atol=0, rtol=0)
 
 
-def test_unpatched_torch_refuses_pth_without_the_keyword(tmp_path: Path, monkeypatch) -> None:
+def test_unpatched_torch_refuses_pth_without_the_keyword(tmp_path: Path, old_torch) -> None:
     path, source = _sed_file(tmp_path, "pth")
-    monkeypatch.setattr(torch, "__version__", "2.5.1")
     with pytest.raises(UntrustedFileError, match=r"net_d\.pth'.*pickle-based.*torch 2\.5\.1.*" + CVES):
         sd.load_official_weights(sd.SeD("patch", **TINY), path)
     _same_logits(sd.load_official_weights(sd.SeD("patch", **TINY), path, trust_pickle=True), source)
 
 
-def test_unpatched_torch_extractor_file(tmp_path: Path, monkeypatch) -> None:
+def test_unpatched_torch_extractor_file(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     with pytest.warns(UserWarning, match="RANDOM"):
         random_ext = sd.SemanticExtractor(TIMM_NAME, pretrained=None)
     state = {k: v + 0.1 for k, v in random_ext.trunk.state_dict().items()}
     torch.save(state, tmp_path / "vit.pth")
     save_file(state, str(tmp_path / "vit.safetensors"))
-    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    request.getfixturevalue("old_torch")
     with pytest.raises(UntrustedFileError, match=r"vit\.pth'.*torch 2\.5\.1"):
         sd.SemanticExtractor(TIMM_NAME, pretrained=tmp_path / "vit.pth")
     x = torch.rand(1, 3, 32, 32)

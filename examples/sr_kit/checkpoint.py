@@ -2,8 +2,8 @@
 
 A checkpoint is a dict of tensors and plain containers (``torch.save``; read back with
 ``weights_only=True``), written to a temporary file, fsynced and renamed over its name: a crash
-or a full disk leaves the previous checkpoints untouched. ``torch.load`` never checks the CRC-32
-of the archive's records, so :func:`verify_archive` does: damage is an error naming the file.
+or a full disk leaves the previous checkpoints untouched. Damage is found by the CRC-32 of the
+archive's records (the library's reader) and is an error naming the file.
 :class:`RunLock` admits one run per folder, so every temporary file found there is a leftover.
 """
 
@@ -15,13 +15,14 @@ import random
 import re
 import socket
 import warnings
-import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+
+from sed_discriminator.weights import read_checkpoint, torch_is_patched
 
 FORMAT = "sed-esrgan-checkpoint/1"
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -124,32 +125,19 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 # The temporary files of atomic_write for what the training script writes (".step_00000002.pt.tmp-PID").
 _TEMPORARY = re.compile(
     r"^\.(step_\d+\.pt|generator_final\.(pth|safetensors)|log\.csv|config\.json|(loss_curves|latest|step_\d+)\.png)"
-    r"\.tmp-(\d+)$"
+    r"\.tmp-\d+$"
 )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else (or we cannot tell: keep the file)
-    return True
-
-
-def remove_stale_temporaries(folders: Iterable[str | os.PathLike], *, single_writer: bool) -> list[Path]:
+def remove_stale_temporaries(folders: Iterable[str | os.PathLike]) -> list[Path]:
     """Delete the temporary files that interrupted writes left in ``folders`` (not recursive); returns them.
 
-    With ``single_writer`` (this process holds the :class:`RunLock`) every one is a leftover;
-    otherwise only those whose writer PID is no longer alive on this host.
+    Call it only while holding the folder's :class:`RunLock`: then no other process writes there.
     """
     removed = []
     for folder in map(Path, folders):
         for path in sorted(folder.iterdir()) if folder.is_dir() else ():
-            match = _TEMPORARY.match(path.name)
-            pid = int(match.group(4)) if match else None
-            if match and path.is_file() and (single_writer or (pid != os.getpid() and not _pid_alive(pid))):
+            if _TEMPORARY.match(path.name) and path.is_file():
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
@@ -224,30 +212,17 @@ def prune_checkpoints(folder: str | os.PathLike, keep: int) -> list[Path]:
     return doomed
 
 
-def verify_archive(path: str | os.PathLike) -> None:
-    """Check the CRC-32 of every record of a ``torch.save`` zip archive; :class:`CheckpointError` when one fails."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as err:
-        reason = f"{type(err).__name__}: {err}"
-        raise CheckpointError(f"{path} cannot be read, it is truncated or damaged ({reason}).") from err
-    if bad is not None:
-        raise CheckpointError(f"{path} is damaged: the checksum (CRC-32) of its record {bad!r} does not match its "
-                              "bytes. Use an earlier checkpoint, or copy the file again if it came from "
-                              "elsewhere.")  # fmt: skip
-
-
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint of this script, its CRCs verified first; :class:`CheckpointError` names what is wrong."""
-    verify_archive(path)
-    try:  # the script's own files: tensors and plain containers only (weights_only), never code
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
-        first_line = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0])[:200]
-        reason = f"{type(err).__name__}: {first_line}"
-        raise CheckpointError(f"{path} cannot be read, it is truncated or damaged ({reason}).") from err
+    """Read a checkpoint of this script; :class:`CheckpointError` names what is wrong with the file.
+
+    The library's reader checks the archive's CRC-32s first (``torch.load`` never does), then loads
+    tensors and plain containers only (``weights_only``). On torch < 2.10, where that has known
+    escapes, the script's own files are trusted: it reads them there as it wrote them.
+    """
+    try:
+        state = read_checkpoint(path, trust_pickle=not torch_is_patched())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(str(err)) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a training checkpoint of this script (format {FORMAT}).")
     return state

@@ -1,4 +1,4 @@
-"""Training data for x-scale SR: HR folders (LR made on the fly) or paired HR / LR folders, and a resumable order.
+"""Data for x-scale SR: HR folders (LR made on the fly, MATLAB-exact), evaluation pairs, and a resumable order.
 
 Randomness never comes from worker processes: :class:`SampleStream` yields one key
 ``(index, epoch, position)`` per sample, whose crop and flips are drawn from a generator seeded
@@ -43,7 +43,7 @@ def list_images(folder: str | os.PathLike, what: str = "image folder", *, recurs
     """Image files in ``folder`` (and its subfolders when ``recursive``), sorted by path; hidden files are skipped.
 
     Evaluation lists one level only, so that a pack holding ``HR/`` and ``LR_bicubic/X4/`` never
-    mixes LR images into the HR set; the :class:`DataError` of an empty level names the subfolders.
+    mixes LR images into the HR set; the :class:`DataError` of an empty level shows where images are.
     """
     root = Path(folder)
     if not root.exists():
@@ -51,31 +51,12 @@ def list_images(folder: str | os.PathLike, what: str = "image folder", *, recurs
     if not root.is_dir():
         raise DataError(f"The {what} {str(root)!r} is a file, not a folder of images.")
     files = sorted(p for p in (root.rglob("*") if recursive else root.iterdir()) if _is_image(p))
-    nested = subfolder_images(root) if not (files or recursive) else {}
-    if nested:
-        counts = ", ".join(f"{name}/ ({count})" for name, count in list(nested.items())[:6])
-        raise DataError(f"The {what} {str(root)!r} has no image at its top level, and its subfolders are not read. "
-                        f"Images are in {counts}: pass the folder that holds them, e.g. "
-                        f"{str(root / next(iter(nested)))!r}.")  # fmt: skip
     if not files:
-        others = sorted(p.name for p in root.rglob("*") if p.is_file())[:5]
-        found = f" It holds {others} ..." if others else " It is empty."
-        raise DataError(f"The {what} {str(root)!r} contains no image ({', '.join(IMAGE_EXTENSIONS)}).{found}")
+        nested = sorted(p.relative_to(root).as_posix() for p in root.rglob("[!.]*") if p.is_file())[:5]
+        found = f" It holds {nested} ..." if nested else " It is empty."
+        level = "" if recursive else " at its top level (subfolders are not read: pass the one with the images)"
+        raise DataError(f"The {what} {str(root)!r} contains no image ({', '.join(IMAGE_EXTENSIONS)}){level}.{found}")
     return files
-
-
-def subfolder_images(root: str | os.PathLike, max_depth: int = 3) -> dict[str, int]:
-    """``{"HR": 5, "LR_bicubic/X4": 5}``: image count of each subfolder (down to ``max_depth``) holding images."""
-    root = Path(root)
-    counts: dict[str, int] = {}
-    for folder, subfolders, names in os.walk(root):
-        depth = len(Path(folder).relative_to(root).parts)
-        if depth >= max_depth:
-            subfolders.clear()  # a large tree given by mistake is not walked to the bottom
-        count = sum(_is_image(Path(folder, name)) for name in names)
-        if depth and count:
-            counts[Path(folder).relative_to(root).as_posix()] = count
-    return dict(sorted(counts.items()))
 
 
 def check_distinct_stems(paths: Sequence[Path], what: str) -> None:
@@ -91,22 +72,8 @@ def check_distinct_stems(paths: Sequence[Path], what: str) -> None:
                         "paired by name (stem, case-insensitive): keep one file per name.")  # fmt: skip
 
 
-def _integer_white(img) -> float:
-    """The sample value of white in a PIL integer-mode ("I;16...", "I") image, from the file's bit depth."""
-    bits = None
-    tags = getattr(img, "tag_v2", None)  # TIFF: BitsPerSample (a 12-bit camera file says 12, not 16)
-    if tags is not None and 258 in tags:
-        bits = int(tags[258][0] if isinstance(tags[258], tuple) else tags[258])
-    elif img.mode.startswith("I;16") or img.format == "PNG":  # PNG integer grey is always 16-bit
-        bits = 16
-    if bits is None or not 1 <= bits <= 16:
-        raise ValueError(f"{bits or 32}-bit integer images are not supported (mode {img.mode}); save it with 8 or 16 "
-                         "bits per sample")  # fmt: skip
-    return float(2**bits - 1)
-
-
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An (H, W, 3) uint8 RGB array (grey, RGBA converted; 16-bit grey scaled by its declared bit depth).
+    """An (H, W, 3) uint8 RGB array (grey, palette and RGBA converted; 16-bit and float images refused).
 
     Raises:
         DataError: the file cannot be decoded or has an unsupported sample format; the message names it.
@@ -116,12 +83,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode == "F":
-                raise ValueError("floating-point images are not supported; save it with 8 or 16 bits per sample")
-            if img.mode.startswith("I"):
-                arr = np.asarray(img, dtype=np.float64) / _integer_white(img)
-                arr = np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8)
-                return np.repeat(arr[..., None], 3, axis=2)
+            if img.mode == "F" or img.mode.startswith("I"):  # PIL's RGB conversion would clip them, not scale them
+                kind = "floating-point" if img.mode == "F" else "16/32-bit integer"
+                raise ValueError(f"{kind} images are not supported (mode {img.mode}); save it with 8 bits per sample")
             return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
     except Exception as err:  # PIL raises many types for broken files
         raise DataError(f"Cannot read image {str(path)!r}: {type(err).__name__}: {err}") from err
@@ -262,154 +226,107 @@ def augment(tensors: Sequence[torch.Tensor], rng: np.random.Generator) -> list[t
 
 
 class SRTrainDataset(Dataset):
-    """Random (LR, HR) training crops from HR files (LR made on the fly) or from paired HR / LR files.
+    """Random (LR, HR) training crops of HR files, the LR made on the fly (MATLAB-exact by default).
 
+    No paired LR folder: the ``"matlab"`` downsampler reproduces the benchmarks' bicubic LR files
+    (docs/training.md), so a paired folder would hold the same data.
     Indexed by the keys of :class:`SampleStream` (a plain int ``i``: position ``i`` of epoch 0).
-    Unreadable, too small or mismatched files are skipped with a warning naming them (``strict``:
-    a :class:`DataError`); no usable file is a :class:`DataError`.
+    Unreadable or too small files are skipped with a warning naming them (``strict``: a
+    :class:`DataError`); no usable file is a :class:`DataError`.
 
     Args:
-        hr_paths: HR image files; ``lr_paths``: their LR partners (same order), or ``None``.
-        patch_size: HR crop size (a multiple of ``scale``).
+        hr_paths: HR image files; ``patch_size``: HR crop size (a multiple of ``scale``).
         augment: random flips and transpositions; ``cache``: keep decoded images in memory.
-        quantize_lr: round on-the-fly LR to 8-bit levels; ``downsample``: ``"matlab"`` or ``"torch"``.
+        downsample: ``"matlab"`` or ``"torch"``; the LR is rounded to 8-bit levels, as LR files are.
     """
 
     def __init__(
-        self, hr_paths: Sequence[Path], patch_size: int, scale: int, seed: int = 0,
-        lr_paths: Sequence[Path] | None = None, augment: bool = True, cache: bool = False, quantize_lr: bool = True,
-        downsample: str = DEFAULT_DOWNSAMPLER, strict: bool = False,
+        self, hr_paths: Sequence[Path], patch_size: int, scale: int, seed: int = 0, augment: bool = True,
+        cache: bool = False, downsample: str = DEFAULT_DOWNSAMPLER, strict: bool = False,
     ) -> None:  # fmt: skip
         if patch_size % scale:
             raise DataError(f"--patch-size {patch_size} must be a multiple of the scale {scale}.")
-        if lr_paths is not None and len(lr_paths) != len(hr_paths):
-            raise DataError(f"{len(hr_paths)} HR images but {len(lr_paths)} LR images.")
         if downsample not in DOWNSAMPLERS:
             raise DataError(f"Unknown downsampling method {downsample!r}; choose one of {DOWNSAMPLERS}.")
         self.patch_size, self.scale, self.seed, self.augment, self.cache = patch_size, scale, seed, augment, cache
-        self.quantize_lr, self.downsample = quantize_lr, downsample
+        self.downsample = downsample
         self._cache: dict[Path, np.ndarray] = {}
-        usable, problems = self._scan(list(hr_paths), None if lr_paths is None else list(lr_paths))
-        lines = []
-        for title, names in problems.items():
-            more = f"\n    ... and {len(names) - 10} more" if len(names) > 10 else ""
-            lines += [f"{len(names)} image(s) {title}:\n    " + "\n    ".join(names[:10]) + more] if names else []
-        if lines and (strict or not usable):
-            prefix = "No usable training image. " if not usable else ""
-            raise DataError(prefix + "Fix or remove these files (the patch is "
-                            f"{patch_size} px HR, {patch_size // scale} px LR):\n  " + "\n  ".join(lines))  # fmt: skip
+        self.hr_paths, unreadable, too_small = [], [], []
+        for path in hr_paths:
+            try:
+                h, w = image_size(path)
+            except DataError as err:
+                unreadable.append(f"{path} ({type(err.__cause__).__name__})")
+                continue
+            if min(h, w) < patch_size:
+                too_small.append(f"{path} ({w}x{h} px)")
+            else:
+                self.hr_paths.append(path)
+        lines = [f"{len(names)} image(s) {title}:\n    " + "\n    ".join(names[:10])
+                 + (f"\n    ... and {len(names) - 10} more" if len(names) > 10 else "")
+                 for title, names in (("unreadable", unreadable), ("smaller than the training patch", too_small))
+                 if names]  # fmt: skip
+        if lines and (strict or not self.hr_paths):
+            problems = "\n  ".join(lines)
+            prefix = "No usable training image. " if not self.hr_paths else ""
+            raise DataError(f"{prefix}Fix or remove these files (the patch is {patch_size} px):\n  {problems}")
         if lines:
             warnings.warn("Skipping unusable training images (pass --strict-data to stop instead):\n  "
                           + "\n  ".join(lines), UserWarning, stacklevel=2)  # fmt: skip
-        self.hr_paths = [hr_paths[i] for i in usable]
-        self.lr_paths = None if lr_paths is None else [lr_paths[i] for i in usable]
-
-    def _scan(self, hr_paths: list[Path], lr_paths: list[Path] | None) -> tuple[list[int], dict[str, list[str]]]:
-        usable: list[int] = []
-        unreadable, too_small, mismatched = [], [], []
-        lr_patch = self.patch_size // self.scale
-        for i, hr_path in enumerate(hr_paths):
-            sizes = []
-            for path in (hr_path,) if lr_paths is None else (hr_path, lr_paths[i]):
-                try:
-                    sizes.append(image_size(path))
-                except DataError as err:
-                    unreadable.append(f"{path} ({type(err.__cause__).__name__})")
-            if len(sizes) < (1 if lr_paths is None else 2):
-                continue
-            (h, w), lr_size = sizes[0], (sizes[1] if lr_paths is not None else None)
-            if lr_size is not None:
-                lh, lw = lr_size
-                if not (lh * self.scale <= h < (lh + 1) * self.scale and lw * self.scale <= w < (lw + 1) * self.scale):
-                    mismatched.append(f"{hr_path} is {w}x{h}, {lr_paths[i]} is {lw}x{lh} (x{self.scale})")
-                    continue
-                if lh < lr_patch or lw < lr_patch:
-                    too_small.append(f"{lr_paths[i]} ({lw}x{lh} px, LR patch {lr_patch})")
-                    continue
-            elif h < self.patch_size or w < self.patch_size:
-                too_small.append(f"{hr_path} ({w}x{h} px)")
-                continue
-            usable.append(i)
-        problems = {"unreadable": unreadable, "smaller than the training patch": too_small,
-                    "with an HR/LR size mismatch": mismatched}  # fmt: skip
-        return usable, problems
 
     def __len__(self) -> int:
         return len(self.hr_paths)
 
-    def _load(self, path: Path) -> np.ndarray:
-        array = self._cache.get(path)
-        if array is None:
-            array = read_image(path)
-            self._cache.update({path: array} if self.cache else {})
-        return array
-
     def __getitem__(self, key: SampleKey | int) -> tuple[torch.Tensor, torch.Tensor]:
-        index, epoch, position = key if isinstance(key, tuple) else (key, 0, key)
-        rng = np.random.default_rng([self.seed, epoch, position])
-        hr = self._load(self.hr_paths[index])
-        if self.lr_paths is None:
-            pair = self._crop_and_degrade(hr, rng)
-        else:
-            pair = self._crop_pair(self._load(self.lr_paths[index]), hr, rng)
-        return tuple(augment(pair, rng)) if self.augment else pair
-
-    def _crop_and_degrade(self, hr: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         # Crops start on multiples of the scale, and the crop is downsampled with a margin of
         # two LR pixels (the bicubic support) or up to the image border: the LR crop then
         # equals the same crop of the whole image's LR, with no artefact at the crop border.
+        index, epoch, position = key if isinstance(key, tuple) else (key, 0, key)
+        rng = np.random.default_rng([self.seed, epoch, position])
+        path = self.hr_paths[index]
+        hr = self._cache.get(path)
+        if hr is None:
+            hr = read_image(path)
+            self._cache.update({path: hr} if self.cache else {})
         s, p = self.scale, self.patch_size
         height, width = (hr.shape[0] // s) * s, (hr.shape[1] // s) * s
         top = s * int(rng.integers(0, (height - p) // s + 1))
         left = s * int(rng.integers(0, (width - p) // s + 1))
-        margin = 2 * s
-        y0, x0 = max(0, top - margin), max(0, left - margin)
-        y1, x1 = min(height, top + p + margin), min(width, left + p + margin)
-        region = to_tensor(hr[y0:y1, x0:x1])
-        lr = bicubic_downsample(region, s, self.quantize_lr, self.downsample)
+        y0, x0 = max(0, top - 2 * s), max(0, left - 2 * s)
+        region = to_tensor(hr[y0 : min(height, top + p + 2 * s), x0 : min(width, left + p + 2 * s)])
+        lr = bicubic_downsample(region, s, method=self.downsample)
         ly, lx = (top - y0) // s, (left - x0) // s
-        lr = lr[:, ly : ly + p // s, lx : lx + p // s]
         hr_crop = region[:, top - y0 : top - y0 + p, left - x0 : left - x0 + p]
-        return lr.contiguous(), hr_crop.contiguous()
-
-    def _crop_pair(self, lr: np.ndarray, hr: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        s, lp = self.scale, self.patch_size // self.scale
-        top = int(rng.integers(0, lr.shape[0] - lp + 1))
-        left = int(rng.integers(0, lr.shape[1] - lp + 1))
-        hr_crop = hr[top * s : (top + lp) * s, left * s : (left + lp) * s]
-        return to_tensor(lr[top : top + lp, left : left + lp]), to_tensor(hr_crop)
+        pair = [lr[:, ly : ly + p // s, lx : lx + p // s], hr_crop]
+        return tuple(augment(pair, rng) if self.augment else (t.contiguous() for t in pair))
 
 
-def pair_lr_files(hr_paths: Sequence[Path], lr_dir: str | os.PathLike, scale: int, *, what: str = "LR folder",
-                  recursive: bool = True) -> list[Path]:  # fmt: skip
-    """The partner in ``lr_dir`` of each HR file: same stem, or it plus ``x{scale}`` (DIV2K's ``0001x4.png``).
+def pair_lr_files(hr_paths: Sequence[Path], folder: str | os.PathLike, scale: int, what: str) -> list[Path]:
+    """The partner in ``folder`` (one level) of each HR file: same stem, or it plus ``x{scale}`` (``0001x4.png``).
 
     Raises:
         DataError: two files share a stem (case-insensitive), or an HR image has no partner or several.
     """
     check_distinct_stems(hr_paths, "HR image list")
     by_stem: dict[str, list[Path]] = {}
-    for path in list_images(lr_dir, what, recursive=recursive):
+    for path in list_images(folder, what, recursive=False):
         by_stem.setdefault(path.stem.lower(), []).append(path)
     pairs, missing, ambiguous = [], [], []
     for hr in hr_paths:
         stem = hr.stem.lower()
         keys = dict.fromkeys((stem, f"{stem}x{scale}", f"{stem}_x{scale}"))  # scale 1: "x1" names, no repeats
         matches = [p for key in keys for p in by_stem.get(key, [])]
-        if not matches:
-            missing.append(hr.name)
-        elif len(matches) > 1:
-            ambiguous.append(f"{hr.name}: {', '.join(str(p) for p in matches)}")
+        missing += [hr.name] if not matches else []
+        ambiguous += [f"{hr.name}: {', '.join(map(str, matches))}"] if len(matches) > 1 else []
         pairs.append(matches[0] if matches else None)
     if missing:
         stem = Path(missing[0]).stem.lower()
-        suffixed = (re.fullmatch(re.escape(stem) + r"_?x(\d+)", key) for key in by_stem)
-        other_scales = sorted({int(m.group(1)) for m in suffixed if m})
-        hint = f" The folder has '{stem}x{other_scales[0]}': is it the x{other_scales[0]} set?" if other_scales else ""
-        raise DataError(f"{len(missing)} HR image(s) have no partner in the {what} {str(lr_dir)!r} (looked for the "
+        other = sorted({int(m.group(1)) for k in by_stem if (m := re.fullmatch(re.escape(stem) + r"_?x(\d+)", k))})
+        hint = f" The folder has '{stem}x{other[0]}': is it the x{other[0]} set?" if other else ""
+        raise DataError(f"{len(missing)} HR image(s) have no partner in the {what} {str(folder)!r} (looked for the "
                         f"same stem, '<stem>x{scale}' and '<stem>_x{scale}'): {missing[:5]}.{hint}")  # fmt: skip
     if ambiguous:
-        raise DataError(f"{len(ambiguous)} HR image(s) have more than one partner in the {what} {str(lr_dir)!r}: "
+        raise DataError(f"{len(ambiguous)} HR image(s) have more than one partner in the {what} {str(folder)!r}: "
                         f"{'; '.join(ambiguous[:5])}. Keep one file per name.")  # fmt: skip
     return pairs
 

@@ -1,4 +1,7 @@
-"""torchrun / DistributedDataParallel plumbing: one process per device (NCCL on CUDA, gloo on CPU), rank 0 writes."""
+"""torchrun / DistributedDataParallel plumbing: one process per device (NCCL on CUDA, gloo on CPU), rank 0 writes.
+
+Every collective below is the identity in a single process, so the trainer calls them unconditionally.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ class DistInfo:
     """Where this process stands in the job (a single process when torchrun did not start it)."""
 
     rank: int = 0
-    local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
 
@@ -42,13 +44,12 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 def init_distributed(device_name: str = "auto", timeout_minutes: int = 30) -> DistInfo:
     """Join the process group when launched by torchrun (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` set)."""
-    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in
-                                    (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")))  # fmt: skip
-    device = pick_device(device_name, local_rank)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", 0)))
     if world_size > 1 and not dist.is_initialized():
         cuda: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes), **cuda)
-    return DistInfo(rank, local_rank, world_size, device)
+    return DistInfo(rank, world_size, device)
 
 
 def shutdown(info: DistInfo) -> None:
@@ -61,28 +62,18 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def mean_over_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Average a float tensor over all ranks (identity in a single process)."""
+def all_reduce(values: torch.Tensor, info: DistInfo, op: str = "mean") -> torch.Tensor:
+    """``values`` (a float tensor) averaged (``"mean"``) or maximised (``"max"``) over all ranks, on the CPU."""
     if not info.distributed:
         return values
     values = values.to(info.device)
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return (values / info.world_size).cpu()
-
-
-def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every rank when ``flag`` is true on at least one."""
-    if not info.distributed:
-        return flag
-    tensor = torch.tensor([float(flag)], device=info.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item() > 0)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return (values if op == "max" else values / info.world_size).cpu()
 
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
-    out: list[Any] = [None] * info.world_size
-    if not info.distributed:
-        return [obj]
-    dist.all_gather_object(out, obj)
+    out: list[Any] = [obj] * info.world_size
+    if info.distributed:
+        dist.all_gather_object(out, obj)
     return out

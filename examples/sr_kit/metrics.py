@@ -8,6 +8,7 @@ from the ``lpips`` package when it and its weights are available.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -51,30 +52,22 @@ def ssim_y(sr: torch.Tensor, hr: torch.Tensor, crop_border: int = 4) -> float:
     return calculate_ssim_pt(a, b, crop_border).item()
 
 
-class LPIPSMetric:
-    """LPIPS (AlexNet) from the ``lpips`` package; ``available`` false with a ``reason`` when it cannot be had."""
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.model, self.reason = None, ""
-        try:
-            import lpips  # type: ignore[import-not-found]
-        except ImportError:
-            self.reason = "the lpips package is not installed (pip install lpips)"
-            return
-        try:
-            self.model = lpips.LPIPS(net="alex", verbose=False).to(device).eval()
-        except Exception as err:  # AlexNet weights come from torchvision's download server
-            self.reason = f"its AlexNet weights could not be loaded ({type(err).__name__}: {err})"
-
-    @property
-    def available(self) -> bool:
-        return self.model is not None
+def load_lpips(device: torch.device | str = "cpu") -> tuple[Callable[..., float] | None, str]:
+    """``(lpips, "")``, ``lpips(sr, hr, crop_border=4)`` the LPIPS (AlexNet) of two RGB images (3, H, W) in [0, 1]
+    with the border cropped (lower is better); ``(None, why)`` when the package or its weights cannot be had."""
+    try:
+        import lpips  # type: ignore[import-not-found]
+    except ImportError:
+        return None, "the lpips package is not installed (pip install lpips)"
+    try:
+        model = lpips.LPIPS(net="alex", verbose=False).to(device).eval()
+    except Exception as err:  # AlexNet weights come from torchvision's download server
+        return None, f"its AlexNet weights could not be loaded ({type(err).__name__}: {err})"
 
     @torch.no_grad()
-    def __call__(self, sr: torch.Tensor, hr: torch.Tensor, crop_border: int = 4) -> float:
-        """LPIPS of two RGB images (3, H, W) in [0, 1] (lower is better), the border cropped."""
-        if self.model is None:
-            raise RuntimeError(f"LPIPS is unavailable: {self.reason}.")
-        device, c = next(self.model.parameters()).device, crop_border
+    def score(sr: torch.Tensor, hr: torch.Tensor, crop_border: int = 4) -> float:
+        c = crop_border
         a, b = (x.float()[None, :, c : x.shape[-2] - c, c : x.shape[-1] - c].to(device) * 2 - 1 for x in (sr, hr))
-        return self.model(a, b).item()
+        return model(a, b).item()
+
+    return score, ""

@@ -3,7 +3,8 @@
 Pretrained weights (SeD's semantic extractor, torchvision's VGG19) are never replaced by random
 ones silently: a weight that cannot be had raises :class:`WeightsUnavailable` with the fix unless
 random weights are allowed (then a banner says so); a file that exists but does not load is
-always :class:`DamagedWeights`, naming it.
+always :class:`DamagedWeights`, naming it. Every weight file is read by the library's reader
+(damage check; pickle-based files and TorchScript under its trust rule, ``trust_pickle``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +21,8 @@ from unittest import mock
 
 import torch
 from torch import nn
+
+from sed_discriminator.weights import UntrustedFileError, read_state_dict, unwrap_state_dict
 
 
 class WeightsUnavailable(RuntimeError):
@@ -29,7 +33,9 @@ class DamagedWeights(WeightsUnavailable):
     """A weight file exists but does not load (random weights are not used in its place)."""
 
 
-def _damaged(path: str, what: str, flag: str, err: BaseException) -> DamagedWeights:
+def _damaged(path: str, what: str, flag: str, err: BaseException) -> WeightsUnavailable:
+    if isinstance(err, UntrustedFileError):  # a sound file this torch cannot read safely: the fix is a flag
+        return WeightsUnavailable(f"{flag} {path!r}: {err} On this command line: add --trust-pickle.")
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     reason = f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
     empty = os.path.isfile(path) and os.path.getsize(path) == 0
@@ -51,19 +57,21 @@ def _random_banner(what: str, reason: str) -> None:
     banner([f"RANDOM WEIGHTS: {what}", reason, "Fine for a smoke run; the results say nothing about real training."])
 
 
-def load_extractor(name: str = "clip_rn50", weights: str = "default", allow_random: bool = False):
+def load_extractor(name: str = "clip_rn50", weights: str = "default", allow_random: bool = False,
+                   trust_pickle: bool = False):  # fmt: skip
     """``(extractor, is_random)``: the frozen :class:`~sed_discriminator.SemanticExtractor` with its weights.
 
     Raises:
         DamagedWeights: ``weights`` is a file that does not load (whatever ``allow_random`` says).
-        WeightsUnavailable: the weights could not be had and ``allow_random`` is false.
+        WeightsUnavailable: the weights could not be had and ``allow_random`` is false, or the
+            trust rule refuses the file.
     """
     from sed_discriminator import SemanticExtractor
 
     reason = "--extractor-weights random was given."
     if weights != "random":
         try:
-            return SemanticExtractor(name, pretrained=weights), False
+            return SemanticExtractor(name, pretrained=weights, trust_pickle=trust_pickle), False
         except Exception as err:  # offline, empty cache, missing or broken file, ...
             if os.path.exists(weights):
                 raise _damaged(weights, f"the {name} extractor's", "--extractor-weights", err) from err
@@ -95,27 +103,28 @@ def build_generator(num_feat: int = 64, num_blocks: int = 23, scale: int = 4) ->
 
 
 def load_generator_weights(source: str | os.PathLike | Mapping[str, torch.Tensor], scale: int | None = None,
-                           *, name: str | None = None) -> nn.Module:  # fmt: skip
+                           *, name: str | None = None, trust_pickle: bool = False) -> nn.Module:  # fmt: skip
     """An SR generator from a weight file or a state dict, the architecture detected by spandrel.
 
-    spandrel reads ``.pth`` / ``.safetensors`` / ``.ckpt`` files, unwraps ``params`` / ``params_ema``
-    and maps the old, new and BSRGAN key layouts of RRDBNet to one architecture.
+    The library reads the file (``params_ema`` / ``params`` unwrapped); spandrel maps the old, new
+    and BSRGAN key layouts of RRDBNet to one architecture. Not spandrel's own reader: it runs
+    ``torch.jit.load`` on any ``.pt`` file, code included.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not an SR generator spandrel recognises, or of another scale.
+        ValueError: damaged, refused by the trust rule (:class:`UntrustedFileError`), not an SR
+            generator spandrel recognises, or of another scale.
     """
     import spandrel
 
-    loader = spandrel.ModelLoader()
-    if isinstance(source, Mapping):
-        name, load = name or "the state dict", lambda: loader.load_from_state_dict(dict(source))
-    else:
-        name, load = str(source), lambda: loader.load_from_file(str(source))
-        if not os.path.isfile(name):
-            raise FileNotFoundError(f"No generator weight file at {name!r}.")
+    name = name or (str(source) if not isinstance(source, Mapping) else "the state dict")
     try:
-        descriptor = load()
+        read = unwrap_state_dict if isinstance(source, Mapping) else partial(read_state_dict, trust_pickle=trust_pickle)
+        state = read(source)
+    except UntrustedFileError as err:
+        raise UntrustedFileError(f"{err} On this command line: add --trust-pickle.") from None
+    try:
+        descriptor = spandrel.ModelLoader().load_from_state_dict(state)
     except Exception as err:
         raise ValueError(f"{name} is not a generator checkpoint spandrel recognises ({type(err).__name__}: {err}). "
                          "Pass an ESRGAN / Real-ESRGAN / KAIR RRDBNet .pth file.") from err  # fmt: skip
@@ -173,41 +182,33 @@ def _vgg19_features() -> nn.Sequential:
         return make_layers(cfgs["E"], batch_norm=False)
 
 
-def load_vgg19_features(weights: str = "imagenet", allow_random: bool = False) -> tuple[nn.Sequential, bool]:
+def load_vgg19_features(weights: str = "imagenet", allow_random: bool = False,
+                        trust_pickle: bool = False) -> tuple[nn.Sequential, bool]:  # fmt: skip
     """``(features, is_random)``: torchvision's VGG19 convolutions with ImageNet weights, a local file's, or random.
 
     Raises:
         DamagedWeights: ``weights`` is a file that does not load (whatever ``allow_random`` says).
-        WeightsUnavailable: the weights could not be had and ``allow_random`` is false.
+        WeightsUnavailable: the weights could not be had (or the trust rule refuses the file) and
+            ``allow_random`` is false.
     """
     features = _vgg19_features()
-
-    def load(state: Mapping[str, torch.Tensor]) -> None:
-        if not isinstance(state, Mapping):
-            raise TypeError(f"expected a state dict, found a {type(state).__name__}")
-        features.load_state_dict({k.removeprefix("features."): v for k, v in state.items() if "classifier" not in k})
-
     if weights == "random":
         _random_banner("VGG19 of the perceptual loss", "--vgg-weights random was given.")
         return features, True
-    if weights != "imagenet" and os.path.exists(weights):
-        from .checkpoint import verify_archive
-
-        try:
-            if not weights.endswith(".safetensors"):
-                verify_archive(weights)  # torch.load does not check the archive's CRCs
-            # A file the user names for the perceptual loss: tensors only (weights_only), never code.
-            load(torch.load(weights, map_location="cpu", weights_only=True))
-        except Exception as err:
-            raise _damaged(weights, "VGG19", "--vgg-weights", err) from err
-        return features, False
     try:
-        if weights != "imagenet":
-            raise FileNotFoundError(f"No VGG19 weight file at {weights!r}")
-        from torchvision.models import VGG19_Weights
+        if weights != "imagenet" and os.path.exists(weights):
+            state = read_state_dict(weights, trust_pickle=trust_pickle)
+        elif weights == "imagenet":
+            from torchvision.models import VGG19_Weights
 
-        load(VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False))
-    except Exception as err:  # URLError offline, a missing file, ...
+            state = VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        else:
+            raise FileNotFoundError(f"No VGG19 weight file at {weights!r}")
+        features.load_state_dict({k.removeprefix("features."): v for k, v in state.items() if "classifier" not in k})
+        return features, False
+    except Exception as err:  # URLError offline, a missing file, a damaged one, ...
+        if weights != "imagenet" and os.path.exists(weights):
+            raise _damaged(weights, "VGG19", "--vgg-weights", err) from err
         if not allow_random:
             raise WeightsUnavailable(
                 f"Could not load the VGG19 weights of the perceptual loss ({type(err).__name__}: {err}). On a machine "
@@ -218,7 +219,6 @@ def load_vgg19_features(weights: str = "imagenet", allow_random: bool = False) -
         reason = f"its {weights!r} weights could not be loaded ({type(err).__name__})."
         _random_banner("VGG19 of the perceptual loss", reason)
         return _vgg19_features(), True
-    return features, False
 
 
 def perceptual_loss(features: nn.Sequential, layer_weights: Mapping[str, float] = PAPER_LAYER_WEIGHTS) -> nn.Module:
