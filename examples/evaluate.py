@@ -19,6 +19,7 @@ import csv
 import io
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +32,9 @@ from sr_kit.cli import DefaultsHelpFormatter, positive_int  # noqa: E402
 from sr_kit.dist import pick_device  # noqa: E402
 from sr_kit.metrics import SSIM_WINDOW as _SSIM_WINDOW  # noqa: E402
 from sr_kit.metrics import load_lpips, psnr_y, ssim_y  # noqa: E402
-from sr_kit.models import load_generator_weights  # noqa: E402
+from sr_kit.models import load_generator_weights, untrusted_here  # noqa: E402
 
-from sed_discriminator.weights import UntrustedFileError, read_checkpoint, unwrap_state_dict  # noqa: E402
+from sed_discriminator.weights import UntrustedFileError, read_checkpoint  # noqa: E402
 
 # The SeD paper's Table 1 (x4): LPIPS, PSNR (Y), SSIM (Y) of each method, per dataset.
 _TABLE1_METHODS = ("ESRGAN", "RRDB+P", "RRDB+P+SeD", "RRDB+U", "RRDB+U+SeD")
@@ -77,9 +78,11 @@ def load_model(path: str, scale: int, use_ema: bool = True, trust_pickle: bool =
     try:
         state = read_checkpoint(path, trust_pickle=trust_pickle)
     except UntrustedFileError as err:
-        raise UntrustedFileError(f"{err} On this command line: add --trust-pickle.") from None
-    if not (isinstance(state, dict) and state.get("format") == ckpt.FORMAT):
-        return load_generator_weights(unwrap_state_dict(state, source=path), scale, name=path)
+        raise untrusted_here(err) from None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a generator's weights (a state dict).")
+    if state.get("format") != ckpt.FORMAT:
+        return load_generator_weights(state, scale, name=path)
     model = load_generator_weights(state["generator"], scale, name=path)
     if use_ema and state.get("ema") is not None:  # torch's AveragedModel: the weights under "module."
         model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"})

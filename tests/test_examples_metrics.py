@@ -167,6 +167,9 @@ def test_evaluate_reads_model_files_under_the_trust_rule(tmp_path, capsys, old_t
     err = capsys.readouterr().err
     assert "g.pth'" in err and "torch 2.5.1" in err and "On this command line: add --trust-pickle." in err
     assert _evaluate(tmp_path, "--hr-dir", hr, "--model", str(tmp_path / "g.pth"), "--trust-pickle") == 0
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")  # not a state dict: an error naming it, no traceback
+    assert _evaluate(tmp_path, "--hr-dir", hr, "--model", str(tmp_path / "tensor.pth"), "--trust-pickle") == 2
+    assert "tensor.pth holds a Tensor, not a generator's weights" in capsys.readouterr().err
     with warnings.catch_warnings():  # torch.jit is deprecated; such archives are still out there
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 3, 1)), tmp_path / "g.pt")

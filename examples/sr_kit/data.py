@@ -316,8 +316,10 @@ def pair_lr_files(hr_paths: Sequence[Path], folder: str | os.PathLike, scale: in
         stem = hr.stem.lower()
         keys = dict.fromkeys((stem, f"{stem}x{scale}", f"{stem}_x{scale}"))  # scale 1: "x1" names, no repeats
         matches = [p for key in keys for p in by_stem.get(key, [])]
-        missing += [hr.name] if not matches else []
-        ambiguous += [f"{hr.name}: {', '.join(map(str, matches))}"] if len(matches) > 1 else []
+        if not matches:
+            missing.append(hr.name)
+        elif len(matches) > 1:
+            ambiguous.append(f"{hr.name}: {', '.join(map(str, matches))}")
         pairs.append(matches[0] if matches else None)
     if missing:
         stem = Path(missing[0]).stem.lower()

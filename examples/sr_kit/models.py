@@ -13,7 +13,6 @@ import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
-from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -33,9 +32,14 @@ class DamagedWeights(WeightsUnavailable):
     """A weight file exists but does not load (random weights are not used in its place)."""
 
 
+def untrusted_here(err: UntrustedFileError) -> UntrustedFileError:
+    """The library's refusal of a sound file, with the scripts' way out (a flag, not the Python keyword)."""
+    return UntrustedFileError(f"{err} On this command line: add --trust-pickle.")
+
+
 def _damaged(path: str, what: str, flag: str, err: BaseException) -> WeightsUnavailable:
     if isinstance(err, UntrustedFileError):  # a sound file this torch cannot read safely: the fix is a flag
-        return WeightsUnavailable(f"{flag} {path!r}: {err} On this command line: add --trust-pickle.")
+        return WeightsUnavailable(f"{flag} {path!r}: {untrusted_here(err)}")
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     reason = f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
     empty = os.path.isfile(path) and os.path.getsize(path) == 0
@@ -119,10 +123,12 @@ def load_generator_weights(source: str | os.PathLike | Mapping[str, torch.Tensor
 
     name = name or (str(source) if not isinstance(source, Mapping) else "the state dict")
     try:
-        read = unwrap_state_dict if isinstance(source, Mapping) else partial(read_state_dict, trust_pickle=trust_pickle)
-        state = read(source)
+        if isinstance(source, Mapping):
+            state = unwrap_state_dict(source, source=name)
+        else:
+            state = read_state_dict(source, trust_pickle=trust_pickle)
     except UntrustedFileError as err:
-        raise UntrustedFileError(f"{err} On this command line: add --trust-pickle.") from None
+        raise untrusted_here(err) from None
     try:
         descriptor = spandrel.ModelLoader().load_from_state_dict(state)
     except Exception as err:
