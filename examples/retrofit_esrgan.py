@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import inspect
-import io
 import json
 import os
 import re
@@ -43,25 +42,16 @@ import torch.nn.functional as F  # noqa: E402
 from sr_kit import checkpoint as ckpt  # noqa: E402
 from sr_kit import data as sr_data  # noqa: E402
 from sr_kit import dist as sr_dist  # noqa: E402
+from sr_kit import models  # noqa: E402
 from sr_kit.cli import DefaultsHelpFormatter, positive_int  # noqa: E402
 from sr_kit.metrics import psnr_y  # noqa: E402
-from sr_kit.models import (  # noqa: E402
-    DISCRIMINATORS,
-    WeightsUnavailable,
-    banner,
-    build_discriminator,
-    build_generator,
-    load_extractor,
-    load_generator_weights,
-    load_vgg19_features,
-    make_ema,
-    perceptual_loss,
-)  # fmt: skip
 from sr_kit.plots import plot_losses, save_sample_grid  # noqa: E402
 from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from sed_discriminator import discriminator_loss, frozen_parameters, generator_loss  # noqa: E402
 from sed_discriminator.diagnostics import semantic_diagnostics  # noqa: E402
+from sed_discriminator.spectral_norm import power_iteration_paused  # noqa: E402
 
 LOG_COLUMNS = (
     "step", "phase", "lr_g", "l_pix", "l_percep", "l_gan", "l_g_total", "l_d", "d_real", "d_fake", "val_psnr",
@@ -72,24 +62,20 @@ LOG_COLUMNS = (
 DEMO_PRESET: dict[str, Any] = dict(
     out="runs/demo", discriminator="sed-patch", patch_size=96, batch_size=4, num_feat=32, num_blocks=2, d_width=32,
     lr=4e-4, total_steps=340, psnr_steps=200, milestones=[200], log_every=5, diagnostics_every=10, sample_every=40,
-    checkpoint_every=100,
-    workers=1, cache_images=True, allow_random_weights=True, num_samples=2, sample_size=160,
+    checkpoint_every=100, workers=1, cache_images=True, allow_random_weights=True, num_samples=2, sample_size=160,
 )  # fmt: skip
 
 # Settings that define the networks: a resumed run must use the checkpoint's (G's width and depth
 # are compared as given: with --generator-weights, the architecture came from that file).
 _ARCH_KEYS = ("discriminator", "d_width", "scale", "extractor", "num_feat", "num_blocks")
 # Settings that define the data order: changing them on resume changes what the run sees.
-_ORDER_KEYS = ("seed", "batch_size", "patch_size", "downsample")
+_ORDER_KEYS = ("seed", "batch_size", "patch_size")
 # What a run writes into --out: an existing one is a run that --overwrite or --resume must name.
 RUN_OUTPUTS = ("checkpoints", "samples", "log.csv", "loss_curves.png", "config.json", "generator_final.pth",
                "generator_final.safetensors")  # fmt: skip
 # DDP's switch for re-broadcasting buffers at every forward (renamed in torch 2.14).
-_NO_BUFFER_SYNC = (
-    "forward_sync_buffers"
-    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
-    else "broadcast_buffers"
-)
+_NO_BUFFER_SYNC = next(k for k in ("forward_sync_buffers", "broadcast_buffers")
+                       if k in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters)  # fmt: skip
 
 
 class UsageError(RuntimeError):
@@ -117,18 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patch-size", type=int, default=256, help="HR training patch (LR patch = this / scale)")
     g.add_argument("--batch-size", type=positive_int, default=8, help="batch per process (per GPU)")
     g.add_argument("--workers", type=int, default=4, help="data-loading worker processes per process")
-    g.add_argument("--downsample", choices=sr_data.DOWNSAMPLERS, default="matlab",
-                   help="bicubic that makes LR on the fly: MATLAB imresize's (the benchmarks') or torch's")
     g.add_argument("--no-augment", action="store_true", help="no random flips / rotations")
     g.add_argument("--cache-images", action="store_true", help="keep decoded images in memory (small datasets)")
-    g.add_argument("--strict-data", action="store_true", help="stop on unreadable or too-small images (not skip them)")
 
     g = p.add_argument_group("networks")
     g.add_argument("--generator-weights", help="start G from these weights (PSNR-trained ESRGAN, Real-ESRGAN, ...)")
     g.add_argument("--num-feat", type=int, default=64, help="RRDBNet width (when not loading weights)")
     g.add_argument("--num-blocks", type=int, default=23, help="RRDBNet blocks (when not loading weights)")
-    g.add_argument("--discriminator", choices=list(DISCRIMINATORS), default="sed-patch",
-                   help="; ".join(f"{k}: {v}" for k, v in DISCRIMINATORS.items()))
+    g.add_argument("--discriminator", choices=list(models.DISCRIMINATORS), default="sed-patch",
+                   help="; ".join(f"{k}: {v}" for k, v in models.DISCRIMINATORS.items()))
     g.add_argument("--d-width", type=int, default=64, help="discriminator base width")
     g.add_argument("--extractor", default="clip_rn50", help="SeD's semantic extractor: a preset or timm:NAME")
     g.add_argument("--extractor-weights", default="default", help="'default' (the preset's), timm tag, file, 'random'")
@@ -199,10 +182,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("Pass --hr-dir FOLDER with your HR training images (or --preset demo for a demo run).")
     if args.resume is not None and args.overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite deletes it: pass one of them.")
-    if args.patch_size % args.scale:
-        raise UsageError(f"--patch-size {args.patch_size} must be a multiple of --scale {args.scale}.")
-    if args.discriminator == "vgg" and args.patch_size not in (128, 256):
-        raise UsageError(f"The 'vgg' discriminator (BasicSR's) takes --patch-size 128 or 256, got {args.patch_size}.")
     if args.patch_size < 32:
         raise UsageError(f"--patch-size must be at least 32 for the {args.discriminator!r} discriminator.")
     if args.psnr_steps > args.total_steps:
@@ -234,23 +213,18 @@ def open_run_folder(
     if info.is_main:
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {str(out)!r} is a file; pass a folder.")
-        try:
-            lock = ckpt.RunLock(out)
-        except ckpt.RunFolderBusy as err:
-            raise UsageError(str(err)) from None
+        lock = ckpt.RunLock(out)  # RunFolderBusy when another run holds it
     try:
         if info.is_main:  # rank 0 alone decides and deletes; the others wait at the barrier
             removed = ckpt.remove_stale_temporaries([out, ckpt_dir, out / "samples"]) if lock.held else []
             if removed:
                 names = ", ".join(p.name for p in removed[:5]) + (" ..." if len(removed) > 5 else "")
                 print(f"Removed {len(removed)} temporary file(s) left by an interrupted run: {names}", file=sys.stderr)
-            found = [(name, out / name) for name in RUN_OUTPUTS]
-            existing = [name for name, path in found if path.is_file() or path.is_dir() and any(path.iterdir())]
+            existing = [n for n in RUN_OUTPUTS if (out / n).is_file() or any((out / n).glob("*"))]  # empty: not output
             if args.resume is None and existing and not args.overwrite:
-                newest = ckpt.list_checkpoints(ckpt_dir)
-                newest_text = f" (newest checkpoint: {newest[-1][1].name})" if newest else ""
+                newest = "".join(f" (newest checkpoint: {p.name})" for _, p in ckpt.list_checkpoints(ckpt_dir)[-1:])
                 raise UsageError(
-                    f"{out} already holds the outputs of a run: {', '.join(existing)}{newest_text}. Pass --resume to "
+                    f"{out} already holds the outputs of a run: {', '.join(existing)}{newest}. Pass --resume to "
                     "continue that run, --overwrite to delete these outputs and start again, or choose another --out."
                 )
             if args.resume is None and existing:
@@ -274,9 +248,8 @@ def open_run_folder(
 
 
 def _check_resume_config(args: argparse.Namespace, saved: dict[str, Any], info: sr_dist.DistInfo) -> None:
-    keys = _ARCH_KEYS + (("patch_size",) if saved.get("discriminator") == "vgg" else ())  # VGG D is sized by it
     arch = [f"--{k.replace('_', '-')} {saved.get(k)!r} (checkpoint) vs {getattr(args, k)!r} (command line)"
-            for k in keys if k in saved and saved[k] != getattr(args, k)]  # fmt: skip
+            for k in _ARCH_KEYS if k in saved and saved[k] != getattr(args, k)]  # fmt: skip
     if arch:
         raise UsageError("The checkpoint was trained with other networks; resume with its settings:\n  "
                          + "\n  ".join(arch))  # fmt: skip
@@ -335,33 +308,30 @@ class Trainer:
         torch.manual_seed(args.seed)  # identical initial weights on every rank
 
         hr_paths = sr_data.list_images(args.hr_dir, "HR folder (--hr-dir)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("default" if info.is_main else "ignore", UserWarning)  # rank 0 alone reports
-            self.dataset = sr_data.SRTrainDataset(hr_paths, args.patch_size, args.scale, seed=args.seed,
-                                                  augment=not args.no_augment, cache=args.cache_images,
-                                                  downsample=args.downsample, strict=args.strict_data)  # fmt: skip
+        self.dataset = sr_data.SRTrainDataset(hr_paths, args.patch_size, args.scale, seed=args.seed,
+                                              augment=not args.no_augment, cache=args.cache_images)  # fmt: skip
         if len(self.dataset) < info.world_size:
             raise UsageError(f"{len(self.dataset)} usable image(s) for {info.world_size} processes; add images.")
         if resume_state is not None:
-            self.g = load_generator_weights(resume_state["generator"], args.scale, name=str(self.resumed_from))
+            self.g = models.load_generator_weights(resume_state["generator"], args.scale, name=str(self.resumed_from))
         elif args.generator_weights:
             try:
-                self.g = load_generator_weights(args.generator_weights, args.scale, trust_pickle=args.trust_pickle)
+                self.g = models.load_generator_weights(args.generator_weights, args.scale,
+                                                       trust_pickle=args.trust_pickle)  # fmt: skip
             except (FileNotFoundError, ValueError) as err:
                 raise UsageError(str(err)) from err
         else:
-            self.g = build_generator(args.num_feat, args.num_blocks, args.scale)
-        self.extractor = None
+            self.g = models.build_generator(args.num_feat, args.num_blocks, args.scale)
+        weights = (args.allow_random_weights, args.trust_pickle)
+        self.extractor = self.perceptual = None
         if args.discriminator.startswith("sed-"):
-            self.extractor = self._pretrained("semantic extractor " + args.extractor, load_extractor, args.extractor,
-                                              args.extractor_weights, args.allow_random_weights,
-                                              args.trust_pickle)  # fmt: skip
-        self.d = build_discriminator(args.discriminator, args.d_width, args.patch_size, self.extractor)
-        self.perceptual = None
+            self.extractor, is_random = models.load_extractor(args.extractor, args.extractor_weights, *weights)
+            self.random_weights += [f"semantic extractor {args.extractor}"] if is_random else []
+        self.d = models.build_discriminator(args.discriminator, args.d_width, self.extractor)
         if args.perceptual_weight > 0:
-            features = self._pretrained("VGG19 (perceptual loss)", load_vgg19_features, args.vgg_weights,
-                                        args.allow_random_weights, args.trust_pickle)  # fmt: skip
-            self.perceptual = perceptual_loss(features).to(self.device)
+            features, is_random = models.load_vgg19_features(args.vgg_weights, *weights)
+            self.random_weights += ["VGG19 (perceptual loss)"] if is_random else []
+            self.perceptual = models.perceptual_loss(features).to(self.device)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         for model in (self.g, self.d):  # D also moves SeD's extractor
             model.to(self.device, memory_format=self.memory_format).train()
@@ -376,7 +346,7 @@ class Trainer:
             self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         else:
             self.scaler = torch.cuda.amp.GradScaler(enabled=fp16 and self.device.type == "cuda")
-        self.ema = make_ema(self.g, args.ema) if args.ema > 0 else None
+        self.ema = models.make_ema(self.g, args.ema) if args.ema > 0 else None
         self.diagnose_every = args.diagnostics_every if self.extractor is not None and args.batch_size > 1 else 0
         if self.extractor is not None and args.diagnostics_every and not self.diagnose_every and info.is_main:
             print("note: SeD's diagnostics compare the images of a batch: with --batch-size 1 they are off.",
@@ -389,8 +359,7 @@ class Trainer:
         if info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.g_train = nn.parallel.DistributedDataParallel(self.g, device_ids=ids)
-            # BatchNorm (VGG-style D) buffers must not be re-broadcast between the real and fake forwards of one
-            # backward; spectral-norm vectors stay equal on all ranks anyway.
+            # Spectral-norm vectors stay equal on all ranks (same weights, same power iteration): no re-broadcast.
             self.d_train = nn.parallel.DistributedDataParallel(self.d, device_ids=ids, **{_NO_BUFFER_SYNC: False})
         if args.compile:
             self.g_train = torch.compile(self.g_train)  # D stays eager: compile + DDP + spectral norm is unreliable
@@ -402,14 +371,7 @@ class Trainer:
         if info.is_main:  # samples: centre crops that PSNR can score (3 LR px: it ignores a `scale` px border)
             val_paths = sr_data.list_images(args.val_dir, "validation folder (--val-dir)") if args.val_dir else None
             self.val_pairs = sr_data.center_crops(val_paths or self.dataset.hr_paths, args.sample_size, args.scale,
-                                                  args.num_samples, args.downsample,
-                                                  min_side=3 * args.scale)  # fmt: skip
-
-    def _pretrained(self, what: str, load: Any, *load_args: Any) -> Any:
-        model, is_random = load(*load_args)
-        if is_random:
-            self.random_weights.append(what)
-        return model
+                                                  args.num_samples, min_side=3 * args.scale)  # fmt: skip
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -553,15 +515,9 @@ class Trainer:
         """``(map,)``: a pixel D's per-pixel probability that ``sr`` is real; ``()`` for other Ds."""
         if not self.args.discriminator.endswith("pixel"):
             return ()
-        self.d.eval()  # eval: the spectral-norm vectors are not updated (the run stays bit-for-bit resumable)
-        try:
-            if self.extractor is not None:
-                self.d.set_condition(hr)
+        # The spectral-norm vectors are not updated (the run stays bit-for-bit resumable).
+        with power_iteration_paused(), self.d.condition(hr) if self.extractor is not None else nullcontext():
             return (torch.sigmoid(self.d(sr).float())[0, 0].cpu(),)
-        finally:
-            if self.extractor is not None:
-                self.d.clear_condition()
-            self.d.train()
 
     @torch.no_grad()
     def write_samples(self) -> float | None:
@@ -577,8 +533,8 @@ class Trainer:
         folder = self.out / "samples"
         save_sample_grid(rows, folder / f"step_{self.step:08d}.png", step=self.step, scale=self.args.scale,
                          psnrs=scores, random_weights=self.random_weights)  # fmt: skip
-        shutil.copyfile(folder / f"step_{self.step:08d}.png", folder / f".latest.png.tmp-{os.getpid()}")
-        os.replace(folder / f".latest.png.tmp-{os.getpid()}", folder / "latest.png")
+        latest = (folder / f"step_{self.step:08d}.png").read_bytes()
+        ckpt.atomic_write(folder / "latest.png", lambda handle: handle.write(latest))
         return sum(scores) / len(scores)
 
 
@@ -594,15 +550,11 @@ class CsvLog:
         if resume_step is not None and path.exists():
             with open(path, newline="") as handle:
                 rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=LOG_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        ckpt.atomic_write(path, lambda handle: handle.write(text.getvalue().encode()))
+        ckpt.atomic_write_csv(path, rows, LOG_COLUMNS)
 
     def append(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS, extrasaction="ignore", lineterminator="\n")
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
@@ -611,12 +563,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.backends.cudnn.benchmark)  # fmt: skip
+    torch.backends.cudnn.benchmark = torch.cuda.is_available() and not args.deterministic
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
     started = time.time()
     info = lock = None
     try:
@@ -672,8 +622,6 @@ def _run(trainer: Trainer, started: float) -> dict[str, Any]:
     last_logs: dict[str, float] = {}
     tick, tick_step, interrupted = time.time(), trainer.step, None
     last_saved = trainer.step if trainer.resumed_from else -1
-    from tqdm import tqdm
-
     bar = tqdm(total=args.total_steps, initial=trainer.step, disable=not main or args.no_progress, unit="step",
                dynamic_ncols=True, mininterval=1.0, file=sys.stderr)  # fmt: skip
     with StopFlag() as stop:  # until the end: a SIGTERM during the final save or the export is noted, not fatal
@@ -737,7 +685,7 @@ def _print_header(trainer: Trainer) -> None:
     losses += f" (L1 only for the first {args.psnr_steps} steps)" if args.psnr_steps else ""
     print(f"[retrofit_esrgan] {origin}; {info.world_size} process(es) on {trainer.device.type}\n"
           f"  data: {len(trainer.dataset)} HR image(s) from {args.hr_dir}, {args.patch_size} px patches, "
-          f"batch {args.batch_size}/process, LR {args.downsample} bicubic x{args.scale}\n"
+          f"batch {args.batch_size}/process, LR MATLAB bicubic x{args.scale}\n"
           f"  G: RRDBNet {params[0]:.2f}M params | D: {args.discriminator} {params[1]:.2f}M params | losses: {losses}\n"
           f"  out: {trainer.out}", file=sys.stderr, flush=True)  # fmt: skip
 
@@ -753,8 +701,7 @@ def _print_summary(trainer: Trainer, summary: dict[str, Any], finished: bool) ->
         f"  last losses : {', '.join(f'{k} {v:.4g}' for k, v in sorted(summary['losses'].items()))}",
         f"  checkpoint  : {summary['checkpoint']}",
         f"  samples     : {out / 'samples' / 'latest.png'}   (LR bicubic | SR | HR)",
-        f"  loss curves : {out / 'loss_curves.png'}",
-        f"  log         : {out / 'log.csv'}",
+        f"  loss curves : {out / 'loss_curves.png'}   (from {out / 'log.csv'})",
     ]
     if finished:
         evaluate = os.path.relpath(Path(__file__).resolve().with_name("evaluate.py"))  # works from any folder
@@ -765,8 +712,9 @@ def _print_summary(trainer: Trainer, summary: dict[str, Any], finished: bool) ->
         lines.append(f"  continue    : add --resume to the same command (--out {out})")
     print("\n".join(lines), flush=True)
     if trainer.random_weights:
-        notice = "Its samples and losses show that the pipeline runs, not what SeD achieves."
-        banner([f"This run used RANDOM weights for: {', '.join(trainer.random_weights)}.", notice], stream=sys.stdout)
+        models.banner([f"This run used RANDOM weights for: {', '.join(trainer.random_weights)}.",
+                       "Its samples and losses show that the pipeline runs, not what SeD achieves."],
+                      stream=sys.stdout)  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -787,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary = train(args)
-    except (UsageError, sr_data.DataError, WeightsUnavailable, ckpt.CheckpointError) as err:
+    except (UsageError, sr_data.DataError, models.WeightsUnavailable, ckpt.CheckpointError, ckpt.RunFolderBusy) as err:
         print(f"error: {_user_message(err)}", file=sys.stderr)
         return 2
     except OSError as err:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from examples_helpers import one_thread, photo_crops, write_images  # noqa: F401  (autouse fixture)
 from sr_kit import data as D
 
@@ -46,43 +47,22 @@ def test_one_level_listing_shows_where_the_images_are(tmp_path):
     assert len(D.list_images(root)) == 4  # training folders are still read recursively
 
 
-def test_two_files_with_one_name_are_an_error(tmp_path):
-    paths = write_images(tmp_path / "HR", photo_crops(2, 32), names=["baby", "bird"])
-    other = tmp_path / "HR" / "Baby.bmp"
-    other.write_bytes(paths[0].read_bytes())
-    with pytest.raises(D.DataError, match=r"1 name\(s\) used by more than one file: .*Baby\.bmp and .*baby\.png"):
-        D.check_distinct_stems(D.list_images(tmp_path / "HR"), "HR folder")
-    # Pairing refuses duplicates on either side instead of taking one of them.
-    write_images(tmp_path / "LR", photo_crops(2, 8), names=["bird", "birdx4"])
-    with pytest.raises(D.DataError, match=r"more than one partner.*bird\.png: .*bird\.png, .*birdx4\.png"):
-        D.pair_lr_files(paths[1:], tmp_path / "LR", 4, "LR folder")
-    nested = write_images(tmp_path / "DF2K" / "a", photo_crops(1, 32), names=["0001"])
-    nested += write_images(tmp_path / "DF2K" / "b", photo_crops(1, 32), names=["0001"])
-    with pytest.raises(D.DataError, match=r"used by more than one file: .*a/0001\.png and .*b/0001\.png"):
-        D.pair_lr_files(nested, tmp_path / "LR", 4, "LR folder")
-
-
 def _dataset_folder(tmp_path, sizes=(48, 48)):
     images = [photo_crops(1, s)[0] for s in sizes]
     return write_images(tmp_path / "hr", images)
 
 
-def test_unreadable_and_too_small_images_are_named_and_skipped(tmp_path):
+def test_unreadable_and_too_small_images_are_named_before_training(tmp_path):
     good = _dataset_folder(tmp_path)
-    broken = tmp_path / "hr" / "broken.png"
-    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    small = write_images(tmp_path / "hr", [photo_crops(1, 16)[0]], names=["tiny"])[0]
-    paths = D.list_images(tmp_path / "hr")
-    with pytest.warns(UserWarning) as record:
-        ds = D.SRTrainDataset(paths, patch_size=32, scale=4)
-    message = str(record[0].message)
-    assert "broken.png" in message and "tiny.png" in message and "16x16" in message
-    assert sorted(ds.hr_paths) == sorted(good)
-    with pytest.raises(D.DataError, match="broken.png"):
-        D.SRTrainDataset(paths, patch_size=32, scale=4, strict=True)
-    expected = r"(?s)No usable training image.*broken\.png \(UnidentifiedImageError\).*tiny\.png \(16x16 px\)"
+    assert sorted(D.SRTrainDataset(D.list_images(tmp_path / "hr"), patch_size=32, scale=4).hr_paths) == sorted(good)
+    (tmp_path / "hr" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    write_images(tmp_path / "hr", [photo_crops(1, 16)[0]], names=["tiny"])
+    expected = (
+        r"(?s)2 unusable training image\(s\): fix or remove them \(or lower --patch-size, now 32 px\).*"
+        r"broken\.png: unreadable \(UnidentifiedImageError\).*tiny\.png: 16x16 px, smaller than the patch"
+    )
     with pytest.raises(D.DataError, match=expected):
-        D.SRTrainDataset([small, broken], patch_size=32, scale=4)
+        D.SRTrainDataset(D.list_images(tmp_path / "hr"), patch_size=32, scale=4)
 
 
 def test_image_that_breaks_at_decode_time_is_named(tmp_path):
@@ -105,13 +85,12 @@ def test_grey_and_rgba_images_become_rgb(tmp_path):
 # ------------------------------------------------------------------------------- degradation
 
 
-@pytest.mark.parametrize("method", D.DOWNSAMPLERS)
-def test_on_the_fly_crop_equals_the_crop_of_the_whole_lr_image(tmp_path, method):
+def test_on_the_fly_crop_equals_the_crop_of_the_whole_lr_image(tmp_path):
     # The crop is downsampled with a margin, so its LR is exactly that part of the full image's LR.
     path = write_images(tmp_path, photo_crops(1, 120))[0]
-    ds = D.SRTrainDataset([path], patch_size=32, scale=4, augment=False, downsample=method)
+    ds = D.SRTrainDataset([path], patch_size=32, scale=4, augment=False)
     full_hr = D.to_tensor(D.read_image(path))
-    full_lr = D.bicubic_downsample(full_hr, 4, method=method)
+    full_lr = D.bicubic_downsample(full_hr, 4)
     for position in range(12):
         lr, hr = ds[(0, 0, position)]
         assert lr.shape == (3, 8, 8) and hr.shape == (3, 32, 32)
@@ -136,8 +115,8 @@ def test_matlab_weights_keep_constants_and_match_torch_inside_the_image():
         torch.testing.assert_close(m.sum(1), torch.ones(out_len, dtype=torch.float64))
     # Same kernel (Keys a = -0.5 widened by the scale): identical away from the border.
     x = torch.rand(3, 64, 64)
-    ours = D.bicubic_downsample(x, 4, quantize=False, method="matlab")
-    torch_aa = D.bicubic_downsample(x, 4, quantize=False, method="torch")
+    ours = D.bicubic_downsample(x, 4, quantize=False)
+    torch_aa = F.interpolate(x[None], size=(16, 16), mode="bicubic", antialias=True, align_corners=False)[0]
     torch.testing.assert_close(ours[:, 2:-2, 2:-2], torch_aa[:, 2:-2, 2:-2], atol=1e-5, rtol=0)
     assert (ours - torch_aa).abs().max() > 1e-3  # the border handling differs
 
@@ -154,24 +133,6 @@ def test_matlab_resize_equals_basicsrs_imresize_to_float32_precision():
 def test_lr_is_quantised_to_8_bits_by_default():
     lr = D.bicubic_downsample(torch.rand(3, 32, 32), 4)
     torch.testing.assert_close(lr * 255, (lr * 255).round())
-
-
-def test_one_downsampler_default_for_the_library_the_script_and_the_docs():
-    import inspect
-
-    import retrofit_esrgan
-    from examples_helpers import ROOT
-
-    assert D.DEFAULT_DOWNSAMPLER == "matlab"
-    for function in (D.bicubic_downsample, D.SRTrainDataset.__init__, D.center_crops):
-        default = next(p.default for name, p in inspect.signature(function).parameters.items() if name in
-                       ("method", "downsample"))  # fmt: skip
-        assert default == D.DEFAULT_DOWNSAMPLER, function
-    assert retrofit_esrgan.build_parser().get_default("downsample") == D.DEFAULT_DOWNSAMPLER
-    assert "| `matlab` (default) |" in (ROOT / "docs" / "training.md").read_text()
-    x = torch.rand(3, 32, 32)
-    assert torch.equal(D.bicubic_downsample(x, 4), D.bicubic_downsample(x, 4, method="matlab"))
-    assert not torch.equal(D.bicubic_downsample(x, 4), D.bicubic_downsample(x, 4, method="torch"))
 
 
 def _float32_rounding(x, size):
@@ -220,18 +181,6 @@ def test_downsampler_refuses_bad_scales_and_tiny_images():
             D.bicubic_downsample(torch.rand(3, 16, 16), scale)
     with pytest.raises(ValueError, match=r"3x5 px is smaller than the scale x4"):
         D.bicubic_downsample(torch.rand(3, 5, 3), 4)
-
-
-def test_missing_lr_partner_is_named_with_the_scale_the_folder_has(tmp_path):
-    hr_paths = write_images(tmp_path / "HR", photo_crops(2, 64), names=["a", "b"])
-    write_images(tmp_path / "LR", [photo_crops(1, 16)[0]], names=["a"])
-    with pytest.raises(D.DataError, match=r"no partner in the LR folder.*'b.png'"):
-        D.pair_lr_files(hr_paths, tmp_path / "LR", 4, "LR folder")
-    write_images(tmp_path / "X3", photo_crops(2, 20), names=["ax3", "bx3"])
-    with pytest.raises(D.DataError, match=r"looked for .*'<stem>x4'.* The folder has 'ax3': is it the x3 set\?"):
-        D.pair_lr_files(hr_paths, tmp_path / "X3", 4, "LR folder")
-    write_images(tmp_path / "LR", [photo_crops(1, 16)[0]], names=["bx4"])
-    assert [p.name for p in D.pair_lr_files(hr_paths, tmp_path / "LR", 4, "LR folder")] == ["a.png", "bx4.png"]
 
 
 def test_augmentation_is_the_same_on_lr_and_hr():

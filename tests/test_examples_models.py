@@ -42,14 +42,6 @@ def test_generator_weights_follow_the_trust_rule(tmp_path, old_torch):
     assert M.load_generator_weights(tmp_path / "g.safetensors", scale=4).state_dict().keys() == g.state_dict().keys()
 
 
-def test_vgg_style_discriminator_is_basicsrs_at_esrgans_sizes():
-    d = M.build_discriminator("vgg", width=8, patch_size=128)
-    assert d(torch.rand(3, 3, 128, 128)).shape == (3, 1)
-    assert sum(isinstance(m, torch.nn.Conv2d) for m in d.modules()) == 10  # ESRGAN's conv0_0 ... conv4_1
-    with pytest.raises(ValueError, match=r"128 or 256 px patches \(--patch-size\), got 96"):
-        M.build_discriminator("vgg", width=8, patch_size=96)
-
-
 def test_perceptual_loss_is_basicsrs_on_our_vgg19_features():
     features, is_random = M.load_vgg19_features("random")
     assert is_random
@@ -106,13 +98,13 @@ def test_ema_is_torchs_averaged_model():
 def test_discriminator_factory():
     from sed_discriminator import ConditionedSeD, SeD
 
-    plain = M.build_discriminator("pixel", width=8, patch_size=32)
+    plain = M.build_discriminator("pixel", width=8)
     assert isinstance(plain, SeD) and not plain.semantic_fusion
     assert plain(torch.rand(1, 3, 32, 32)).shape == (1, 1, 32, 32)
     with pytest.raises(ValueError, match="needs a semantic extractor"):
-        M.build_discriminator("sed-patch", width=8, patch_size=32)
+        M.build_discriminator("sed-patch", width=8)
     with pytest.raises(ValueError, match="choose one of"):
-        M.build_discriminator("stylegan", width=8, patch_size=32)
+        M.build_discriminator("stylegan", width=8)
     assert issubclass(ConditionedSeD, SeD)
 
 

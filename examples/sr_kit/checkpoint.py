@@ -9,17 +9,17 @@ archive's records (the library's reader) and is an error naming the file.
 
 from __future__ import annotations
 
+import csv
 import errno
+import io
 import os
-import random
 import re
 import socket
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
 import torch
 
 from sed_discriminator.weights import read_checkpoint, torch_is_patched
@@ -52,10 +52,6 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _open_for_writing(path: Path) -> BinaryIO:
-    return open(path, "wb")
 
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)  # no space, quota, file size
@@ -96,7 +92,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with _open_for_writing(tmp) as handle:
+        with open(tmp, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -120,6 +116,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj)`` to ``path`` through :func:`atomic_write`."""
     return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+    """``rows`` as CSV with a header (keys outside ``columns`` ignored) through :func:`atomic_write`."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(path, lambda handle: handle.write(text.getvalue().encode()))
 
 
 # The temporary files of atomic_write for what the training script writes (".step_00000002.pt.tmp-PID").
@@ -253,27 +258,14 @@ def find_resumable(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
 
 
 def rng_state() -> dict[str, Any]:
-    """RNG states of python, numpy, torch (CPU) and CUDA, in a ``weights_only``-loadable form."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """torch's CPU and CUDA RNG states. Python's and numpy's global RNGs are not saved: the data draws from
+    generators seeded per sample (:mod:`.data`), and nothing else in the main process draws from them."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` captured (CUDA states only where CUDA is in use)."""
-    random.setstate(_as_tuple(state["python"]))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+    if state.get("cuda") and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

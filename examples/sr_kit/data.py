@@ -11,16 +11,16 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
-import warnings
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .checkpoint import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -57,19 +57,6 @@ def list_images(folder: str | os.PathLike, what: str = "image folder", *, recurs
         level = "" if recursive else " at its top level (subfolders are not read: pass the one with the images)"
         raise DataError(f"The {what} {str(root)!r} contains no image ({', '.join(IMAGE_EXTENSIONS)}){level}.{found}")
     return files
-
-
-def check_distinct_stems(paths: Sequence[Path], what: str) -> None:
-    """:class:`DataError` naming each clash where files share a stem (case-insensitive): pairing would be ambiguous."""
-    by_stem: dict[str, list[Path]] = {}
-    for path in paths:
-        by_stem.setdefault(path.stem.lower(), []).append(path)
-    clashes = [group for group in by_stem.values() if len(group) > 1]
-    if clashes:
-        shown = "; ".join(" and ".join(str(p) for p in group) for group in clashes[:5])
-        more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
-        raise DataError(f"The {what} has {len(clashes)} name(s) used by more than one file: {shown}{more}. Images are "
-                        "paired by name (stem, case-insensitive): keep one file per name.")  # fmt: skip
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -129,41 +116,24 @@ def fingerprint(paths: Sequence[Path]) -> str:
 # --------------------------------------------------------------------------------- degradation
 
 
-DOWNSAMPLERS = ("torch", "matlab")
-DEFAULT_DOWNSAMPLER = "matlab"  # the benchmarks' degradation; the default of every function and script here
+def bicubic_downsample(hr: torch.Tensor, scale: int, quantize: bool = True) -> torch.Tensor:
+    """LR of (…, 3, H, W) images in [0, 1] (cropped to multiples of ``scale``) by MATLAB imresize's bicubic, float32.
 
-
-def bicubic_downsample(
-    hr: torch.Tensor, scale: int, quantize: bool = True, method: str = DEFAULT_DOWNSAMPLER
-) -> torch.Tensor:
-    """LR of (…, 3, H, W) images in [0, 1] (cropped to multiples of ``scale``) by anti-aliased bicubic, float32.
-
-    ``"matlab"`` (default): MATLAB ``imresize``'s weights and symmetric border (the benchmarks' LR
-    files), see :func:`matlab_imresize`; ``"torch"``: ``F.interpolate(antialias=True)``, fast, on any
-    device, different at the border only. ``quantize`` rounds to 8-bit levels, as stored LR files are.
+    The benchmarks' LR files were made so (:func:`matlab_imresize`). torch's ``F.interpolate(antialias=True)``
+    has the same kernel but truncates it at the image border, where it differs by up to 12 levels
+    (docs/training.md). ``quantize`` rounds to 8-bit levels, as stored LR files are.
 
     Example:
         >>> bicubic_downsample(torch.full((3, 8, 12), 0.5), 4).shape
         torch.Size([3, 2, 3])
     """
-    if method not in DOWNSAMPLERS:
-        raise ValueError(f"Unknown downsampling method {method!r}; choose one of {DOWNSAMPLERS}.")
     if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 1:
         raise ValueError(f"The scale must be a positive integer, got {scale!r}.")
-    batched = hr.ndim == 4
-    x = hr if batched else hr.unsqueeze(0)
-    h, w = x.shape[-2] // scale, x.shape[-1] // scale
+    h, w = hr.shape[-2] // scale, hr.shape[-1] // scale
     if h == 0 or w == 0:
-        raise ValueError(f"An image of {x.shape[-1]}x{x.shape[-2]} px is smaller than the scale x{scale}.")
-    x = x[..., : h * scale, : w * scale]
-    if method == "torch":
-        lr = F.interpolate(x.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
-        if quantize:
-            lr = lr.mul_(255).round_().div_(255)
-    else:
-        lr = matlab_imresize(x, (h, w), quantize=quantize)
-        lr = lr if quantize else lr.clamp_(0, 1)
-    return lr if batched else lr.squeeze(0)
+        raise ValueError(f"An image of {hr.shape[-1]}x{hr.shape[-2]} px is smaller than the scale x{scale}.")
+    lr = matlab_imresize(hr[..., : h * scale, : w * scale], (h, w), quantize=quantize)
+    return lr if quantize else lr.clamp_(0, 1)
 
 
 def matlab_resize_weights(in_len: int, out_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -228,51 +198,36 @@ def augment(tensors: Sequence[torch.Tensor], rng: np.random.Generator) -> list[t
 class SRTrainDataset(Dataset):
     """Random (LR, HR) training crops of HR files, the LR made on the fly (MATLAB-exact by default).
 
-    No paired LR folder: the ``"matlab"`` downsampler reproduces the benchmarks' bicubic LR files
+    No paired LR folder: :func:`bicubic_downsample` reproduces the benchmarks' bicubic LR files
     (docs/training.md), so a paired folder would hold the same data.
     Indexed by the keys of :class:`SampleStream` (a plain int ``i``: position ``i`` of epoch 0).
-    Unreadable or too small files are skipped with a warning naming them (``strict``: a
-    :class:`DataError`); no usable file is a :class:`DataError`.
+    Unreadable or too small files are a :class:`DataError` naming them, before any training.
 
     Args:
         hr_paths: HR image files; ``patch_size``: HR crop size (a multiple of ``scale``).
         augment: random flips and transpositions; ``cache``: keep decoded images in memory.
-        downsample: ``"matlab"`` or ``"torch"``; the LR is rounded to 8-bit levels, as LR files are.
     """
 
     def __init__(
         self, hr_paths: Sequence[Path], patch_size: int, scale: int, seed: int = 0, augment: bool = True,
-        cache: bool = False, downsample: str = DEFAULT_DOWNSAMPLER, strict: bool = False,
+        cache: bool = False,
     ) -> None:  # fmt: skip
         if patch_size % scale:
-            raise DataError(f"--patch-size {patch_size} must be a multiple of the scale {scale}.")
-        if downsample not in DOWNSAMPLERS:
-            raise DataError(f"Unknown downsampling method {downsample!r}; choose one of {DOWNSAMPLERS}.")
+            raise DataError(f"--patch-size {patch_size} must be a multiple of --scale {scale}.")
         self.patch_size, self.scale, self.seed, self.augment, self.cache = patch_size, scale, seed, augment, cache
-        self.downsample = downsample
         self._cache: dict[Path, np.ndarray] = {}
-        self.hr_paths, unreadable, too_small = [], [], []
-        for path in hr_paths:
+        self.hr_paths, bad = list(hr_paths), []
+        for path in self.hr_paths:
             try:
                 h, w = image_size(path)
             except DataError as err:
-                unreadable.append(f"{path} ({type(err.__cause__).__name__})")
+                bad.append(f"{path}: unreadable ({type(err.__cause__).__name__})")
                 continue
-            if min(h, w) < patch_size:
-                too_small.append(f"{path} ({w}x{h} px)")
-            else:
-                self.hr_paths.append(path)
-        lines = [f"{len(names)} image(s) {title}:\n    " + "\n    ".join(names[:10])
-                 + (f"\n    ... and {len(names) - 10} more" if len(names) > 10 else "")
-                 for title, names in (("unreadable", unreadable), ("smaller than the training patch", too_small))
-                 if names]  # fmt: skip
-        if lines and (strict or not self.hr_paths):
-            problems = "\n  ".join(lines)
-            prefix = "No usable training image. " if not self.hr_paths else ""
-            raise DataError(f"{prefix}Fix or remove these files (the patch is {patch_size} px):\n  {problems}")
-        if lines:
-            warnings.warn("Skipping unusable training images (pass --strict-data to stop instead):\n  "
-                          + "\n  ".join(lines), UserWarning, stacklevel=2)  # fmt: skip
+            bad += [f"{path}: {w}x{h} px, smaller than the patch"] if min(h, w) < patch_size else []
+        if bad:
+            more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+            raise DataError(f"{len(bad)} unusable training image(s): fix or remove them (or lower --patch-size, now "
+                            f"{patch_size} px):\n  " + "\n  ".join(bad[:20]) + more)  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.hr_paths)
@@ -294,43 +249,11 @@ class SRTrainDataset(Dataset):
         left = s * int(rng.integers(0, (width - p) // s + 1))
         y0, x0 = max(0, top - 2 * s), max(0, left - 2 * s)
         region = to_tensor(hr[y0 : min(height, top + p + 2 * s), x0 : min(width, left + p + 2 * s)])
-        lr = bicubic_downsample(region, s, method=self.downsample)
+        lr = bicubic_downsample(region, s)
         ly, lx = (top - y0) // s, (left - x0) // s
         hr_crop = region[:, top - y0 : top - y0 + p, left - x0 : left - x0 + p]
         pair = [lr[:, ly : ly + p // s, lx : lx + p // s], hr_crop]
         return tuple(augment(pair, rng) if self.augment else (t.contiguous() for t in pair))
-
-
-def pair_lr_files(hr_paths: Sequence[Path], folder: str | os.PathLike, scale: int, what: str) -> list[Path]:
-    """The partner in ``folder`` (one level) of each HR file: same stem, or it plus ``x{scale}`` (``0001x4.png``).
-
-    Raises:
-        DataError: two files share a stem (case-insensitive), or an HR image has no partner or several.
-    """
-    check_distinct_stems(hr_paths, "HR image list")
-    by_stem: dict[str, list[Path]] = {}
-    for path in list_images(folder, what, recursive=False):
-        by_stem.setdefault(path.stem.lower(), []).append(path)
-    pairs, missing, ambiguous = [], [], []
-    for hr in hr_paths:
-        stem = hr.stem.lower()
-        keys = dict.fromkeys((stem, f"{stem}x{scale}", f"{stem}_x{scale}"))  # scale 1: "x1" names, no repeats
-        matches = [p for key in keys for p in by_stem.get(key, [])]
-        if not matches:
-            missing.append(hr.name)
-        elif len(matches) > 1:
-            ambiguous.append(f"{hr.name}: {', '.join(map(str, matches))}")
-        pairs.append(matches[0] if matches else None)
-    if missing:
-        stem = Path(missing[0]).stem.lower()
-        other = sorted({int(m.group(1)) for k in by_stem if (m := re.fullmatch(re.escape(stem) + r"_?x(\d+)", k))})
-        hint = f" The folder has '{stem}x{other[0]}': is it the x{other[0]} set?" if other else ""
-        raise DataError(f"{len(missing)} HR image(s) have no partner in the {what} {str(folder)!r} (looked for the "
-                        f"same stem, '<stem>x{scale}' and '<stem>_x{scale}'): {missing[:5]}.{hint}")  # fmt: skip
-    if ambiguous:
-        raise DataError(f"{len(ambiguous)} HR image(s) have more than one partner in the {what} {str(folder)!r}: "
-                        f"{'; '.join(ambiguous[:5])}. Keep one file per name.")  # fmt: skip
-    return pairs
 
 
 # ------------------------------------------------------------------------------- sample order
@@ -339,23 +262,21 @@ def pair_lr_files(hr_paths: Sequence[Path], folder: str | os.PathLike, scale: in
 class SampleStream(Sampler[SampleKey]):
     """Endless, seeded, resumable order of samples, sharded over distributed ranks.
 
-    Epoch ``e`` is a permutation drawn from ``(seed, e)`` (dataset order without ``shuffle``),
-    padded to a multiple of ``world_size`` by its head; rank ``r`` takes every ``world_size``-th
-    sample from position ``r``. ``start`` skips that many samples of this rank's stream (resume).
+    Epoch ``e`` is a permutation drawn from ``(seed, e)``, padded to a multiple of ``world_size`` by its
+    head; rank ``r`` takes every ``world_size``-th sample from position ``r``. ``start`` skips that many
+    samples of this rank's stream (resume).
     """
 
-    def __init__(self, num_items: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0,
-                 shuffle: bool = True) -> None:  # fmt: skip
+    def __init__(self, num_items: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
         if num_items < 1:
             raise DataError("The dataset is empty.")
         self.num_items, self.seed, self.rank, self.world_size = num_items, seed, rank, world_size
-        self.start, self.shuffle, self.per_rank = start, shuffle, math.ceil(num_items / world_size)
+        self.start, self.per_rank = start, math.ceil(num_items / world_size)
 
     def __iter__(self) -> Iterator[SampleKey]:
         epoch, offset = divmod(self.start, self.per_rank)
         while True:
-            order = (np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.num_items) if self.shuffle
-                     else np.arange(self.num_items))  # fmt: skip
+            order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.num_items)
             order = np.resize(order, self.per_rank * self.world_size)  # padded with its head
             for local in range(offset, self.per_rank):
                 position = local * self.world_size + self.rank
@@ -386,19 +307,15 @@ def _leave_stop_signals_to_the_parent() -> None:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker set-up: stop signals left to the main process, one intra-op thread, seeded numpy / random.
+    """DataLoader worker set-up: stop signals left to the main process, one intra-op thread (torch itself seeds
+    each worker's python, numpy and torch RNGs).
 
     SLURM, ``kill -TERM -PGID`` and Ctrl-C signal the whole process group; a worker killed by it
     would make the main process fail without its checkpoint. So workers ignore SIGINT and any
     SIGTERM but their parent's (the DataLoader's way to end them), and exit when the parent dies.
     """
-    import random
-
     _leave_stop_signals_to_the_parent()
     torch.set_num_threads(1)
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def make_loader(dataset: Dataset, stream: SampleStream, batch_size: int, workers: int,
@@ -449,17 +366,15 @@ def export_demo_photos(root: str | os.PathLike) -> tuple[Path, Path]:
         for stale in foreign:
             stale.unlink()
         for name in names:
-            target = folder / f"{name}.png"
-            if not target.exists():
-                tmp = folder / f".{name}.tmp-{os.getpid()}.png"
-                save_image(_skimage_photo(name), tmp)
-                os.replace(tmp, target)
+            if not (folder / f"{name}.png").exists():
+                atomic_write(folder / f"{name}.png", partial(save_image, _skimage_photo(name), format="PNG"))
         folders.append(folder)
     return folders[0], folders[1]
 
 
-def center_crops(paths: Sequence[Path], size: int, scale: int, count: int, downsample: str = DEFAULT_DOWNSAMPLER, *,
-                 min_side: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+def center_crops(
+    paths: Sequence[Path], size: int, scale: int, count: int, *, min_side: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed (LR, HR) pairs for the sample grid: the centre ``size`` px crop of the first ``count`` images.
 
     Raises:
@@ -476,5 +391,5 @@ def center_crops(paths: Sequence[Path], size: int, scale: int, count: int, downs
         side = min((size // scale) * scale, *((n // scale) * scale for n in image.shape[:2]))
         top, left = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
         hr = to_tensor(image[top : top + side, left : left + side])
-        pairs.append((bicubic_downsample(hr, scale, method=downsample), hr))
+        pairs.append((bicubic_downsample(hr, scale), hr))
     return pairs

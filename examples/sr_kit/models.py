@@ -123,10 +123,8 @@ def load_generator_weights(source: str | os.PathLike | Mapping[str, torch.Tensor
 
     name = name or (str(source) if not isinstance(source, Mapping) else "the state dict")
     try:
-        if isinstance(source, Mapping):
-            state = unwrap_state_dict(source, source=name)
-        else:
-            state = read_state_dict(source, trust_pickle=trust_pickle)
+        state = (unwrap_state_dict(source, source=name) if isinstance(source, Mapping)
+                 else read_state_dict(source, trust_pickle=trust_pickle))  # fmt: skip
     except UntrustedFileError as err:
         raise untrusted_here(err) from None
     try:
@@ -152,11 +150,10 @@ DISCRIMINATORS = {
     "sed-pixel": "U+SeD: U-Net (per-pixel) with semantic fusion (RRDB+U+SeD)",
     "patch": "P: the same PatchGAN without semantics (baseline RRDB+P)",
     "pixel": "U: the same U-Net without semantics (baseline RRDB+U)",
-    "vgg": "ESRGAN's VGG-style discriminator (BasicSR's; --patch-size 128 or 256)",
 }
 
 
-def build_discriminator(kind: str, width: int, patch_size: int, extractor: Any = None) -> nn.Module:
+def build_discriminator(kind: str, width: int, extractor: Any = None) -> nn.Module:
     """A discriminator called as ``d(x)`` (the SeD kinds read the semantics set by ``set_condition(hr)``)."""
     from sed_discriminator import ConditionedSeD, SeD
 
@@ -166,13 +163,7 @@ def build_discriminator(kind: str, width: int, patch_size: int, extractor: Any =
         if extractor is None:
             raise ValueError(f"The {kind!r} discriminator needs a semantic extractor.")
         return ConditionedSeD(kind.removeprefix("sed-"), extractor=extractor, width=width)
-    if kind in ("patch", "pixel"):
-        return SeD(kind, width=width, semantic_fusion=False)
-    if patch_size not in (128, 256):
-        raise ValueError(f"The VGG-style discriminator takes 128 or 256 px patches (--patch-size), got {patch_size}.")
-    from basicsr.archs.discriminator_arch import VGGStyleDiscriminator
-
-    return VGGStyleDiscriminator(num_in_ch=3, num_feat=width, input_size=patch_size)
+    return SeD(kind, width=width, semantic_fusion=False)
 
 
 # ------------------------------------------------------------------------------ perceptual loss

@@ -15,19 +15,9 @@ import torch.nn.functional as F
 from .checkpoint import atomic_write
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: str | os.PathLike) -> Path:
-    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
-    _pyplot().close(fig)
-    return Path(path)
+    # A bare Figure (not pyplot's): no backend is chosen or switched, and nothing is left open.
+    return atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
 
 
 def save_sample_grid(rows: Sequence[tuple[torch.Tensor, ...]], path: str | os.PathLike, *, step: int, scale: int,
@@ -40,12 +30,13 @@ def save_sample_grid(rows: Sequence[tuple[torch.Tensor, ...]], path: str | os.Pa
         step: training step (in the title); ``psnrs``: PSNR (Y) of each SR image.
         random_weights: what ran on random weights (a red RANDOM WEIGHTS mark names them).
     """
-    plt = _pyplot()
+    from matplotlib.figure import Figure
+
     cols = max(len(row) for row in rows)
     height, width = rows[0][2].shape[-2:]
     size = max(1.6, width / 100)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(cols * size, len(rows) * size * height / width + 0.9),
-                             squeeze=False)  # fmt: skip
+    fig = Figure(figsize=(cols * size, len(rows) * size * height / width + 0.9))
+    axes = fig.subplots(len(rows), cols, squeeze=False)
     titles = [f"LR (bicubic x{scale})", "SR", "HR (ground truth)", "D: is SR real? (1 = yes)"]
     for r, row in enumerate(rows):
         lr, sr, hr = row[:3]
@@ -104,8 +95,10 @@ def plot_losses(log_csv: str | os.PathLike, path: str | os.PathLike, *, psnr_ste
     series = read_log(log_csv)
     if not series.get("l_pix"):
         return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), sharex=True)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 7.5))
+    axes = fig.subplots(2, 3, sharex=True)
     first = min(s for points in series.values() for s, _ in points)
     last = max(s for points in series.values() for s, _ in points)
     for ax, (title, keys, unit) in zip(axes.flat, _PANELS):
