@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -94,8 +95,8 @@ def collect_images(args: argparse.Namespace) -> tuple[list[Path], list[str], lis
     """
     scale = args.scale
     hr_paths = sr_data.list_images(args.hr_dir, "HR folder (--hr-dir)", recursive=False)
-    stems = [p.stem.lower() for p in hr_paths]
-    twins = [p.name for p, stem in zip(hr_paths, stems) if stems.count(stem) > 1]
+    stems = Counter(p.stem.lower() for p in hr_paths)
+    twins = [p.name for p in hr_paths if stems[p.stem.lower()] > 1]
     if twins:
         raise sr_data.DataError(f"The HR folder (--hr-dir) {args.hr_dir!r} has files that differ only in their "
                                 f"extension: {twins[:10]}. Keep one file per image (a copy would count twice, and "
