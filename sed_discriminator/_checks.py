@@ -9,6 +9,37 @@ import torch
 from .config import _compiling, value_checks_enabled
 
 
+def check_flag(value: object, name: str, *, none_ok: bool = False, config: str | None = None) -> bool | None:
+    """``value`` if it is ``True`` or ``False`` (or ``None`` with ``none_ok``); else an error naming ``name``.
+
+    Read by truthiness, the string ``"false"`` would mean true: every flag of the library takes a
+    Python ``bool`` only. numpy and torch booleans are refused too (pass ``bool(x)``), so that
+    ``np.bool_`` and a one-element tensor never get another meaning than the caller's.
+
+    Args:
+        value: the flag as given.
+        name: the parameter (``"semantic_fusion"``) or the config key (``"trust_pickle_d"``).
+        none_ok: ``None`` is a valid value too (e.g. ``channels_last``).
+        config: for a key read from a trainer's config, where it is set (``"under network_d in the
+            YAML file"``): the error is then a ``ValueError`` that says to write it unquoted.
+
+    Raises:
+        TypeError: a parameter that is not a ``bool``.
+        ValueError: a config key that is not a ``bool``.
+    """
+    if isinstance(value, bool) or (none_ok and value is None):
+        return value  # type: ignore[return-value]
+    choices = "True, False or None" if none_ok else "True or False"
+    got = f"got {value!r} ({type(value).__name__})"
+    if config is not None:
+        words = "true, false or null" if none_ok else "true or false"
+        raise ValueError(
+            f"{name} must be {words}, {got}; write {words} unquoted {config} (a quoted 'false' is a string, "
+            "which would mean true)."
+        )
+    raise TypeError(f"{name} must be {choices}, {got}.")
+
+
 def check_image(
     x: torch.Tensor,
     *,

@@ -12,8 +12,10 @@ does not check a file for damage, and from timm 1.0.9 to 1.0.24 calls ``torch.lo
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import pickletools
 import re
 import struct
 import zipfile
@@ -21,6 +23,8 @@ from collections.abc import Mapping
 
 import torch
 from torch.torch_version import TorchVersion
+
+from ._checks import check_flag
 
 __all__ = [
     "WRAPPER_KEYS",
@@ -197,6 +201,7 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> o
             the two ways out (upgrade torch, or convert the file once where you trust it).
         ValueError: the file is empty, text, truncated, damaged or of an unknown format.
     """
+    check_flag(trust_pickle, "trust_pickle")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"No weight file at {path!r}; check the path.")
@@ -211,16 +216,29 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> o
         raise ValueError(_text_file_message(path, head))
     if head.startswith(_ZIP_MAGIC):
         names = _check_zip(path, size)
-        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        torchscript = any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+        if path.endswith(".safetensors"):
+            raise _misnamed(path, "a TorchScript archive (torch.jit.save)" if torchscript else "a torch.save file")
+        if torchscript:
             return _jit_load(path, trust_pickle)
     elif _looks_like_safetensors(head, size):
         return _read_safetensors(path)
     elif path.endswith(".safetensors"):
+        if head.startswith(b"\x80"):  # a pickle's PROTO opcode: torch.save's legacy format, or pickle.dump
+            raise _misnamed(path, "a pickle (torch.save's legacy format or pickle.dump)")
         raise ValueError(
             f"Weight file {path!r} is not a valid safetensors file: its first 8 bytes do not give the length of "
             f"a JSON header that fits in the file's {size} bytes (truncated or damaged). {_GET_AGAIN}"
         )
     return _torch_load(path, trust_pickle)
+
+
+def _misnamed(path: str, what: str) -> ValueError:
+    return ValueError(
+        f"Weight file {path!r} is named .safetensors but is {what}, not a safetensors file: reading it could run "
+        "code, so it is not read as one. Rename it to .pth if you trust it (it is then read under the rule for "
+        f"pickle-based files), or get the real safetensors file. {_GET_AGAIN}"
+    )
 
 
 def _untrusted(path: str, what: str, why: str) -> UntrustedFileError:
@@ -242,7 +260,7 @@ def _is_text(head: bytes) -> bool:
             text = head[:-3].decode("utf-8")
         except UnicodeDecodeError:
             return False
-    return all(c.isprintable() or c in "\t\r\n" for c in text)
+    return bool(text) and all(c.isprintable() or c in "\t\r\n" for c in text)
 
 
 def _text_file_message(path: str, head: bytes) -> str:
@@ -320,19 +338,48 @@ def _torch_load(path: str, trust_pickle: bool) -> object:
             "fixed in torch 2.10). Upgrade torch to 2.10 or newer to read such files safely",
         )  # fmt: skip
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch >= 2.10 would pick its reader by the file's name
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if re.search(r"Unsupported (global|class)", str(err)):  # the wording of torch >= 2.4 / older
+        if _pickles_are_whole(path):  # a well-formed pickle that the weights-only unpickler refused
+            torch_says = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # without its terminal bold
             raise ValueError(
-                f"Weight file {path!r} holds Python objects other than tensors (a whole pickled model?), which "
-                "weights-only loading refuses to run. Save model.state_dict() instead; or, only if you trust the "
-                "file (this runs any code in it), load it yourself with torch.load(path, weights_only=False) and "
-                "pass the state dict."
+                f"Weight file {path!r} holds Python objects other than tensors (a whole pickled model, or a file "
+                "crafted to run code), which torch.load(weights_only=True) refused to load. Save "
+                "model.state_dict() instead; or, only if you trust the file (loading it runs any code in it), load "
+                "it yourself with torch.load(path, weights_only=False) and pass the state dict. torch says: "
+                f"{torch_says}"
             ) from err
         found = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
         raise _unreadable(path, pickle.UnpicklingError(found.group(1)) if found else err) from err
-    except (EOFError, RuntimeError, OSError, ValueError, struct.error, UnicodeDecodeError) as err:
+    except Exception as err:  # torch's readers report damaged bytes as EOF, Runtime, Index, Key ... errors
         raise _unreadable(path, err) from err
+
+
+def _pickles_are_whole(path: str) -> bool:
+    """Whether the pickles of a ``torch.save`` file parse to their STOP opcodes (read, never run: pickletools).
+
+    Tells a refused object (a whole pickle) from a damaged file. A zip archive's pickle is its
+    ``data.pkl``; a legacy file is up to four pickles in a row (magic, protocol, system, object).
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                stream = io.BytesIO(archive.read(name))
+            pickles = 1
+        else:
+            stream, pickles = io.BytesIO(open(path, "rb").read()), 4
+        with stream:
+            for _ in range(pickles):
+                if not stream.read(1):
+                    break  # a raw pickle ends after one
+                stream.seek(-1, io.SEEK_CUR)
+                for _ in pickletools.genops(stream):
+                    pass
+        return True
+    except Exception:  # StopIteration, ValueError (cut off), UnicodeDecodeError ...: not whole
+        return False
 
 
 def _unreadable(path: str, err: BaseException) -> ValueError:

@@ -12,6 +12,7 @@ from einops import rearrange
 from torch import nn
 from torch.jit import Final
 
+from ._checks import check_flag
 from ._deprecation import keyword_only_since
 from .config import use_fused_attn
 
@@ -90,6 +91,7 @@ class Attention(nn.Module):
         Returns:
             The attended tokens, and with ``return_attention`` the (B, heads, Nq, Nk) probabilities.
         """
+        check_flag(return_attention, "Attention.forward(return_attention)")
         context = x if context is None else context
         q = self._split_heads(self.to_q(x))
         k = self._split_heads(self.to_k(context))

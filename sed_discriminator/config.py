@@ -44,10 +44,9 @@ def _env_flag(name: str, default: bool) -> bool:
 
 
 def _as_switch(name: str, enable: object) -> bool:
-    # bool("0") is True: a string here would silently mean the opposite of what it says.
-    if not isinstance(enable, bool):
-        raise TypeError(f"{name}() takes True or False, got {enable!r} ({type(enable).__name__}).")
-    return enable
+    from ._checks import check_flag  # _checks imports this module
+
+    return check_flag(enable, f"{name}(enable)")  # type: ignore[return-value]
 
 
 # Resolved here, not inside traced code: torch 2.2's dynamo cannot trace a getattr on a module.

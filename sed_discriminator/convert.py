@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from ._checks import check_flag
 from ._state import WRAPPER_KEYS, read_checkpoint, unwrap_state_dict
 from .discriminator import SeD
 from .extractor import SemanticExtractor, list_extractors
@@ -114,6 +115,8 @@ def convert(
         ValueError: the file cannot be read, is refused as untrusted, or does not match.
         FileExistsError: ``out`` exists and ``overwrite`` is false.
     """
+    for name, flag in (("ema", ema), ("trust_pickle", trust_pickle), ("overwrite", overwrite)):
+        check_flag(flag, name, none_ok=name == "ema")
     source, out = os.fspath(source), os.fspath(out)
     if not out.endswith(".safetensors"):
         raise ValueError(f"The output {out!r} must end in .safetensors.")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import RANGE_CHECK_CALLS, check_image, check_input_range, check_same_dtype, check_semantic
+from ._checks import RANGE_CHECK_CALLS, check_flag, check_image, check_input_range, check_same_dtype, check_semantic
 from ._pickling import reduce_module
 from ._state import check_finite
 from ._upsample import conv_upsampled
@@ -146,8 +146,8 @@ class SeD(nn.Module):
         for arg, value in sizes:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg} must be a positive integer, got {value!r}.")
-        if channels_last is not None and not isinstance(channels_last, bool):
-            raise TypeError(f"channels_last must be True, False or None, got {channels_last!r}.")
+        check_flag(semantic_fusion, "semantic_fusion")
+        check_flag(channels_last, "channels_last", none_ok=True)
         self.input_range = _as_range(input_range)
         step = semantic_channel_step(variant)
         if semantic_fusion and semantic_channels % step:
@@ -161,7 +161,7 @@ class SeD(nn.Module):
         self.variant = variant
         self.in_channels = in_channels
         self.semantic_channels = semantic_channels
-        self.semantic_fusion = bool(semantic_fusion)
+        self.semantic_fusion = semantic_fusion
         self.width = width
         self.heads = heads
         self.head_dim = head_dim
@@ -236,9 +236,10 @@ class SeD(nn.Module):
 
     def set_fused_attn(self, enable: bool) -> SeD:
         """Choose the fused (``True``) or exact math (``False``) attention path for every SeFB."""
+        check_flag(enable, "set_fused_attn(enable)")
         for module in self.modules():
             if isinstance(module, Attention):
-                module.fused_attn = bool(enable)
+                module.fused_attn = enable
         return self
 
     def sefb_blocks(self) -> dict[str, SeFB]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._checks import check_image, check_input_range
+from ._checks import check_flag, check_image, check_input_range
 from ._state import read_state_dict, unwrap_state_dict
 
 __all__ = [
@@ -111,6 +111,7 @@ def register_extractor(preset: ExtractorPreset, overwrite: bool = False) -> Extr
     Returns:
         The registered preset (with ``channels`` and ``stride`` filled in).
     """
+    check_flag(overwrite, "overwrite")
     if preset.name in _PRESETS and not overwrite:
         raise ValueError(
             f"An extractor named {preset.name!r} is registered already; pass overwrite=True to replace it."
@@ -434,6 +435,7 @@ class SemanticExtractor(nn.Module):
         trust_pickle: bool = False,
     ) -> None:
         super().__init__()
+        check_flag(trust_pickle, "trust_pickle")
         low, high = (float(v) for v in input_range)
         if not high > low:
             raise ValueError(f"input_range must be (low, high) with high > low, got {tuple(input_range)}.")
@@ -454,7 +456,7 @@ class SemanticExtractor(nn.Module):
             layer=layer,
             mean=None if mean is None else tuple(float(v) for v in mean),
             std=None if std is None else tuple(float(v) for v in std),
-            trust_pickle=bool(trust_pickle),
+            trust_pickle=trust_pickle,
         )
         hub_file = None
         if preset.model is not None:
@@ -641,7 +643,8 @@ class SemanticExtractor(nn.Module):
     # -- behaviour ------------------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> SemanticExtractor:
-        """Kept for API compatibility: the extractor stays in eval mode whatever ``mode`` is."""
+        """Kept for API compatibility: the extractor stays in eval mode whatever ``mode`` is (a bool)."""
+        check_flag(mode, "SemanticExtractor.train(mode)")
         return super().train(False)
 
     def __reduce_ex__(self, protocol: int):

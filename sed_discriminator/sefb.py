@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ._checks import check_features, check_same_dtype, check_semantic
+from ._checks import check_features, check_flag, check_same_dtype, check_semantic
 from ._deprecation import keyword_only_since, warn_deprecated
 from .attention import Attention, TransformerBlock
 
@@ -44,6 +44,7 @@ def channels_to_space(x: torch.Tensor, factor: int, *, channels_last: bool = Fal
         torch.Size([2, 4, 16, 16])
     """
     _check_positive_ints("channels_to_space", factor=factor)
+    check_flag(channels_last, "channels_to_space(channels_last)")
     if x.shape[1] % (factor * factor):
         raise ValueError(f"channels_to_space needs channels divisible by {factor}^2, got {x.shape[1]}.")
     if channels_last:
@@ -171,9 +172,10 @@ class SeFB(nn.Module):
 
     def set_fused_attn(self, enable: bool) -> SeFB:
         """Choose the fused (``True``) or math (``False``) attention path for this block."""
+        check_flag(enable, "set_fused_attn(enable)")
         for module in self.modules():
             if isinstance(module, Attention):
-                module.fused_attn = bool(enable)
+                module.fused_attn = enable
         return self
 
     def forward(
@@ -186,7 +188,7 @@ class SeFB(nn.Module):
             semantic: semantic map (B, Cs, hs, ws) of the same batch.
             return_attention: deprecated (it changed the return type): use :meth:`forward_with_attention`.
         """
-        if return_attention:
+        if check_flag(return_attention, "SeFB.forward(return_attention)"):
             warn_deprecated(
                 "SeFB.forward(..., return_attention=True) is deprecated since 0.3 and will be removed in the next "
                 "release: call block.forward_with_attention(features, semantic), which returns (output, attention)."

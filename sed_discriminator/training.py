@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._checks import check_flag
 from .diagnostics import semantic_diagnostics
 from .discriminator import SeD
 from .extractor import SemanticExtractor
@@ -235,6 +236,7 @@ class SeDAdversary(_HoldsExtractor):
         if loss not in LOSS_KINDS:
             raise ValueError(f"Unknown GAN loss kind {loss!r}; choose one of {LOSS_KINDS}.")
         _check_weight("SeDAdversary", weight)
+        check_flag(batch_real_fake, "batch_real_fake")
         ext = _make_extractor(extractor, pretrained, input_range)
         if isinstance(discriminator, str):
             discriminator = SeD(discriminator, semantic_channels=ext.channels, input_range=ext.input_range)
@@ -251,7 +253,7 @@ class SeDAdversary(_HoldsExtractor):
         self._attach_extractor(ext)
         self.loss = loss
         self.weight = weight
-        self.batch_real_fake = bool(batch_real_fake)
+        self.batch_real_fake = batch_real_fake
         self._cache: _CachedSemantics | None = None
 
     def semantics(self, hr: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_flag
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -288,6 +290,7 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, overwrite: bool = False
     Returns:
         The path written.
     """
+    check_flag(overwrite, "overwrite")
     path = os.fspath(path)
     if not path.lower().endswith(".png"):
         raise ValueError(f"Figures are written as PNG: give a path ending in .png, got {path!r}.")

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ._checks import check_flag
 from ._state import UntrustedFileError, read_checkpoint, read_state_dict, torch_is_patched, unwrap_state_dict
 from .discriminator import SeD
 from .spectral_norm import remap_legacy_spectral_norm_keys
@@ -62,6 +63,7 @@ def load_official_weights(
         >>> state = SeD("patch").state_dict()  # stands in for the authors' sed_patch.pth
         >>> d = load_official_weights(SeD("patch"), state)
     """
+    check_flag(trust_pickle, "trust_pickle")
     if isinstance(source, (str, os.PathLike)):
         state = read_state_dict(source, trust_pickle=trust_pickle)
     elif isinstance(source, Mapping):
@@ -131,6 +133,7 @@ def save_safetensors(
     """
     from safetensors.torch import save_file
 
+    check_flag(overwrite, "overwrite")
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path!r} exists already; pass overwrite=True (--overwrite) to replace it.")

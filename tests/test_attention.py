@@ -235,8 +235,8 @@ def test_switches_take_booleans_only(value) -> None:
     from sed_discriminator.config import set_value_checks, value_checks_enabled
 
     before = (sd.use_fused_attn(), value_checks_enabled())
-    with pytest.raises(TypeError, match=r"set_value_checks\(\) takes True or False, got"):
+    with pytest.raises(TypeError, match=r"set_value_checks\(enable\) must be True or False, got"):
         set_value_checks(value)
-    with pytest.raises(TypeError, match=r"set_fused_attn\(\) takes True or False, got"):
+    with pytest.raises(TypeError, match=r"set_fused_attn\(enable\) must be True or False, got"):
         sd.set_fused_attn(value)
     assert (sd.use_fused_attn(), value_checks_enabled()) == before

@@ -9,6 +9,7 @@ import copy
 import inspect
 import io
 import pickle
+import re
 import warnings
 
 import pytest
@@ -384,3 +385,46 @@ def test_channels_last_semantic_map_trains_like_a_contiguous_one() -> None:
         grads.append([p.grad.clone() for p in net_d.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+# -- issue 24: flags are booleans, never read by truthiness -----------------------------------------
+
+
+def _flag_calls(tiny_preset: str, tmp_path) -> dict:
+    from sed_discriminator import convert, visualize, weights
+
+    path = weights.save_safetensors(tiny_sed(), tmp_path / "d.safetensors")
+    extractor = tiny_extractor(tiny_preset)
+    return {
+        "semantic_fusion": lambda v: sd.SeD("patch", **TINY, semantic_fusion=v),
+        "channels_last": lambda v: sd.SeD("patch", **TINY, channels_last=v),
+        "batch_real_fake": lambda v: sd.SeDAdversary(tiny_sed(), extractor=extractor, batch_real_fake=v),
+        "trust_pickle": lambda v: sd.SemanticExtractor(tiny_preset, pretrained=None, trust_pickle=v),
+        "read_state_dict trust_pickle": lambda v: weights.read_state_dict(path, trust_pickle=v),
+        "load_official_weights trust_pickle": lambda v: sd.load_official_weights(tiny_sed(), path, trust_pickle=v),
+        "convert trust_pickle": lambda v: convert.convert(path, tmp_path / "o.safetensors", trust_pickle=v),
+        "ema": lambda v: convert.convert(path, tmp_path / "o.safetensors", ema=v),
+        "overwrite": lambda v: weights.save_safetensors(tiny_sed(), path, overwrite=v),
+        "save_figure overwrite": lambda v: visualize.save_figure(None, tmp_path / "f.png", overwrite=v),
+        "register_extractor overwrite": lambda v: extractor_module.register_extractor(
+            extractor_module.get_extractor_preset(tiny_preset), overwrite=v
+        ),
+        "set_fused_attn(enable)": lambda v: tiny_sed().set_fused_attn(v),
+        "SeFB set_fused_attn(enable)": lambda v: sd.SeFB(16, 2, semantic_channels=CS, head_dim=8).set_fused_attn(v),
+        "channels_to_space(channels_last)": lambda v: channels_to_space(torch.rand(1, 4, 2, 2), 2, channels_last=v),
+        "SemanticExtractor.train(mode)": lambda v: tiny_extractor(tiny_preset).train(v),
+    }
+
+
+@pytest.mark.parametrize("value", ["false", "no", 0, None], ids=["'false'", "'no'", "0", "numpy"])
+def test_string_flags_are_refused_naming_the_parameter(tiny_preset, tmp_path, value) -> None:
+    import numpy as np
+
+    value = np.bool_(False) if value is None else value
+    for name, call in _flag_calls(tiny_preset, tmp_path).items():
+        parameter = name.split(" ")[-1]
+        with pytest.raises(TypeError, match=rf"^{re.escape(parameter)} must be True(, False)? or (False|None), got "
+                                             rf"{re.escape(repr(value))} \({type(value).__name__}\)"):  # fmt: skip
+            call(value)
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "f.png").exists()
+    assert sd.SeD("patch", **TINY, semantic_fusion=False).sefb_blocks() == {}  # a real bool still works

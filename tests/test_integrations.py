@@ -546,6 +546,20 @@ def test_trust_pickle_d_is_a_network_d_key_outside_the_state_dict() -> None:
         _plain_d(trust_pickle_d="yes")
 
 
+@pytest.mark.parametrize("key", ["semantic_fusion", "channels_last", "trust_pickle_d", "strict_load_d"])
+def test_quoted_config_flags_are_refused_with_the_key(key: str, tmp_path: Path) -> None:
+    unquoted = r"write true(, false or null| or false) unquoted under {} \(a quoted 'false' is a string"
+    if key == "strict_load_d":
+        save_file(SeD("patch", width=WIDTH, semantic_fusion=False).state_dict(), tmp_path / "d.safetensors")
+        with pytest.raises(ValueError, match=r"strict_load_d must be true or false, got 'false' \(str\); "
+                                             + unquoted.format(r"path in options\.yml")):  # fmt: skip
+            _common.load_sed_checkpoint(_plain_d(), tmp_path / "d.safetensors", strict="false", config="options.yml")
+        return
+    where = unquoted.format("network_d in the trainer's config")
+    with pytest.raises(ValueError, match=rf"{key} must be true.* got 'false' \(str\); " + where):
+        TrainerConditionedSeD("patch", width=WIDTH, pretrained=None, **{"semantic_fusion": False, key: "false"})
+
+
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
 def test_pretrain_network_d_follows_the_trust_rule(name: str, tmp_path: Path, old_torch) -> None:
     state = perturbed(SeD("patch", width=WIDTH, semantic_fusion=False)).state_dict()

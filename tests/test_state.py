@@ -102,6 +102,29 @@ def test_truncated_torch_file(tmp_path: Path, state, legacy: bool) -> None:
         read_state_dict(path)
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_torch_file_named_safetensors_is_one_value_error(tmp_path: Path, state, legacy: bool) -> None:
+    # torch >= 2.10's torch.load reads a path ending in .safetensors with safetensors: a raw SafetensorError.
+    path = tmp_path / "fake.safetensors"
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+    what = r"a pickle \(torch\.save's legacy format" if legacy else "a torch.save file"
+    with pytest.raises(ValueError, match=rf"fake\.safetensors' is named \.safetensors but is {what}.*Rename it to"):
+        read_state_dict(path)
+    path.rename(tmp_path / "fake.pth")
+    assert_same(read_state_dict(tmp_path / "fake.pth"), state)  # renamed, it is read as what it is
+
+
+def test_every_cut_of_a_legacy_pickle_is_one_value_error(tmp_path: Path, state) -> None:
+    full = tmp_path / "full.pth"
+    torch.save(state, full, _use_new_zipfile_serialization=False)
+    raw = full.read_bytes()
+    path = tmp_path / "cut.pth"
+    for size in range(1, len(raw), 31):  # cut inside each of the pickles and the tensor data (an IndexError escaped)
+        path.write_bytes(raw[:size])
+        with pytest.raises(ValueError, match=r"cut\.pth' is truncated, damaged or not a PyTorch"):
+            read_state_dict(path)
+
+
 def test_flipped_bytes_are_detected(saved: Path) -> None:
     data = bytearray(saved.read_bytes())
     rng = random.Random(0)

@@ -95,6 +95,33 @@ def test_crafted_pickle_never_runs(loader: str, trust: bool, crafted: Path, mark
         assert "crafted_" in message and "holds Python objects other than tensors" in message
 
 
+class RunsShell:
+    """Unpickling this calls ``os.system``: torch 2.14 refuses its module (``posix``) as blocked, in new words."""
+
+    def __init__(self, marker: Path) -> None:
+        self.command = f"touch {marker}"
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+@pytest.mark.skipif(not torch_is_patched(), reason="torch < 2.10 refuses pickles before reading them")
+@pytest.mark.parametrize("payload", ["blocked_module", "unsupported_global"])
+def test_a_refused_pickle_is_named_with_torchs_whole_text(payload: str, tmp_path: Path, marker: Path) -> None:
+    path = tmp_path / "crafted.pth"
+    evil = RunsShell(marker) if payload == "blocked_module" else CreatesMarker(marker)
+    torch.save({"conv1.weight": torch.zeros(2, 2), "evil": evil}, path)
+    with pytest.raises(ValueError) as info:
+        read_state_dict(path)
+    assert not marker.exists(), "code in the file ran"
+    message, torch_text = str(info.value), str(info.value.__cause__)
+    assert "crafted.pth' holds Python objects other than tensors" in message and "download" not in message.lower()
+    assert re.sub(r"\x1b\[[0-9;]*m", "", torch_text).strip() in message  # torch's text is kept whole,
+    assert "arbitrary code execution" in message  # with its warning
+
+
 def test_error_of_the_converter_names_the_way_out(crafted: Path, old_torch, capsys) -> None:
     assert main([str(crafted), str(crafted.with_suffix(".safetensors"))]) == 2
     err = capsys.readouterr().err

@@ -197,9 +197,9 @@ class CloneTrainer:
         load_sed_checkpoint(
             bare,
             values[1],
-            strict=bool(arguments.get("strict", True)),
+            strict=arguments.get("strict", True),
             param_key=arguments.get("param_key"),
-            trust_pickle=bool(getattr(bare, "trust_pickle_d", False)),
+            trust_pickle=getattr(bare, "trust_pickle_d", False),
             config=self.config,
             trust_hint=self.trust_hint,
             logger=logging.getLogger(self.package),

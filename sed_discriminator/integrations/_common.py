@@ -21,6 +21,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from .. import training
+from .._checks import check_flag
 from .._state import UntrustedFileError, read_checkpoint, unwrap_state_dict
 from ..discriminator import SeD
 from ..spectral_norm import remap_legacy_spectral_norm_keys
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 DIAGNOSTICS_EVERY = 100  # BasicSR's default print_freq
+NETWORK_D = "under network_d in the trainer's config"  # where TrainerConditionedSeD's keys are set
 REGISTRY_NAME = "ConditionedSeD"  # the `type:` users write in network_d; the class has its own name (0.2 shared it)
 
 
@@ -88,11 +90,10 @@ class TrainerConditionedSeD(training.ConditionedSeD):
                 f"diagnostics_every must be a whole number of iterations >= 0 (0 turns the SeD diagnostics off), got "
                 f"{diagnostics_every!r}; set it under network_d in the trainer's config."
             )
-        if not isinstance(trust_pickle_d, bool):
-            raise ValueError(
-                f"trust_pickle_d must be true or false, got {trust_pickle_d!r}; set it under network_d in the "
-                "trainer's config (true only for pretrain_network_d files you trust)."
-            )
+        check_flag(trust_pickle_d, "trust_pickle_d", config=NETWORK_D)
+        for key in ("semantic_fusion", "channels_last"):  # SeD's own check would name no config
+            if key in kwargs:
+                check_flag(kwargs[key], key, none_ok=key == "channels_last", config=NETWORK_D)
         super().__init__(variant, **kwargs)
         self.diagnostics_every = diagnostics_every
         self.trust_pickle_d = trust_pickle_d
@@ -190,6 +191,7 @@ def load_sed_checkpoint(
         ValueError: the file cannot be read, lacks ``param_key``, or does not match ``model``
             (strict).
     """
+    check_flag(strict, "strict_load_d", config=f"under path in {config}")
     path = os.fspath(path)
     try:
         raw: Any = read_checkpoint(path, trust_pickle=trust_pickle)

@@ -17,6 +17,7 @@ from basicsr.models.srgan_model import SRGANModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.dist_util import master_only
 
+from ..._checks import check_flag
 from ...discriminator import SeD
 from ...weights import save_safetensors
 from .._common import (
@@ -29,6 +30,7 @@ from .._common import (
 
 __all__ = ["SeDSRGANModel", "SeDESRGANModel", "SeDRealESRGANModel", "LAUNCH_HINT", "load_sed_checkpoint"]
 
+_UNDER_PATH = "under path in the YAML file"
 LAUNCH_HINT = (
     "torchrun --nproc_per_node=N -m sed_discriminator.integrations.basicsr -opt <options.yml> --launcher pytorch"
 )
@@ -73,7 +75,7 @@ class _ConditionedSteps:
         bare = self.get_bare_model(net)
         if not isinstance(bare, SeD):
             return super().load_network(net, load_path, strict, param_key)
-        trust = bool(self.opt.get("path", {}).get("trust_pickle_d", False))
+        trust = check_flag(self.opt.get("path", {}).get("trust_pickle_d", False), "trust_pickle_d", config=_UNDER_PATH)
         load_sed_checkpoint(
             bare,
             load_path,
@@ -119,7 +121,7 @@ if _RealESRGANModel is not None:
         """
 
         def sed_condition_batch(self) -> torch.Tensor | None:
-            if self.opt.get("gan_gt_usm", True) is False:
+            if check_flag(self.opt.get("gan_gt_usm", True), "gan_gt_usm", config="in the YAML file") is False:
                 return getattr(self, "gt", None)
             return getattr(self, "gt_usm", None)
 
