@@ -2,7 +2,8 @@
 
 The figure functions return a :class:`matplotlib.figure.Figure` (no pyplot, no global backend
 change); :func:`save_figure` writes it as PNG. matplotlib is an optional extra:
-``pip install "sed-discriminator[viz]"``. :func:`semantic_pca` needs torch only.
+``pip install ".[viz]"`` in a clone of the repository (``pip install "sed-discriminator[viz]"``
+once released). :func:`semantic_pca` needs torch only.
 The command line front end is ``python -m sed_discriminator.show``.
 """
 
@@ -29,7 +30,10 @@ __all__ = [
     "save_figure",
 ]
 
-INSTALL_HINT = 'pip install "sed-discriminator[viz]"'
+# Works before the package is on the index (from a clone) and after (by name).
+INSTALL_HINT = (
+    'pip install ".[viz]" in a clone of sed-discriminator, or pip install "sed-discriminator[viz]" once released'
+)
 RANDOM_MARK = "RANDOM WEIGHTS"
 
 

@@ -7,7 +7,7 @@ trainer's own training step, so that SeD is chosen in the trainer's config file:
 
 - :mod:`sed_discriminator.integrations.basicsr`: ``register()`` and the launcher
   ``python -m sed_discriminator.integrations.basicsr -opt options.yml`` (needs the ``basicsr``
-  extra: ``pip install "sed-discriminator[basicsr]"``).
+  extra, or ``pip install basicsr-fixed``).
 - :mod:`sed_discriminator.integrations.trainner`: launcher for a traiNNer-redux clone.
 - :mod:`sed_discriminator.integrations.neosr`: launcher for a neosr clone.
 

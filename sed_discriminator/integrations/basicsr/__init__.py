@@ -9,7 +9,7 @@ steps give the discriminator the HR batch. The launcher registers them and runs 
     python -m sed_discriminator.integrations.basicsr -opt options.yml
     torchrun --nproc_per_node=4 -m sed_discriminator.integrations.basicsr -opt options.yml --launcher pytorch
 
-Needs ``basicsr-fixed`` (``pip install "sed-discriminator[basicsr]"``); see docs/integrations.md.
+Needs ``basicsr-fixed`` (``pip install basicsr-fixed``); see docs/integrations.md.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ def _import_basicsr() -> None:
         if err.name == "torchvision.transforms.functional_tensor":
             raise ImportError(
                 "The installed `basicsr` is PyPI's basicsr 1.4.2, which does not import with torchvision >= 0.17. "
-                'Replace it: `pip uninstall basicsr && pip install "sed-discriminator[basicsr]"` (basicsr-fixed, '
-                "the same code and import name). For Real-ESRGAN add `pip install --no-deps realesrgan`."
+                "Replace it: `pip uninstall basicsr && pip install basicsr-fixed` (the same code and import name; "
+                "the `basicsr` extra of sed-discriminator installs it too). "
+                "For Real-ESRGAN add `pip install --no-deps realesrgan`."
             ) from err
         if err.name is not None and err.name.split(".")[0] == "basicsr":
             raise ImportError(
-                'sed_discriminator.integrations.basicsr needs BasicSR: pip install "sed-discriminator[basicsr]" '
-                "(installs basicsr-fixed)."
+                "sed_discriminator.integrations.basicsr needs BasicSR: pip install basicsr-fixed "
+                '(or the `basicsr` extra: pip install ".[basicsr]" in a clone of sed-discriminator).'
             ) from err
         raise
 
