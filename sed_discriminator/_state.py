@@ -341,7 +341,10 @@ def _torch_load(path: str, trust_pickle: bool) -> object:
         with open(path, "rb") as f:  # a file object: torch >= 2.10 would pick its reader by the file's name
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if _pickles_are_whole(path):  # a well-formed pickle that the weights-only unpickler refused
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+        cause = found.group(1) if found else str(err)
+        # torch < 2.4 reports data cut after whole pickles as a weights-only refusal naming the EOF
+        if _pickles_are_whole(path) and not re.search(r"\bEOF\b|corrupt|truncat", cause, re.IGNORECASE):
             torch_says = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # without its terminal bold
             raise ValueError(
                 f"Weight file {path!r} holds Python objects other than tensors (a whole pickled model, or a file "
@@ -350,8 +353,7 @@ def _torch_load(path: str, trust_pickle: bool) -> object:
                 "it yourself with torch.load(path, weights_only=False) and pass the state dict. torch says: "
                 f"{torch_says}"
             ) from err
-        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
-        raise _unreadable(path, pickle.UnpicklingError(found.group(1)) if found else err) from err
+        raise _unreadable(path, pickle.UnpicklingError(cause) if found else err) from err
     except Exception as err:  # torch's readers report damaged bytes as EOF, Runtime, Index, Key ... errors
         raise _unreadable(path, err) from err
 

@@ -159,6 +159,16 @@ def _autograd_ready(x: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _check_same_size(call: str, sr: object, hr: object) -> None:
+    """SR and HR must have one spatial size: an SR of another scale would be judged against the wrong semantics."""
+    if isinstance(sr, torch.Tensor) and isinstance(hr, torch.Tensor) and sr.shape[-2:] != hr.shape[-2:]:
+        raise ValueError(
+            f"{call}(sr, hr): sr is {tuple(sr.shape[-2:])} (H, W) but hr is {tuple(hr.shape[-2:])}; the generator's "
+            "output must have the HR size. Check the scale factor of the generator against the data (x2 output "
+            "with x4 HR?), or crop both to the same patch."
+        )
+
+
 def _same_batch(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``b`` holds exactly the images of ``a`` (compared by value: immune to ``.data`` and numpy edits)."""
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
@@ -261,6 +271,8 @@ class SeDAdversary(_HoldsExtractor):
         return self._semantics(hr)
 
     def _semantics(self, hr: torch.Tensor, sr: torch.Tensor | None = None, call: str = "") -> torch.Tensor:
+        if sr is not None:
+            _check_same_size(f"SeDAdversary.{call}", sr, hr)
         cache = self._cache
         if cache is not None:
             if _same_batch(cache.hr, hr):
@@ -352,6 +364,7 @@ class SeDAdversary(_HoldsExtractor):
         Returns:
             ``{"sem_influence", "attn_sharpness_att1", "attn_sharpness_att2", "attn_sharpness_att3"}``.
         """
+        _check_same_size("SeDAdversary.diagnostics", sr, hr)
         cache = self._cache
         semantic = cache.semantic if cache is not None and _same_batch(cache.hr, hr) else self.extractor(hr)
         return semantic_diagnostics(self.discriminator, sr.detach(), semantic)
@@ -404,7 +417,7 @@ class ConditionedSeD(_HoldsExtractor, SeD):
         torch.Size([2, 1, 30, 30])
     """
 
-    _TRANSIENT = {**SeD._TRANSIENT, "_condition": None, "_condition_stamp": None}
+    _TRANSIENT = {**SeD._TRANSIENT, "_condition": None, "_condition_stamp": None, "_condition_size": None}
 
     def __init__(
         self,
@@ -431,6 +444,7 @@ class ConditionedSeD(_HoldsExtractor, SeD):
         self.semantic_source = semantic_source
         self._condition: torch.Tensor | None = None
         self._condition_stamp: tuple[int, ...] | None = None
+        self._condition_size: tuple[int, ...] | None = None  # (H, W) of the HR batch of the condition
 
     @torch.compiler.disable  # version counters cannot be traced: checked eagerly, also under torch.compile
     def _check_fresh(self) -> None:
@@ -455,6 +469,7 @@ class ConditionedSeD(_HoldsExtractor, SeD):
             return None
         self._condition = _as_dtype(self.extractor(hr), _float_dtype(self))
         self._condition_stamp = self._weights_stamp()
+        self._condition_size = tuple(hr.shape[-2:])
         return self._condition
 
     @property
@@ -466,6 +481,7 @@ class ConditionedSeD(_HoldsExtractor, SeD):
         """Forget the stored semantics (frees their memory)."""
         self._condition = None
         self._condition_stamp = None
+        self._condition_size = None
 
     @contextlib.contextmanager
     def condition(self, hr: torch.Tensor) -> Iterator[torch.Tensor | None]:
@@ -475,7 +491,8 @@ class ConditionedSeD(_HoldsExtractor, SeD):
         finally:
             self.clear_condition()
 
-    def _stored_condition(self, batch: int) -> torch.Tensor:
+    def _stored_condition(self, x: object) -> torch.Tensor:
+        batch = x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else 0
         if self._condition is None:
             raise RuntimeError(
                 "ConditionedSeD has no condition: call net_d.set_condition(gt) with the HR batch "
@@ -489,6 +506,12 @@ class ConditionedSeD(_HoldsExtractor, SeD):
                 f"ConditionedSeD's condition holds {self._condition.shape[0]} images but the input has {batch}: "
                 "call net_d.set_condition(gt) with the HR batch of these images."
             )
+        if isinstance(x, torch.Tensor) and x.ndim == 4 and tuple(x.shape[-2:]) != self._condition_size:
+            raise RuntimeError(
+                f"ConditionedSeD's condition was set from an HR batch of {self._condition_size} (H, W) but the input "
+                f"is {tuple(x.shape[-2:])}: the generator's output must have the HR size (check its scale factor "
+                "against the data), and set_condition(gt) takes the HR batch of these images."
+            )
         return _as_dtype(self._condition, _float_dtype(self))
 
     def _semantic_for(self, x: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -496,7 +519,7 @@ class ConditionedSeD(_HoldsExtractor, SeD):
         if semantic is None and self.semantic_fusion:
             if self.semantic_source == "input":
                 return _as_dtype(self.extractor(x), _float_dtype(self))
-            return self._stored_condition(x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else 0)
+            return self._stored_condition(x)
         return semantic
 
     def forward(self, x: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]

@@ -49,6 +49,17 @@ def bn_stats(ext: sd.SemanticExtractor) -> dict[str, torch.Tensor]:
 # -- SeDAdversary ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("call", ["generator_loss", "discriminator_loss", "diagnostics"])
+def test_sr_of_another_size_than_hr_is_refused(extractor, call: str) -> None:
+    adv = adversary(extractor)
+    _, hr = batch(size=64)
+    sr = torch.rand(2, 3, 32, 32, requires_grad=True)  # a x2 output judged against x4 HR
+    with pytest.raises(ValueError, match=rf"SeDAdversary\.{call}\(sr, hr\): sr is \(32, 32\) \(H, W\) but hr is "
+                                         r"\(64, 64\); the generator's output must have the HR size"):  # fmt: skip
+        getattr(adv, call)(sr, hr)
+    assert adv._cache is None  # refused before any semantics were computed
+
+
 def test_semantics_computed_once_per_step(counted) -> None:
     ext, calls = counted
     adv = adversary(ext)
@@ -157,8 +168,8 @@ def test_generator_step_keeps_user_frozen_parameters_frozen(extractor) -> None:
 def test_generator_step_restores_requires_grad_after_an_error(extractor) -> None:
     adv = adversary(extractor)
     sr, hr = batch()
-    with pytest.raises(ValueError, match="needs images of at least 32x32"):
-        adv.generator_loss(sr[..., :16, :16], hr)
+    with pytest.raises(ValueError, match=r"SeD expects 3 channels, got 2"):  # raised inside the frozen block
+        adv.generator_loss(sr[:, :2], hr)
     assert all(p.requires_grad for p in adv.discriminator.parameters())
 
 
@@ -251,8 +262,8 @@ def test_adversary_constructor_errors(extractor) -> None:
         sd.SeDAdversary(sd.SeD("patch", semantic_channels=64, **SIZES), extractor=extractor)
     with pytest.raises(ValueError, match="ConditionedSeD: " + message):
         sd.ConditionedSeD("patch", extractor=extractor, semantic_channels=64, **SIZES)
-    with pytest.raises(ValueError, match=r"needs equal shapes; got hr \(2, 3, 32, 32\) and sr \(2, 3, 64, 64\)"):
-        adversary(extractor, batch_real_fake=True).discriminator_loss(torch.rand(2, 3, 64, 64), batch()[1])
+    with pytest.raises(ValueError, match=r"needs equal shapes; got hr \(2, 3, 32, 32\) and sr \(1, 3, 32, 32\)"):
+        adversary(extractor, batch_real_fake=True).discriminator_loss(torch.rand(1, 3, 32, 32), batch()[1])
 
 
 def test_adversary_builds_sed_from_variant_name(extractor) -> None:
@@ -381,6 +392,11 @@ def test_conditioned_condition_goes_stale_when_d_changes(extractor) -> None:
     net_d.set_condition(hr)
     with pytest.raises(RuntimeError, match=r"condition holds 2 images but the input has 1: call net_d\.set_condition"):
         net_d(sr[:1])
+    wrong_size = (
+        r"condition was set from an HR batch of \(32, 32\) \(H, W\) but the input is \(48, 48\): the generator's"
+    )
+    with pytest.raises(RuntimeError, match=wrong_size):
+        net_d(torch.rand(2, 3, 48, 48))
 
 
 def test_conditioned_condition_context_manager(extractor) -> None:
